@@ -1,0 +1,163 @@
+"""Builders for small random LLaVA models and a word-level tokenizer (tests, benchmarks, training seeds).
+
+The models are real ``LlavaForConditionalGeneration`` instances (CLIP vision tower, LLaVA MLP projector,
+LLaMA decoder) saved in the llava-hf layout, so everything that loads them also loads
+``llava-hf/llava-1.5-7b-hf``. The tokenizer is word-level (lower-cased, punctuation split off): the
+Shapes-VQA world has a closed vocabulary, and one token per word keeps a CPU-trained LLM small.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from actors.prompt import CAPTION_PREFIX, IMAGE_TOKEN
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", IMAGE_TOKEN)  # ids 0..4 in this order
+PROMPT_WORDS = ("user", "assistant", CAPTION_PREFIX)
+PUNCTUATION = tuple(".,:;?!'\"-()/")
+
+
+def shapes_words() -> list[str]:
+    """Every word the Shapes-VQA questions, answers and facts use (pipeline/shapes.py)."""
+    from pipeline import shapes
+
+    words = [*shapes.SHAPES, *(shapes.plural(s) for s in shapes.SHAPES), *shapes.COLOR_NAMES]
+    words += [*shapes.NUMBER_WORDS, *(str(i) for i in range(shapes.MAX_OBJECTS + 1))]
+    words += ("what color is the shape object how many are there a in row column yes no "
+              "image picture this that of and or it its which where left right top bottom").split()
+    return words
+
+
+def _split_words(text: str) -> list[str]:
+    # Mirrors pre_tokenizers.Whitespace (\w+|[^\w\s]+), lower-cased like the normalizer.
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def build_tokenizer(words: Iterable[str] | None = None) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over ``words`` (phrases are split; default: the Shapes-VQA vocabulary).
+
+    ``<s>`` is prepended to every encoded text, as LLaMA's tokenizer does; ``<image>`` is a special token
+    the processor expands to one token per visual patch.
+    """
+    vocab: dict[str, int] = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for phrase in [*PROMPT_WORDS, *PUNCTUATION, *(shapes_words() if words is None else words)]:
+        for w in _split_words(phrase):
+            vocab.setdefault(w, len(vocab))
+
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+
+
+def build_tiny_llava(
+    save_dir: str | Path | None = None,
+    *,
+    image_size: int = 64,
+    patch: int = 8,
+    vision_hidden: int = 64,
+    vision_layers: int = 2,
+    vision_heads: int | None = None,
+    vision_intermediate: int | None = None,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    words: Iterable[str] | None = None,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "eager",
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A random-weight LLaVA (CLIP + MLP projector + LLaMA) and its processor; saved in llava-hf layout if asked.
+
+    Defaults give ~0.2M parameters: 64x64 images cut into 8x8 patches = 64 visual tokens + CLS.
+    """
+    tokenizer = tokenizer or build_tokenizer(words)
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate or 4 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads or heads,
+        image_size=image_size,
+        patch_size=patch,
+        projection_dim=vision_hidden,
+        hidden_act="quick_gelu",
+    )
+    text_config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=intermediate or (8 * text_hidden) // 3,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=(image_size // patch) ** 2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    config._attn_implementation = attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model = model.to(dtype).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+        do_resize=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        model.save_pretrained(save_dir)
+        processor.save_pretrained(save_dir)
+    return model, processor
