@@ -1,0 +1,77 @@
+"""Shared dispatch helpers: decide kernel vs. reference, and jit kernels lazily.
+
+Kernels are written as plain module-level functions (with string annotations, so the modules import
+without triton) and are wrapped by ``triton.jit`` on first launch. Triton decides at *decoration*
+time whether a kernel runs compiled or under the CPU interpreter (``TRITON_INTERPRET=1``); jitting
+lazily, keyed on that flag, means importing a kernels module early never fixes the mode.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+FORCE_ENV = "ACCM_FORCE_TRITON"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton imports (it may still have no GPU driver: then only the interpreter works)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install: fall back to the references
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """True when triton kernels run on CPU tensors under the interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def forced() -> bool:
+    return os.environ.get(FORCE_ENV, "0").lower() in ("1", "true", "yes", "on")
+
+
+def should_use_kernel(x: torch.Tensor, use_kernel: bool | None) -> bool:
+    """Dispatch rule shared by every kernel.
+
+    ``use_kernel`` True/False overrides; otherwise the kernel runs for CUDA tensors (or any tensor
+    when ``ACCM_FORCE_TRITON=1``) provided triton imports, else the PyTorch reference runs.
+    """
+    if use_kernel is not None:
+        if use_kernel and not triton_available():
+            raise RuntimeError("use_kernel=True but triton is not importable")
+        return use_kernel
+    if not triton_available():
+        return False
+    return x.is_cuda or forced()
+
+
+@functools.cache
+def _jit_cached(fn: Callable[..., Any], interpret: bool) -> Any:
+    import triton
+
+    return triton.jit(fn)
+
+
+def jit(fn: Callable[..., Any]) -> Any:
+    """``triton.jit(fn)``, built once per interpreter mode (see module docstring)."""
+    return _jit_cached(fn, interpreting())
+
+
+def check_kernel_device(*tensors: torch.Tensor) -> None:
+    """A compiled kernel needs CUDA tensors; CPU tensors are only valid under the interpreter."""
+    if interpreting():
+        return
+    for t in tensors:
+        if not t.is_cuda:
+            raise RuntimeError(
+                "triton kernel called on a CPU tensor without TRITON_INTERPRET=1; "
+                "unset ACCM_FORCE_TRITON or pass use_kernel=False to use the PyTorch reference"
+            )
