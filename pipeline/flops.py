@@ -1,13 +1,52 @@
-"""Analytic FLOPs model for the pipeline (skeleton; bodies land next commit).
+"""The one analytic FLOPs model of the pipeline: every item's cost, per component, from model configs.
 
-Convention: 2 FLOPs per multiply-accumulate, causal attention counted in full, LM head only on the
-positions actually computed. See the full docstring in the next commit.
+Convention ("ours"), used for every method so that methods compare fairly:
+
+* 2 FLOPs per multiply-accumulate (a [n, a] x [a, b] matmul costs 2*n*a*b).
+* Per transformer layer, n_q query tokens attending n_kv positions, hidden d, head_dim h, H query heads,
+  G key/value heads (GQA), FFN width m:
+    - projections  q: 2*n_q*d*H*h   k, v: 2 * 2*n_q*d*G*h   o: 2*n_q*H*h*d
+    - attention    QK^T: 2*n_q*n_kv*H*h   AV: 2*n_q*n_kv*H*h
+    - FFN          gated (LLaMA, 3 matrices): 3 * 2*n_q*d*m;  plain (GPT-2, CLIP, 2 matrices): 2 * 2*n_q*d*m
+  Causal attention is counted in full (n^2, as eager attention computes it and FlopCounterMode counts it).
+* LM head (2*d*vocab per position) only on the positions actually computed: a prefill inside `generate`
+  computes logits for the last position only (transformers' `logits_to_keep=1`), so the default is 1;
+  a plain forward computes all n (pass `lm_head_positions=n`).
+* Decode: `generate(max_new_tokens=T)` runs the prefill (which yields token 1) and T-1 cached forwards;
+  step t = 1..T-1 feeds token t with n+t-1 positions cached, so it attends n+t positions.
+* Ignored: norms, softmax, activations, rotary embeddings, biases, residual adds, embedding lookups,
+  position-embedding adds. FlopCounterMode counts only matmuls/convolutions, so this is the same scope;
+  the elementwise work is well under 1% of the matmul FLOPs at these widths (tests check 2% agreement).
+* Vision tower (CLIP): patch-embedding convolution (2 * patches * 3*p*p * d) plus *all* encoder layers
+  on patches+CLS. LLaVA reads layer -2 (`vision_feature_layer=-2`), but transformers 5.23's
+  `LlavaModel.get_image_features` runs the full CLIPEncoder and only captures that hidden state, so the
+  last layer runs too and is counted (the Llava test below checks this against FlopCounterMode).
+* Projector: LLaVA's 2-layer MLP on the visual tokens that enter it (the kept ones for pruners that act
+  before the projector; all of them for `fastv`, which prunes inside the LLM).
+* Pruner scoring is counted, though small: head-summing CLS/last-token attention (H*N adds), VisionZip's
+  key cosine similarity for contextual merging (2*(R-C)*C*d + merge adds), PruMerge+'s text-guided part
+  (CLIP text encoder on the question + patch projection + cosine, only where a text tower exists).
+* FastV: layers < K see every visual token (prefill and their KV cache), layers >= K only the kept ones.
+
+FastV's own convention (its §4.2) counts one layer as 4nd^2 + 2n^2d + 2ndm multiply-accumulates and only
+the LLM prefill: no factor 2, no GQA, a 2-matrix FFN (LLaMA has 3), no decode, no vision tower, no LM
+head. Its theoretical reduction for K=2, R=50% on LLaVA-1.5-7B comes out at ~45% (with ~30 text tokens);
+ours reports whole-item totals, in which the unprunable vision tower and the 3-matrix FFN shift the
+ratio by a few points. `fastv_convention_flops` reproduces the paper's figure (`--convention fastv`).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from dataclasses import dataclass
 from typing import Any
+
+METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
+GATED_FFN_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "vicuna"}
+# "additional information: " as the LLaMA tokenizer splits it, added to the LLM prefill with a caption.
+CAPTION_SPLICE_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -29,27 +68,150 @@ class TransformerDims:
 
 
 def dims_from_config(config: Any) -> TransformerDims:
-    raise NotImplementedError
+    """Dims of a LlamaConfig / CLIPVisionConfig / CLIPTextConfig / GPT2Config (or a look-alike)."""
+    model_type = getattr(config, "model_type", "")
+    if model_type == "gpt2" or hasattr(config, "n_embd"):
+        d = config.n_embd
+        return TransformerDims(
+            hidden=d,
+            intermediate=config.n_inner or 4 * d,
+            layers=config.n_layer,
+            heads=config.n_head,
+            kv_heads=config.n_head,
+            gated_ffn=False,
+            vocab=config.vocab_size,
+        )
+    if hasattr(config, "text_config") and hasattr(config, "vision_config"):
+        raise ValueError("pass llava_config.text_config or .vision_config, not the composite config")
+    heads = config.num_attention_heads
+    clip_like = model_type.startswith("clip") or "clip" in type(config).__name__.lower()
+    gated = model_type in GATED_FFN_MODEL_TYPES or (
+        not clip_like and getattr(config, "hidden_act", "") in ("silu", "swish")
+    )
+    return TransformerDims(
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        layers=config.num_hidden_layers,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        gated_ffn=gated,
+        # CLIP has no LM head (its vocab only feeds an embedding lookup).
+        vocab=0 if clip_like else getattr(config, "vocab_size", 0),
+        head_dim=getattr(config, "head_dim", None),
+    )
+
+
+# --------------------------------------------------------------------------- transformer stacks
 
 
 def layer_flops(dims: TransformerDims, n_query: int, n_kv: int) -> float:
-    raise NotImplementedError
+    """One layer: n_query new tokens attending n_kv positions (n_kv = n_query for a full forward)."""
+    d, h = dims.hidden, dims.hd
+    q_width, kv_width = dims.heads * h, dims.kv_heads * h
+    projections = 2 * n_query * d * (q_width + 2 * kv_width) + 2 * n_query * q_width * d
+    attention = 2 * 2 * n_query * n_kv * q_width
+    ffn = (3 if dims.gated_ffn else 2) * 2 * n_query * d * dims.intermediate
+    return float(projections + attention + ffn)
+
+
+def lm_head_flops(dims: TransformerDims, positions: int = 1) -> float:
+    return 2.0 * positions * dims.hidden * dims.vocab
 
 
 def encoder_flops(dims: TransformerDims, n_tokens: int) -> float:
-    raise NotImplementedError
+    """Bidirectional stack (CLIP vision/text, a mapper, a classifier body), no head."""
+    return dims.layers * layer_flops(dims, n_tokens, n_tokens)
 
 
 def prefill_flops(dims: TransformerDims, n_tokens: int, *, lm_head_positions: int = 1) -> float:
-    raise NotImplementedError
+    """Causal LM forward over n_tokens (attention counted in full) + LM head on lm_head_positions."""
+    return encoder_flops(dims, n_tokens) + lm_head_flops(dims, lm_head_positions)
 
 
 def decode_step_flops(dims: TransformerDims, kv_len: int, *, lm_head: bool = True) -> float:
-    raise NotImplementedError
+    """One new token with kv_len positions cached: it attends kv_len + 1 positions."""
+    return dims.layers * layer_flops(dims, 1, kv_len + 1) + (lm_head_flops(dims) if lm_head else 0.0)
 
 
 def decode_flops(dims: TransformerDims, prefill_len: int, new_tokens: int) -> float:
-    raise NotImplementedError
+    """The new_tokens - 1 cached forwards of generate after a prefill of prefill_len tokens."""
+    return sum(decode_step_flops(dims, prefill_len + t - 1) for t in range(1, new_tokens))
+
+
+# --------------------------------------------------------------------------- LLaVA parts
+
+
+def _num_feature_layers(llava_config: Any) -> int:
+    layer = getattr(llava_config, "vision_feature_layer", -2)
+    return 1 if isinstance(layer, int) else len(layer)
+
+
+def vision_tower_flops(vision_config: Any) -> float:
+    """CLIP vision tower on one image: patch-embedding conv + every encoder layer on patches + CLS."""
+    dims = dims_from_config(vision_config)
+    patch = vision_config.patch_size
+    patches = (vision_config.image_size // patch) ** 2
+    conv = 2.0 * patches * getattr(vision_config, "num_channels", 3) * patch * patch * dims.hidden
+    return conv + encoder_flops(dims, patches + 1)
+
+
+def projector_flops(llava_config: Any, n_tokens: int) -> float:
+    """LLaVA's MLP projector (linear_1: Dv*layers -> D, linear_2: D -> D) on n_tokens visual tokens."""
+    dv = llava_config.vision_config.hidden_size * _num_feature_layers(llava_config)
+    d = llava_config.text_config.hidden_size
+    return 2.0 * n_tokens * (dv * d + d * d)
+
+
+def visionzip_contextual_tokens(keep_tokens: int) -> int:
+    """VisionZip's contextual share of the budget (54+10 / 108+20 / 162+30 for 64 / 128 / 192)."""
+    return max(1, round(keep_tokens * 10 / 64)) if keep_tokens > 1 else 0
+
+
+def pruner_flops(
+    llava_config: Any,
+    *,
+    method: str,
+    visual_tokens_total: int,
+    visual_tokens_kept: int,
+    visionzip_contextual: int | None = None,
+    text_guide: dict | None = None,
+) -> float:
+    """Scoring/merging cost of a pruner. Attention maps themselves are already counted in their layers.
+
+    `text_guide` (PruMerge+/ACCM text-guided picks) = {"text_dims": TransformerDims, "question_tokens": int,
+    "projection_dim": int}; None where the checkpoint has no CLIP text model (that part is then skipped).
+    """
+    n = visual_tokens_total
+    vision = llava_config.vision_config
+    if method in ("none", "random"):
+        return 0.0
+    if method == "fastv":
+        # Head-average of the last token's attention row over the visual tokens (top-k selection ignored).
+        return float(llava_config.text_config.num_attention_heads * n)
+    head_sum = float(vision.num_attention_heads * n)  # CLS attention summed over heads
+    if method == "visionzip":
+        contextual = (
+            visionzip_contextual_tokens(visual_tokens_kept)
+            if visionzip_contextual is None
+            else visionzip_contextual
+        )
+        remaining = n - (visual_tokens_kept - contextual)  # not dominant
+        merged = max(remaining - contextual, 0)
+        return head_sum + 2.0 * merged * contextual * vision.hidden_size + merged * vision.hidden_size
+    if method in ("prumerge_plus", "accm"):
+        cost = head_sum
+        if text_guide:
+            tdims: TransformerDims = text_guide["text_dims"]
+            proj = text_guide.get("projection_dim") or tdims.hidden
+            q = text_guide["question_tokens"]
+            cost += encoder_flops(tdims, q) + 2.0 * tdims.hidden * proj  # text tower + text_projection (EOS)
+            cost += 2.0 * n * vision.hidden_size * proj  # patches -> joint space (visual_projection)
+            cost += 2.0 * n * proj  # cosine similarity
+        return cost
+    raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+# --------------------------------------------------------------------------- ACCM slots
 
 
 def caption_model_flops(
@@ -62,8 +224,23 @@ def caption_model_flops(
     beams: int,
     caption_tokens: int,
     feature_dim: int | None = None,
+    prefill_copies: int = 1,
+    lm_head_positions: int = 1,
 ) -> float:
-    raise NotImplementedError
+    """ACCM caption model: mapper + decoder prefill + beam-search decode with a KV cache.
+
+    Mapper: Linear(feature_dim -> mapper hidden) on every discarded patch, then a bidirectional stack over
+    [discarded ; learned prefix constants]. Decoder: prefill over [question ; prefix] (prefill_copies = 1
+    when the prefix is computed once and the cache replicated to the beams, = beams for HF generate,
+    which expands inputs first), then caption_tokens - 1 steps, each = beams x decode_step.
+    """
+    feature_dim = feature_dim or mapper_dims.hidden
+    mapper = 2.0 * discarded_tokens * feature_dim * mapper_dims.hidden
+    mapper += encoder_flops(mapper_dims, discarded_tokens + prefix_len)
+    n0 = question_tokens + prefix_len
+    prefill = prefill_copies * prefill_flops(decoder_dims, n0, lm_head_positions=lm_head_positions)
+    decode = beams * decode_flops(decoder_dims, n0, caption_tokens)
+    return mapper + prefill + decode
 
 
 def selector_flops(
@@ -74,7 +251,26 @@ def selector_flops(
     tokens_per_candidate: int,
     projection_dim: int | None = None,
 ) -> float:
-    raise NotImplementedError
+    """ACCM selector: CLIP text encoder per candidate (+ text_projection on the EOS feature), then a small
+    encoder over the candidate vectors and a Linear(d -> 1) per candidate."""
+    text = encoder_flops(text_dims, tokens_per_candidate)
+    if projection_dim:
+        text += 2.0 * text_dims.hidden * projection_dim
+    classifier = encoder_flops(classifier_dims, candidates) + 2.0 * candidates * classifier_dims.hidden
+    return candidates * text + classifier
+
+
+def _slot(spec: dict | None, fn: Any, defaults: dict) -> float:
+    """A captioner/selector slot: {"flops": x} taken as is, else kwargs of `fn` (defaults filled in)."""
+    if not spec:
+        return 0.0
+    if "flops" in spec:
+        return float(spec["flops"])
+    kwargs = {**defaults, **spec}
+    return float(fn(**kwargs))
+
+
+# --------------------------------------------------------------------------- one LLaVA item
 
 
 def llava_item_flops(
@@ -89,5 +285,387 @@ def llava_item_flops(
     fastv_layer: int = 2,
     captioner: dict | None = None,
     selector: dict | None = None,
+    lm_head_positions: int = 1,
+    visionzip_contextual: int | None = None,
+    text_guide: dict | None = None,
+    reference: bool = True,
 ) -> dict[str, float]:
-    raise NotImplementedError
+    """Per-component FLOPs of one item; `reference_total` = the same item, method none, no caption.
+
+    prompt_tokens: the prefill's non-image text tokens (BOS, system, question, roles); caption_tokens: the
+    tokens the caption splice adds. captioner/selector: kwargs of caption_model_flops/selector_flops
+    (discarded_tokens and feature_dim default from the item) or {"flops": x}.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    text = dims_from_config(llava_config.text_config)
+    total_vis, kept = visual_tokens_total, visual_tokens_kept
+    if method == "none":
+        kept = total_vis
+
+    out: dict[str, float] = {}
+    out["vision"] = vision_tower_flops(llava_config.vision_config)
+    out["pruner"] = pruner_flops(
+        llava_config,
+        method=method,
+        visual_tokens_total=total_vis,
+        visual_tokens_kept=kept,
+        visionzip_contextual=visionzip_contextual,
+        text_guide=text_guide,
+    )
+    out["projector"] = projector_flops(llava_config, total_vis if method == "fastv" else kept)
+
+    n_kept = prompt_tokens + kept + caption_tokens
+    if method == "fastv":
+        k = min(fastv_layer, text.layers)
+        n_full = prompt_tokens + total_vis + caption_tokens
+        prefill = k * layer_flops(text, n_full, n_full) + (text.layers - k) * layer_flops(
+            text, n_kept, n_kept
+        )
+        prefill += lm_head_flops(text, lm_head_positions)
+        decode = 0.0
+        for t in range(1, new_tokens):  # layers < K keep the full KV cache
+            decode += k * layer_flops(text, 1, n_full + t) + (text.layers - k) * layer_flops(
+                text, 1, n_kept + t
+            )
+            decode += lm_head_flops(text)
+    else:
+        prefill = prefill_flops(text, n_kept, lm_head_positions=lm_head_positions)
+        decode = decode_flops(text, n_kept, new_tokens)
+    out["llm_prefill"], out["llm_decode"] = prefill, decode
+
+    out["captioner"] = _slot(
+        captioner,
+        caption_model_flops,
+        {"discarded_tokens": total_vis - kept, "feature_dim": llava_config.vision_config.hidden_size},
+    )
+    out["selector"] = _slot(selector, selector_flops, {})
+    out["total"] = sum(out.values())
+    if reference:
+        ref = llava_item_flops(
+            llava_config,
+            method="none",
+            visual_tokens_total=total_vis,
+            visual_tokens_kept=total_vis,
+            prompt_tokens=prompt_tokens,
+            new_tokens=new_tokens,
+            lm_head_positions=lm_head_positions,
+            reference=False,
+        )
+        out["reference_total"] = ref["total"]
+    return out
+
+
+# --------------------------------------------------------------------------- FastV's own convention
+
+
+def fastv_convention_flops(d: int, m: int, layers: int, n: int, n_kept: int, k: int) -> float:
+    """FastV §4.2: K layers at n tokens + (T-K) layers at n_kept, each 4nd^2 + 2n^2d + 2ndm (MACs)."""
+
+    def per_layer(x: int) -> float:
+        return 4.0 * x * d * d + 2.0 * x * x * d + 2.0 * x * d * m
+
+    return k * per_layer(n) + (layers - k) * per_layer(n_kept)
+
+
+# --------------------------------------------------------------------------- named models / CLI
+
+
+def named_llava_config(name: str) -> Any:
+    """Published LLaVA-1.5 configs (no weights): CLIP ViT-L/14-336 + Vicuna/LLaMA-7B or -13B."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = {
+        "llava-1.5-7b": dict(
+            hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32
+        ),
+        "llava-1.5-13b": dict(
+            hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40
+        ),
+    }[name]
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    llama = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, **text)
+    return LlavaConfig(
+        vision_config=vision, text_config=llama, vision_feature_layer=-2, image_token_index=32000
+    )
+
+
+def load_llava_config(model: str) -> Any:
+    if model in ("llava-1.5-7b", "llava-1.5-13b"):
+        return named_llava_config(model)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model)
+
+
+# Reference ACCM parts for the named models (dims only).
+CLIP_L14_TEXT = TransformerDims(
+    hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=12, gated_ffn=False
+)
+LONGCLIP_L_TEXT = CLIP_L14_TEXT  # same tower, 248 positions
+LONGCLIP_MAX_TOKENS = 248
+GPT2_SMALL = TransformerDims(
+    hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=12, gated_ffn=False, vocab=50257
+)
+CLIPCAP_MAPPER = TransformerDims(
+    hidden=768, intermediate=1536, layers=4, heads=8, kv_heads=8, gated_ffn=False
+)
+SELECTOR_CLASSIFIER = TransformerDims(
+    hidden=768, intermediate=1536, layers=4, heads=8, kv_heads=8, gated_ffn=False
+)
+
+
+def reference_accm_slots(
+    *,
+    question_tokens: int,
+    caption_tokens: int = 36,
+    beams: int = 3,
+    prefix_len: int = 20,
+    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+) -> tuple[dict, dict]:
+    """Captioner (ClipCap mapper + GPT-2 small, beam search) and selector (LongCLIP-L x beams + 4-layer
+    encoder) slots as in the ACCM paper's code; LongCLIP's tokenizer pads every candidate to 248."""
+    captioner = dict(
+        mapper_dims=CLIPCAP_MAPPER,
+        decoder_dims=GPT2_SMALL,
+        prefix_len=prefix_len,
+        question_tokens=question_tokens,
+        beams=beams,
+        caption_tokens=caption_tokens,
+    )
+    selector = dict(
+        text_dims=LONGCLIP_L_TEXT,
+        classifier_dims=SELECTOR_CLASSIFIER,
+        candidates=beams,
+        tokens_per_candidate=selector_tokens,
+        projection_dim=768,
+    )
+    return captioner, selector
+
+
+def resolve_keep(total: int, keep_tokens: int | None, prune_rate: float | None) -> int:
+    """Same rule as the engine's resolve_keep_tokens: count wins, else round((1-rate)*total), else all."""
+    if keep_tokens is not None:
+        return max(0, min(int(keep_tokens), total))
+    if prune_rate is not None:
+        return max(0, min(total, int(round((1.0 - prune_rate) * total))))
+    return total
+
+
+def cli_item(
+    llava_config: Any,
+    *,
+    method: str,
+    keep: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    caption_tokens: int | None = None,
+    fastv_layer: int = 2,
+    convention: str = "ours",
+    question_tokens: int | None = None,
+    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    beams: int = 3,
+) -> dict[str, float]:
+    """Components of one item as the CLI prints them, with the reference ACCM parts for `accm`."""
+    vision = llava_config.vision_config
+    total = (vision.image_size // vision.patch_size) ** 2
+    text = llava_config.text_config
+    if method == "none":
+        keep = total
+    if convention == "fastv":
+        # Only the LLM prefill, FastV's per-layer formula in MACs; caption tokens as extra text.
+        cap = (caption_tokens or 0) if method == "accm" else 0
+        n = prompt_tokens + total
+        n_kept = prompt_tokens + keep + cap
+        k = fastv_layer if method == "fastv" else 0
+        d, m, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+        prefill = fastv_convention_flops(d, m, L, n if method == "fastv" else n_kept, n_kept, k)
+        ref = fastv_convention_flops(d, m, L, n, n, 0)
+        return {
+            "convention": "fastv",
+            "vision": 0.0,
+            "projector": 0.0,
+            "llm_prefill": prefill,
+            "llm_decode": 0.0,
+            "total": prefill,
+            "reference_total": ref,
+            "reduction": 1.0 - prefill / ref,
+        }
+    q = question_tokens if question_tokens is not None else min(prompt_tokens, 77)
+    text_guide = None
+    if method in ("prumerge_plus", "accm"):  # ACCM's base pruner: CLIP ViT-L/14-336's own text tower
+        text_guide = {
+            "text_dims": CLIP_L14_TEXT,
+            "question_tokens": q,
+            "projection_dim": vision.projection_dim,
+        }
+    captioner = selector = None
+    llm_caption = 0
+    if method == "accm":
+        cap = 36 if caption_tokens is None else caption_tokens
+        captioner, selector = reference_accm_slots(
+            question_tokens=q, caption_tokens=cap, beams=beams, selector_tokens=selector_tokens
+        )
+        llm_caption = cap + CAPTION_SPLICE_TOKENS if cap else 0
+    elif caption_tokens:
+        llm_caption = caption_tokens
+    out = llava_item_flops(
+        llava_config,
+        method=method,
+        visual_tokens_total=total,
+        visual_tokens_kept=keep,
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        caption_tokens=llm_caption,
+        fastv_layer=fastv_layer,
+        captioner=captioner,
+        selector=selector,
+        text_guide=text_guide,
+    )
+    out["reduction"] = 1.0 - out["total"] / out["reference_total"]
+    return {"convention": "ours", "visual_tokens_total": total, "visual_tokens_kept": keep, **out}
+
+
+TABLE_KEEPS = (192, 128, 72, 64, 36, 18)
+TABLE_METHODS = ("none", "fastv", "visionzip", "prumerge_plus", "accm")
+
+
+def flops_table(
+    llava_config: Any,
+    *,
+    prompt_tokens: int = 64,
+    new_tokens: int = 4,
+    caption_tokens: int = 36,
+    question_tokens: int | None = None,
+    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    keeps: tuple[int, ...] = TABLE_KEEPS,
+    methods: tuple[str, ...] = TABLE_METHODS,
+) -> list[dict]:
+    """Rows (method, kept, TFLOPs, % of the unpruned item) for the LLaVA table."""
+    rows = []
+    for keep in keeps:
+        for method in methods:
+            if method == "none" and keep != keeps[0]:
+                continue
+            item = cli_item(
+                llava_config,
+                method=method,
+                keep=keep,
+                prompt_tokens=prompt_tokens,
+                new_tokens=new_tokens,
+                caption_tokens=caption_tokens if method == "accm" else None,
+                question_tokens=question_tokens,
+                selector_tokens=selector_tokens,
+            )
+            rows.append(
+                {
+                    "method": method,
+                    "kept": item["visual_tokens_kept"],
+                    "tflops": item["total"] / 1e12,
+                    "percent_of_unpruned": 100.0 * item["total"] / item["reference_total"],
+                    **{
+                        k: item[k] / 1e12
+                        for k in (
+                            "vision",
+                            "pruner",
+                            "projector",
+                            "llm_prefill",
+                            "llm_decode",
+                            "captioner",
+                            "selector",
+                        )
+                    },
+                }
+            )
+    return rows
+
+
+def _format_table(rows: list[dict], title: str) -> str:
+    cols = ("vision", "pruner", "projector", "llm_prefill", "llm_decode", "captioner", "selector")
+    head = f"{'method':<14}{'kept':>5}{'TFLOPs':>9}{'% unpr.':>9}" + "".join(f"{c:>12}" for c in cols)
+    lines = [title, head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['method']:<14}{r['kept']:>5}{r['tflops']:>9.3f}{r['percent_of_unpruned']:>8.1f}%"
+            + "".join(f"{r[c]:>12.4f}" for c in cols)
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.flops", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, or a checkpoint dir")
+    p.add_argument("--method", choices=METHODS, default="none")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep-tokens", type=int)
+    budget.add_argument("--prune-rate", type=float)
+    p.add_argument("--fastv-layer", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, help="non-image text tokens of the prefill")
+    p.add_argument("--new-tokens", type=int)
+    p.add_argument("--caption-tokens", type=int, help="caption budget (accm: default 36)")
+    p.add_argument(
+        "--question-tokens", type=int, help="question tokens for the text towers (default min(P, 77))"
+    )
+    p.add_argument("--selector-tokens", type=int, default=LONGCLIP_MAX_TOKENS)
+    p.add_argument("--beams", type=int, default=3)
+    p.add_argument("--convention", choices=("ours", "fastv"), default="ours")
+    p.add_argument("--json", action="store_true", help="print the item's components as JSON")
+    p.add_argument("--table", action="store_true", help="print the method x kept-tokens table")
+    args = p.parse_args(argv)
+
+    config = load_llava_config(args.model)
+    if args.table:
+        rows = flops_table(
+            config,
+            prompt_tokens=64 if args.prompt_tokens is None else args.prompt_tokens,
+            new_tokens=4 if args.new_tokens is None else args.new_tokens,
+            caption_tokens=36 if args.caption_tokens is None else args.caption_tokens,
+            question_tokens=args.question_tokens,
+            selector_tokens=args.selector_tokens,
+        )
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(
+                _format_table(
+                    rows, f"{args.model}: per-item FLOPs (TFLOPs, convention 'ours'), 576 visual tokens"
+                )
+            )
+        return 0
+    if args.prompt_tokens is None or args.new_tokens is None:
+        p.error("--prompt-tokens and --new-tokens are required (or use --table)")
+    vision = config.vision_config
+    total = (vision.image_size // vision.patch_size) ** 2
+    keep = resolve_keep(total, args.keep_tokens, args.prune_rate)
+    item = cli_item(
+        config,
+        method=args.method,
+        keep=keep,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        caption_tokens=args.caption_tokens,
+        fastv_layer=args.fastv_layer,
+        convention=args.convention,
+        question_tokens=args.question_tokens,
+        selector_tokens=args.selector_tokens,
+        beams=args.beams,
+    )
+    if args.json:
+        print(json.dumps(item, indent=1))
+    else:
+        for key, value in item.items():
+            shown = f"{value / 1e12:.4f} TFLOPs" if isinstance(value, float) and value > 1e6 else value
+            print(f"{key:>20}: {shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
