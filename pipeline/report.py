@@ -1,0 +1,553 @@
+"""Accuracy-vs-cost report of a sweep: per-setting summary, plots, $ per 1M items, a recommendation.
+
+Input is the *per-setting summary*: a pandas DataFrame (or its Parquet) with one row per
+(method, prune_rate) — accuracy overall and per question type, mean FLOPs per item by component,
+measured items/s and wall time. ``summarize_rows`` / ``build_summary`` make it from the job's per-row
+output; ``write_report`` turns it into ``report.md`` plus PNG plots (matplotlib, Agg backend) beside it.
+
+Accuracy is a fraction in [0, 1] in the data and printed in percent; tolerances are in points.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.cost import ALL_COMPONENTS, CostConfig, cost_columns
+
+SETTING_KEYS = ("method", "prune_rate")
+FLOPS_SUMMARY = tuple(f"flops_{c}" for c in ALL_COMPONENTS) + ("flops_total", "flops_reference_total")
+BASELINE_METHOD = "none"
+
+
+# ----------------------------------------------------------------------------------------------------
+# per-setting summary
+
+
+def rate_label(rate: float) -> str:
+    """The directory name of a pruning rate: ``0.875`` -> ``"0.875"``, ``0`` -> ``"0"``."""
+    return f"{float(rate):g}"
+
+
+def summarize_rows(
+    rows: pd.DataFrame,
+    *,
+    method: str | None = None,
+    prune_rate: float | None = None,
+    wall_time_s: float | None = None,
+) -> dict[str, Any]:
+    """One setting's summary row from its per-row output (the columns of ``pipeline.schema``).
+
+    Accuracy is the mean ``score`` over rows that have one; rows with an ``error`` and answers count
+    as wrong (score 0) so that a setting cannot look better by failing on hard items. The pruning
+    rate defaults to ``1 - keep_tokens / visual_tokens_total``.
+    """
+    n = len(rows)
+    err = rows["error"].notna() if "error" in rows else pd.Series(False, index=rows.index)
+    score = rows["score"].astype("float64") if "score" in rows else pd.Series(math.nan, index=rows.index)
+    if "answers" in rows:  # errored rows that had answers are wrong answers
+        has_answers = rows["answers"].map(lambda a: a is not None and len(a) > 0)
+        score = score.mask(err & has_answers & score.isna(), 0.0)
+    out: dict[str, Any] = {
+        "method": method if method is not None else _mode(rows.get("method")),
+        "items": n,
+        "errors": int(err.sum()),
+        "scored": int(score.notna().sum()),
+        "accuracy": float(score.mean()) if score.notna().any() else math.nan,
+    }
+    keep, total = _mode(rows.get("keep_tokens")), _mode(rows.get("visual_tokens_total"))
+    out["keep_tokens"] = keep
+    out["visual_tokens_total"] = total
+    if prune_rate is None:
+        prune_rate = 1.0 - keep / total if keep is not None and total else math.nan
+    out["prune_rate"] = float(prune_rate)
+    if "question_type" in rows:
+        for qtype, s in score.groupby(rows["question_type"].fillna("unknown")):
+            out[f"acc_{qtype}"] = float(s.mean()) if s.notna().any() else math.nan
+    ok = ~err
+    for col in FLOPS_SUMMARY:
+        if col in rows:
+            vals = rows.loc[ok, col].astype("float64")
+            out[col] = float(vals.mean()) if vals.notna().any() else math.nan
+    for col in rows.columns:
+        if col.startswith("latency_"):
+            out[f"mean_{col}"] = float(rows[col].astype("float64").mean())
+    out["wall_time_s"] = float(wall_time_s) if wall_time_s is not None else math.nan
+    out["items_per_s"] = n / wall_time_s if wall_time_s else math.nan
+    return out
+
+
+def _mode(col: pd.Series | None) -> Any:
+    if col is None:
+        return None
+    col = col.dropna()
+    if col.empty:
+        return None
+    v = col.mode().iloc[0]
+    return v.item() if hasattr(v, "item") else v
+
+
+def build_summary(settings: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """The combined summary from settings given as dicts with ``rows`` (per-row DataFrame) and
+    optionally ``method``, ``prune_rate``, ``wall_time_s`` and any extra columns (copied as they are).
+    Sorted by method, then pruning rate."""
+    records = []
+    for s in settings:
+        extra = {k: v for k, v in s.items() if k not in ("rows", "method", "prune_rate", "wall_time_s")}
+        rec = summarize_rows(
+            s["rows"],
+            method=s.get("method"),
+            prune_rate=s.get("prune_rate"),
+            wall_time_s=s.get("wall_time_s"),
+        )
+        rec.update(extra)
+        records.append(rec)
+    df = pd.DataFrame.from_records(records)
+    return sort_settings(df)
+
+
+def sort_settings(df: pd.DataFrame) -> pd.DataFrame:
+    """Full tokens first, then the methods in first-seen order, each by pruning rate."""
+    if not len(df):
+        return df
+    order = {m: i for i, m in enumerate(dict.fromkeys([BASELINE_METHOD, *df["method"]]))}
+    key = df["method"].map(order)
+    return (
+        df.assign(_k=key)
+        .sort_values(["_k", "prune_rate"], kind="stable")
+        .drop(columns="_k")
+        .reset_index(drop=True)
+    )
+
+
+def read_setting_rows(url: str) -> pd.DataFrame:
+    """All per-row Parquet under ``url`` (local path, file:// or s3://) as one DataFrame."""
+    import pyarrow.dataset as ds
+
+    from pipeline import storage
+
+    fs, path = storage.resolve(url)
+    return ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+
+
+def summary_from_outputs(
+    output: str, settings: Iterable[tuple[str, float]], wall_times: Mapping | None = None
+) -> pd.DataFrame:
+    """The summary of a sweep's output tree ``output/<method>/<rate>/`` for the given settings."""
+    wall_times = wall_times or {}
+    items = []
+    for method, rate in settings:
+        rows = read_setting_rows(f"{output.rstrip('/')}/{method}/{rate_label(rate)}")
+        items.append(
+            {
+                "rows": rows,
+                "method": method,
+                "prune_rate": rate,
+                "wall_time_s": wall_times.get((method, rate)),
+            }
+        )
+    return build_summary(items)
+
+
+# ----------------------------------------------------------------------------------------------------
+# recommendation
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    method: str
+    prune_rate: float
+    accuracy: float
+    usd_per_1m: float
+    baseline_accuracy: float
+    baseline_usd_per_1m: float
+    threshold: float  # the accuracy a setting had to reach
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the full-token price saved."""
+        return 1.0 - self.usd_per_1m / self.baseline_usd_per_1m if self.baseline_usd_per_1m else math.nan
+
+
+def recommend(
+    table: pd.DataFrame,
+    *,
+    tolerance_points: float = 2.0,
+    target_accuracy: float | None = None,
+    price_column: str = "usd_per_1m_rightsized",
+) -> Recommendation | None:
+    """The cheapest setting whose accuracy is at least the threshold, or ``None`` if none is.
+
+    Threshold = ``target_accuracy`` (percent) when given, else the full-token (``method == "none"``)
+    accuracy minus ``tolerance_points``. Ties on price go to the higher accuracy. The default price is
+    the right-sized one: a fixed cluster prices every setting at its bottleneck tier's pace, so
+    settings that only lighten the other tier would tie; choosing a setting means sizing the tiers
+    for it (the report gives the LVLM-to-captioner GPU ratio).
+    """
+    base = table[table["method"] == BASELINE_METHOD]
+    base_acc = float(base["accuracy"].max()) if len(base) else math.nan
+    base_usd = float(base[price_column].min()) if len(base) else math.nan
+    if target_accuracy is not None:
+        threshold = target_accuracy / 100.0
+    elif not math.isnan(base_acc):
+        threshold = base_acc - tolerance_points / 100.0
+    else:
+        return None
+    ok = table[table["accuracy"].notna() & (table["accuracy"] >= threshold - 1e-12)]
+    if ok.empty:
+        return None
+    best = ok.sort_values([price_column, "accuracy"], ascending=[True, False]).iloc[0]
+    return Recommendation(
+        str(best["method"]),
+        float(best["prune_rate"]),
+        float(best["accuracy"]),
+        float(best[price_column]),
+        base_acc,
+        base_usd,
+        threshold,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _methods(table: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(table["method"]))
+
+
+def plot_accuracy_vs_flops(table: pd.DataFrame, path: Path) -> Path:
+    """The paper's trade-off curve: accuracy against total FLOPs per item, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in _methods(table):
+        t = table[table["method"] == m].sort_values("flops_total")
+        ax.plot(t["flops_total"] / 1e9, 100 * t["accuracy"], marker="o", label=m)
+    ax.set_xlabel("GFLOPs per item (total)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs compute")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_accuracy_vs_rate(table: pd.DataFrame, path: Path) -> Path:
+    """Accuracy against the pruning rate; the full-token accuracy as a horizontal line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    base = table[table["method"] == BASELINE_METHOD]
+    for m in _methods(table):
+        if m == BASELINE_METHOD:
+            continue
+        t = table[table["method"] == m].sort_values("prune_rate")
+        ax.plot(100 * t["prune_rate"], 100 * t["accuracy"], marker="o", label=m)
+    if len(base):
+        ax.axhline(100 * base["accuracy"].max(), color="k", ls="--", lw=1, label="none (all tokens)")
+    ax.set_xlabel("visual tokens pruned (%)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs pruning rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_flops_components(table: pd.DataFrame, path: Path) -> Path:
+    """Stacked mean FLOPs per item by component, one bar per setting."""
+    plt = _plt()
+    labels = [_label(r) for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(labels) + 2), 4.6))
+    bottom = [0.0] * len(table)
+    parts = list(ALL_COMPONENTS)
+    named = sum(table.get(f"flops_{c}", 0).fillna(0) for c in parts)
+    other = (table["flops_total"].fillna(0) - named).clip(lower=0)
+    for comp in parts + ["other"]:
+        vals = (
+            other
+            if comp == "other"
+            else table.get(f"flops_{comp}", pd.Series(0.0, index=table.index)).fillna(0)
+        )
+        if float(vals.sum()) <= 0:
+            continue
+        label = "projector/other" if comp == "other" else comp
+        ax.bar(labels, vals / 1e9, bottom=bottom, label=label)
+        bottom = [b + v / 1e9 for b, v in zip(bottom, vals, strict=True)]
+    ax.set_ylabel("GFLOPs per item")
+    ax.set_title("FLOPs per item by component")
+    ax.tick_params(axis="x", labelrotation=60)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_throughput(table: pd.DataFrame, path: Path) -> Path:
+    """Measured items/s per setting (and the configured cluster's FLOPs-based items/s, if known)."""
+    plt = _plt()
+    labels = [_label(r) for _, r in table.iterrows()]
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(labels) + 2), 4.4))
+    measured = table.get("items_per_s")
+    if measured is not None and measured.notna().any():
+        ax.bar(labels, measured.fillna(0))
+        ax.set_ylabel("items/s (measured, this run)")
+        ax.set_title("Measured throughput")
+    else:
+        ax.bar(labels, table["cluster_items_per_s"])
+        ax.set_ylabel("items/s (FLOPs model, configured cluster)")
+        ax.set_title("Modelled cluster throughput")
+    ax.tick_params(axis="x", labelrotation=60)
+    return _save(fig, path)
+
+
+def plot_cost(table: pd.DataFrame, path: Path) -> Path:
+    """$ per 1M items (tiers sized to the work) against the pruning rate, one line per method."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for m in _methods(table):
+        t = table[table["method"] == m].sort_values("prune_rate")
+        ax.plot(100 * t["prune_rate"], t["usd_per_1m_rightsized"], marker="o", label=m)
+    ax.set_xlabel("visual tokens pruned (%)")
+    ax.set_ylabel("$ per 1M items (right-sized tiers)")
+    ax.set_title("Cost vs pruning rate")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _label(row: Mapping[str, Any]) -> str:
+    if row["method"] == BASELINE_METHOD:
+        return "none"
+    keep = row.get("keep_tokens")
+    suffix = f" ({int(keep)})" if keep is not None and not _nan(keep) else ""
+    return f"{row['method']} {100 * row['prune_rate']:.1f}%{suffix}"
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# markdown
+
+
+def _nan(x: Any) -> bool:
+    try:
+        return math.isnan(float(x))
+    except (TypeError, ValueError):
+        return x is None
+
+
+def fmt_usd(x: float) -> str:
+    """Dollars with enough significant digits for tiny demo models and real ones alike."""
+    if _nan(x):
+        return "n/a"
+    if x == 0 or abs(x) >= 100:
+        return f"${x:,.0f}"
+    if abs(x) >= 1:
+        return f"${x:,.2f}"
+    return f"${x:.3g}"
+
+
+def fmt_flops(x: float) -> str:
+    if _nan(x):
+        return "n/a"
+    for unit, div in (("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= div:
+            return f"{x / div:.3g} {unit}"
+    return "0" if x == 0 else f"{x:.3g} FLOP"
+
+
+def fmt_pct(x: float, digits: int = 1) -> str:
+    return "n/a" if _nan(x) else f"{100 * x:.{digits}f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def cost_table_markdown(table: pd.DataFrame) -> str:
+    """The cost table: one line per setting, FLOPs, GPU-seconds, $ per 1M items three ways."""
+    has_acc = "accuracy" in table and table["accuracy"].notna().any()
+    has_measured = "usd_per_1m_measured" in table and table["usd_per_1m_measured"].notna().any()
+    header = ["method", "pruned", "kept tokens"]
+    header += ["accuracy %"] if has_acc else []
+    header += [
+        "FLOPs/item",
+        "saving vs ref",
+        "LVLM:captioner GPUs",
+        "bottleneck",
+        "$/1M (cluster)",
+        "$/1M (right-sized)",
+    ]
+    header += ["$/1M (measured)"] if has_measured else []
+    rows = []
+    for _, r in table.iterrows():
+        keep = r.get("keep_tokens")
+        line = [str(r["method"]), f"{100 * r['prune_rate']:.2f}%", "all" if _nan(keep) else str(int(keep))]
+        line += [fmt_pct(r["accuracy"])] if has_acc else []
+        ref = r.get("flops_reference_total")
+        saving = 1 - r["flops_total"] / ref if ref and not _nan(ref) else math.nan
+        line += [
+            fmt_flops(r["flops_total"]),
+            fmt_pct(saving, 0) + "%" if not _nan(saving) else "n/a",
+            f"{r['balanced_gpu_ratio']:.3g}",
+            str(r["bottleneck"]).replace("_tier", ""),
+            fmt_usd(r["usd_per_1m_cluster"]),
+            fmt_usd(r["usd_per_1m_rightsized"]),
+        ]
+        line += [fmt_usd(r["usd_per_1m_measured"])] if has_measured else []
+        rows.append(line)
+    return markdown_table(header, rows)
+
+
+def accuracy_table_markdown(table: pd.DataFrame) -> str:
+    qcols = sorted(c for c in table.columns if c.startswith("acc_"))
+    header = ["method", "pruned", "items", "errors", "accuracy %"] + [c.removeprefix("acc_") for c in qcols]
+    header += ["items/s", "wall s"]
+    rows = []
+    for _, r in table.iterrows():
+        rows.append(
+            [
+                str(r["method"]),
+                f"{100 * r['prune_rate']:.2f}%",
+                str(int(r.get("items", 0) or 0)),
+                str(int(r.get("errors", 0) or 0)),
+                fmt_pct(r["accuracy"]),
+            ]
+            + [fmt_pct(r[c]) for c in qcols]
+            + [
+                "n/a" if _nan(r.get("items_per_s")) else f"{r['items_per_s']:.1f}",
+                "n/a" if _nan(r.get("wall_time_s")) else f"{r['wall_time_s']:.1f}",
+            ]
+        )
+    return markdown_table(header, rows)
+
+
+def flops_table_markdown(table: pd.DataFrame) -> str:
+    comps = [c for c in ALL_COMPONENTS if f"flops_{c}" in table]
+    header = ["method", "pruned"] + comps + ["total", "reference"]
+    rows = []
+    for _, r in table.iterrows():
+        rows.append(
+            [str(r["method"]), f"{100 * r['prune_rate']:.2f}%"]
+            + [fmt_flops(r[f"flops_{c}"]) for c in comps]
+            + [fmt_flops(r["flops_total"]), fmt_flops(r.get("flops_reference_total", math.nan))]
+        )
+    return markdown_table(header, rows)
+
+
+def recommendation_markdown(
+    rec: Recommendation | None, *, tolerance_points: float, target_accuracy: float | None
+) -> str:
+    rule = (
+        f"accuracy >= {target_accuracy:.1f}%"
+        if target_accuracy is not None
+        else f"accuracy within {tolerance_points:g} points of full tokens"
+    )
+    if rec is None:
+        return f"No setting meets the target ({rule})."
+    if rec.method == BASELINE_METHOD:
+        return (
+            f"Target: {rule} (>= {100 * rec.threshold:.1f}%). No pruned setting meets it: keep all tokens "
+            f"(`none`, {100 * rec.accuracy:.1f}%, {fmt_usd(rec.usd_per_1m)} per 1M items)."
+        )
+    base = (
+        f" Full tokens: {100 * rec.baseline_accuracy:.1f}% at {fmt_usd(rec.baseline_usd_per_1m)} per 1M items; "
+        f"saving {100 * rec.saving:.0f}% ({fmt_usd(rec.baseline_usd_per_1m - rec.usd_per_1m)} per 1M items)."
+        if not _nan(rec.baseline_usd_per_1m)
+        else ""
+    )
+    return (
+        f"Target: {rule} (>= {100 * rec.threshold:.1f}%). **Cheapest setting that meets it: `{rec.method}` at "
+        f"{100 * rec.prune_rate:.2f}% pruning** — accuracy {100 * rec.accuracy:.1f}%, "
+        f"{fmt_usd(rec.usd_per_1m)} per 1M items with tiers sized to the work.{base}"
+    )
+
+
+def write_report(
+    summary: pd.DataFrame,
+    out_dir: str | Path,
+    *,
+    config: CostConfig | None = None,
+    tolerance_points: float = 2.0,
+    target_accuracy: float | None = None,
+    measured_usd_per_hour: float | None = None,
+    title: str = "Pruning-rate sweep: accuracy vs cluster cost",
+    notes: Iterable[str] = (),
+) -> Path:
+    """Write ``report.md``, the PNG plots and ``cost_table.csv`` into ``out_dir`` (a local directory).
+
+    Returns the path of ``report.md``. Settings without accuracy (estimate mode) get the FLOPs and
+    cost parts only.
+    """
+    config = config or CostConfig.default()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table = cost_columns(summary, config, measured_usd_per_hour=measured_usd_per_hour)
+    table.to_csv(out / "cost_table.csv", index=False)
+    has_acc = "accuracy" in table and table["accuracy"].notna().any()
+
+    plots: list[tuple[str, Path]] = []
+    if has_acc:
+        plots.append(
+            (
+                "Accuracy vs FLOPs per item (trade-off curve)",
+                plot_accuracy_vs_flops(table, out / "accuracy_vs_flops.png"),
+            )
+        )
+        plots.append(
+            ("Accuracy vs pruning rate", plot_accuracy_vs_rate(table, out / "accuracy_vs_prune_rate.png"))
+        )
+    plots.append(("FLOPs per item by component", plot_flops_components(table, out / "flops_components.png")))
+    plots.append(("Throughput", plot_throughput(table, out / "throughput.png")))
+    plots.append(("$ per 1M items vs pruning rate", plot_cost(table, out / "cost_vs_prune_rate.png")))
+
+    md = [f"# {title}", ""]
+    md += [f"- {n}" for n in notes]
+    md += ["", "## Recommendation", ""]
+    if has_acc:
+        rec = recommend(table, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
+        md.append(
+            recommendation_markdown(rec, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
+        )
+    else:
+        md.append("No accuracy in this report (FLOPs-only estimate): pick a rate from measured accuracy.")
+    md += ["", "## Cost per 1M items", "", config.describe(), ""]
+    md += [
+        "*cluster*: the configured cluster paced by its bottleneck tier, all its GPUs paid for; "
+        "*right-sized*: each tier scaled to its work (lower bound; the recommendation uses it); "
+        "*LVLM:captioner GPUs*: the tier ratio that keeps both tiers busy for that setting; "
+        "*measured*: this run's items/s times the price of the cluster it ran on (only for GPU runs). "
+        "FLOPs-based prices ignore data loading, batching and framework overheads: for small models they "
+        "are far below what a real run costs.",
+        "",
+        cost_table_markdown(table),
+        "",
+    ]
+    if has_acc:
+        md += ["## Accuracy", "", accuracy_table_markdown(table), ""]
+    md += ["## FLOPs per item (mean, by component)", "", flops_table_markdown(table), ""]
+    md += ["## Plots", ""]
+    md += [f"![{name}]({p.name})" for name, p in plots]
+    md.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
