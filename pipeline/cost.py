@@ -84,8 +84,8 @@ class CostConfig:
     """GPU prices and the cluster shape used for every $ figure of a report."""
 
     gpus: dict[str, Gpu] = field(default_factory=lambda: dict(DEFAULT_GPUS))
-    captioner_tier: Tier = Tier("L4", 2)
-    lvlm_tier: Tier = Tier("H100", 8)
+    captioner_tier: Tier = Tier("L4", 16)  # two 8x L4 nodes (g6.48xlarge-class)
+    lvlm_tier: Tier = Tier("H100", 8)  # one 8x H100 node (p5.48xlarge-class)
     prices_as_of: str = PRICES_AS_OF
 
     @classmethod

@@ -154,6 +154,56 @@ def summary_from_outputs(
     return build_summary(items)
 
 
+ESTIMATE_MODELS = ("llava-1.5-7b", "llava-1.5-13b")
+ESTIMATE_KEEPS = (192, 128, 64, 36, 18)
+ESTIMATE_METHODS = ("none", "fastv", "visionzip", "prumerge_plus", "accm")
+
+
+def estimate_summary(
+    model: str = "llava-1.5-7b",
+    *,
+    keeps: Iterable[int] = ESTIMATE_KEEPS,
+    methods: Iterable[str] = ESTIMATE_METHODS,
+    prompt_tokens: int = 64,
+    new_tokens: int = 4,
+    caption_tokens: int = 36,
+) -> pd.DataFrame:
+    """A FLOPs-only summary for a real model, from ``pipeline.flops`` alone (no weights, no Ray).
+
+    ``model`` is ``llava-1.5-7b``, ``llava-1.5-13b`` or a checkpoint directory with a config. ``accm``
+    uses the paper's captioner (ClipCap mapper + GPT-2 small, 3 beams) and selector (LongCLIP-L + a
+    4-layer encoder) with a ``caption_tokens`` caption; ``prompt_tokens`` / ``new_tokens`` are the
+    text around the image and the answer length. Accuracy is unknown (NaN).
+    """
+    from pipeline import flops
+
+    config = flops.load_llava_config(model)
+    vision = config.vision_config
+    total = (vision.image_size // vision.patch_size) ** 2
+    records = []
+    for method in methods:
+        for keep in [total] if method == BASELINE_METHOD else list(keeps):
+            item = flops.cli_item(
+                config,
+                method=method,
+                keep=keep,
+                prompt_tokens=prompt_tokens,
+                new_tokens=new_tokens,
+                caption_tokens=caption_tokens if method == "accm" else None,
+            )
+            rec: dict[str, Any] = {
+                "method": method,
+                "prune_rate": 1.0 - keep / total,
+                "keep_tokens": keep,
+                "visual_tokens_total": total,
+                "accuracy": math.nan,
+            }
+            for c in (*ALL_COMPONENTS, "total", "reference_total"):
+                rec[f"flops_{c}"] = float(item.get(c, 0.0))
+            records.append(rec)
+    return sort_settings(pd.DataFrame.from_records(records))
+
+
 # ----------------------------------------------------------------------------------------------------
 # recommendation
 

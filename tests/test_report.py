@@ -72,7 +72,7 @@ def test_measured_price_and_config_overrides(tmp_path):
     cfg = CostConfig.load(path)
     assert cfg.lvlm_tier.gpu == "X" and cfg.lvlm_tier.count == 4 and cfg.lvlm_tier.mfu == Tier("H100", 1).mfu
     assert cfg.captioner_tier == CostConfig().captioner_tier and "L4" in cfg.gpus
-    assert cfg.cluster_usd_per_hour == pytest.approx(4 * 9.0 + 2 * 0.80)
+    assert cfg.cluster_usd_per_hour == pytest.approx(4 * 9.0 + 16 * 0.80)
     assert "2030-01" in cfg.describe()
     assert CostConfig.from_dict(CostConfig().to_dict()) == CostConfig()
     assert CostConfig().with_tiers(lvlm="H200x2").lvlm_tier.count == 2
