@@ -8,9 +8,10 @@ lazily, keyed on that flag, means importing a kernels module early never fixes t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -63,6 +64,55 @@ def _jit_cached(fn: Callable[..., Any], interpret: bool) -> Any:
 def jit(fn: Callable[..., Any]) -> Any:
     """``triton.jit(fn)``, built once per interpreter mode (see module docstring)."""
     return _jit_cached(fn, interpreting())
+
+
+@functools.cache
+def _stdlib_swaps() -> tuple[tuple[Any, str, Any, Any], ...]:
+    """(module, name, compiled, interpreted) for triton.language's own ``@jit`` helpers.
+
+    Triton decorates its standard library (``tl.sum``, ``tl.cumsum``, ``tl.zeros``...) when
+    ``triton`` is first imported. If that happened without ``TRITON_INTERPRET=1`` (e.g. transformers
+    or DeepSpeed imported triton before a test set the variable), those helpers are compiled-mode
+    objects that the interpreter refuses to call. We keep interpreted twins to swap in.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    twins: dict[int, Any] = {}
+    swaps = []
+    for module in (tl, tl.standard, tl.random):
+        for name, value in list(vars(module).items()):
+            if type(value) is JITFunction:
+                twin = twins.setdefault(id(value), InterpretedFunction(value.fn))
+                swaps.append((module, name, value, twin))
+    return tuple(swaps)
+
+
+@contextlib.contextmanager
+def _interpretable_stdlib() -> Iterator[None]:
+    swaps = _stdlib_swaps()
+    for module, name, _, twin in swaps:
+        setattr(module, name, twin)
+    try:
+        yield
+    finally:
+        for module, name, original, _ in swaps:
+            setattr(module, name, original)
+
+
+def launch(fn: Callable[..., Any], grid: tuple[int, ...], *args: Any, **kwargs: Any) -> None:
+    """Jit ``fn`` for the current mode and launch it on ``grid``.
+
+    Under the interpreter, triton's standard library is temporarily made interpretable when it was
+    imported in compiled mode, so kernel tests do not depend on who imported triton first.
+    """
+    kernel = jit(fn)
+    if not interpreting():
+        kernel[grid](*args, **kwargs)
+        return
+    with _interpretable_stdlib():
+        kernel[grid](*args, **kwargs)
 
 
 def check_kernel_device(*tensors: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._dispatch import check_kernel_device, jit, should_use_kernel
+from kernels._dispatch import check_kernel_device, launch, should_use_kernel
 
 try:  # guarded: importing this module must work without triton (CPU-only installs)
     import triton
@@ -51,11 +51,20 @@ def _check_idx(x4: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
 
 
 def _compact_rows_kernel(
-    x_ptr, idx_ptr, out_ptr,
-    n_heads, n_out, dim,
-    stride_xb, stride_xh, stride_xl, stride_xd,
-    stride_ib, stride_il,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    idx_ptr,
+    out_ptr,
+    n_heads,
+    n_out,
+    dim,
+    stride_xb,
+    stride_xh,
+    stride_xl,
+    stride_xd,
+    stride_ib,
+    stride_il,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * heads
     pid_r = tl.program_id(1)  # block of output rows
@@ -92,12 +101,23 @@ def compact_rows_triton(x: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor
     if out.numel():
         block_r, block_d = _blocks(n_out, dim)
         grid = (batch * n_heads, triton.cdiv(n_out, block_r), triton.cdiv(dim, block_d))
-        jit(_compact_rows_kernel)[grid](
-            x4, keep_idx, out,
-            n_heads, n_out, dim,
-            x4.stride(0), x4.stride(1), x4.stride(2), x4.stride(3),
-            keep_idx.stride(0), keep_idx.stride(1),
-            BLOCK_R=block_r, BLOCK_D=block_d,
+        launch(
+            _compact_rows_kernel,
+            grid,
+            x4,
+            keep_idx,
+            out,
+            n_heads,
+            n_out,
+            dim,
+            x4.stride(0),
+            x4.stride(1),
+            x4.stride(2),
+            x4.stride(3),
+            keep_idx.stride(0),
+            keep_idx.stride(1),
+            BLOCK_R=block_r,
+            BLOCK_D=block_d,
         )
     return out.squeeze(1) if x.dim() == 3 else out
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check_kernel_device, jit, should_use_kernel
+from kernels._dispatch import check_kernel_device, launch, should_use_kernel
 
 try:  # guarded: importing this module must work without triton (CPU-only installs)
     import triton
@@ -63,9 +63,15 @@ def _spans(attn_rows: torch.Tensor, image_start, image_len) -> tuple[torch.Tenso
 
 
 def _head_mean_query_kernel(
-    attn_ptr, start_ptr, len_ptr, out_ptr,
-    n_heads, n_max,
-    stride_ab, stride_ah, stride_al,
+    attn_ptr,
+    start_ptr,
+    len_ptr,
+    out_ptr,
+    n_heads,
+    n_max,
+    stride_ab,
+    stride_ah,
+    stride_al,
     BLOCK_N: tl.constexpr,
 ):
     # One program per (batch item, block of image positions); heads are summed in a loop.
@@ -83,7 +89,9 @@ def _head_mean_query_kernel(
     tl.store(out_ptr + pid_b.to(tl.int64) * n_max + offs_n, scores, mask=offs_n < n_max)
 
 
-def head_mean_query_scores_triton(attn: torch.Tensor, image_start, image_len, *, query_index: int = -1) -> torch.Tensor:
+def head_mean_query_scores_triton(
+    attn: torch.Tensor, image_start, image_len, *, query_index: int = -1
+) -> torch.Tensor:
     rows = _query_rows(attn, query_index)
     check_kernel_device(rows)
     start, span, n_max = _spans(rows, image_start, image_len)
@@ -93,15 +101,26 @@ def head_mean_query_scores_triton(attn: torch.Tensor, image_start, image_len, *,
         return out
     block_n = min(triton.next_power_of_2(n_max), 1024)
     grid = (batch, triton.cdiv(n_max, block_n))
-    jit(_head_mean_query_kernel)[grid](
-        rows, start, span, out, n_heads, n_max,
-        rows.stride(0), rows.stride(1), rows.stride(2),
+    launch(
+        _head_mean_query_kernel,
+        grid,
+        rows,
+        start,
+        span,
+        out,
+        n_heads,
+        n_max,
+        rows.stride(0),
+        rows.stride(1),
+        rows.stride(2),
         BLOCK_N=block_n,
     )
     return out
 
 
-def head_mean_query_scores_reference(attn: torch.Tensor, image_start, image_len, *, query_index: int = -1) -> torch.Tensor:
+def head_mean_query_scores_reference(
+    attn: torch.Tensor, image_start, image_len, *, query_index: int = -1
+) -> torch.Tensor:
     rows = _query_rows(attn, query_index)
     start, span, n_max = _spans(rows, image_start, image_len)
     mean = rows.float().mean(dim=1)  # [B, L]
@@ -136,9 +155,13 @@ def head_mean_query_scores(
 
 
 def _cls_attention_kernel(
-    attn_ptr, out_ptr,
-    n_heads, n_tokens,
-    stride_ab, stride_ah, stride_an,
+    attn_ptr,
+    out_ptr,
+    n_heads,
+    n_tokens,
+    stride_ab,
+    stride_ah,
+    stride_an,
     BLOCK_N: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -166,8 +189,17 @@ def cls_attention_scores_triton(attn: torch.Tensor) -> torch.Tensor:
         return out
     block_n = min(triton.next_power_of_2(n_tokens), 1024)
     grid = (batch, triton.cdiv(n_tokens, block_n))
-    jit(_cls_attention_kernel)[grid](
-        attn, out, n_heads, n_tokens, attn.stride(0), attn.stride(1), attn.stride(2), BLOCK_N=block_n
+    launch(
+        _cls_attention_kernel,
+        grid,
+        attn,
+        out,
+        n_heads,
+        n_tokens,
+        attn.stride(0),
+        attn.stride(1),
+        attn.stride(2),
+        BLOCK_N=block_n,
     )
     return out
 
@@ -190,11 +222,19 @@ def cls_attention_scores(attn: torch.Tensor, *, use_kernel: bool | None = None) 
 
 
 def _cosine_kernel(
-    x_ptr, t_ptr, out_ptr,
-    n_tokens, dim, eps,
-    stride_xb, stride_xn, stride_xd,
-    stride_tb, stride_td,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr,
+    t_ptr,
+    out_ptr,
+    n_tokens,
+    dim,
+    eps,
+    stride_xb,
+    stride_xn,
+    stride_xd,
+    stride_tb,
+    stride_td,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # One program per (batch item, block of patches); the feature dim is walked in BLOCK_D chunks
     # accumulating x.t, |x|^2 and |t|^2 in fp32.
@@ -227,7 +267,9 @@ def _check_cosine(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     if text.dim() == 1:
         text = text.unsqueeze(0).expand(patches.shape[0], -1)
     if text.dim() != 2 or text.shape[0] != patches.shape[0] or text.shape[1] != patches.shape[2]:
-        raise ValueError(f"text must be [B, D] or [D] matching patches {tuple(patches.shape)}, got {tuple(text.shape)}")
+        raise ValueError(
+            f"text must be [B, D] or [D] matching patches {tuple(patches.shape)}, got {tuple(text.shape)}"
+        )
     return text
 
 
@@ -241,11 +283,22 @@ def cosine_scores_triton(patches: torch.Tensor, text: torch.Tensor, *, eps: floa
     block_d = min(triton.next_power_of_2(max(dim, 1)), 128)
     block_n = min(triton.next_power_of_2(n_tokens), max(16, 8192 // block_d))
     grid = (batch, triton.cdiv(n_tokens, block_n))
-    jit(_cosine_kernel)[grid](
-        patches, text, out, n_tokens, dim, eps,
-        patches.stride(0), patches.stride(1), patches.stride(2),
-        text.stride(0), text.stride(1),
-        BLOCK_N=block_n, BLOCK_D=block_d,
+    launch(
+        _cosine_kernel,
+        grid,
+        patches,
+        text,
+        out,
+        n_tokens,
+        dim,
+        eps,
+        patches.stride(0),
+        patches.stride(1),
+        patches.stride(2),
+        text.stride(0),
+        text.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
     )
     return out
 

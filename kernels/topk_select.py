@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._dispatch import check_kernel_device, jit, should_use_kernel
+from kernels._dispatch import check_kernel_device, launch, should_use_kernel
 
 try:  # guarded: importing this module must work without triton (CPU-only installs)
     import triton
@@ -65,9 +65,15 @@ def _prepare(scores: torch.Tensor, k, lengths) -> tuple[torch.Tensor, torch.Tens
 
 
 def _rank_keep_kernel(
-    s_ptr, len_ptr, k_ptr, keep_ptr,
-    n_max, stride_sb, stride_sn,
-    BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    s_ptr,
+    len_ptr,
+    k_ptr,
+    keep_ptr,
+    n_max,
+    stride_sb,
+    stride_sn,
+    BLOCK_I: tl.constexpr,
+    BLOCK_J: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_i = tl.program_id(1)
@@ -84,7 +90,9 @@ def _rank_keep_kernel(
         valid_j = offs_j < n
         s_j = tl.load(row + offs_j * stride_sn, mask=valid_j, other=float("-inf")).to(tl.float32)
         s_j = tl.where(s_j != s_j, float("-inf"), s_j)
-        beats = (s_j[None, :] > s_i[:, None]) | ((s_j[None, :] == s_i[:, None]) & (offs_j[None, :] < offs_i[:, None]))
+        beats = (s_j[None, :] > s_i[:, None]) | (
+            (s_j[None, :] == s_i[:, None]) & (offs_j[None, :] < offs_i[:, None])
+        )
         beats = beats & valid_j[None, :]
         rank += tl.sum(beats.to(tl.int32), axis=1)
     keep = valid_i & (rank < k)
@@ -92,8 +100,13 @@ def _rank_keep_kernel(
 
 
 def _scatter_kernel(
-    keep_ptr, len_ptr, kept_ptr, disc_ptr,
-    n_max, k_width, d_width,
+    keep_ptr,
+    len_ptr,
+    kept_ptr,
+    disc_ptr,
+    n_max,
+    k_width,
+    d_width,
     BLOCK: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
@@ -127,12 +140,21 @@ def split_topk_triton(scores: torch.Tensor, k, lengths=None) -> tuple[torch.Tens
     keep = torch.empty((batch, n_max), dtype=torch.int8, device=scores.device)
     block_i = min(triton.next_power_of_2(n_max), 64)
     block_j = min(triton.next_power_of_2(n_max), 64)
-    jit(_rank_keep_kernel)[(batch, triton.cdiv(n_max, block_i))](
-        scores, lens, kk, keep, n_max, scores.stride(0), scores.stride(1),
-        BLOCK_I=block_i, BLOCK_J=block_j,
+    launch(
+        _rank_keep_kernel,
+        (batch, triton.cdiv(n_max, block_i)),
+        scores,
+        lens,
+        kk,
+        keep,
+        n_max,
+        scores.stride(0),
+        scores.stride(1),
+        BLOCK_I=block_i,
+        BLOCK_J=block_j,
     )
     block = min(triton.next_power_of_2(n_max), 1024)
-    jit(_scatter_kernel)[(batch,)](keep, lens, kept, disc, n_max, k_width, d_width, BLOCK=block)
+    launch(_scatter_kernel, (batch,), keep, lens, kept, disc, n_max, k_width, d_width, BLOCK=block)
     return kept, disc
 
 
