@@ -37,8 +37,10 @@ def shapes_words() -> list[str]:
 
     words = [*shapes.SHAPES, *(shapes.plural(s) for s in shapes.SHAPES), *shapes.COLOR_NAMES]
     words += [*shapes.NUMBER_WORDS, *(str(i) for i in range(shapes.MAX_OBJECTS + 1))]
-    words += ("what color is the shape object how many are there a in row column yes no "
-              "image picture this that of and or it its which where left right top bottom").split()
+    words += (
+        "what color is the shape object how many are there a in row column yes no "
+        "image picture this that of and or it its which where left right top bottom"
+    ).split()
     return words
 
 

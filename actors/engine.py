@@ -1,0 +1,279 @@
+"""Pruned LLaVA inference: vision stage, visual-token pruners, caption splice, batched greedy decoding, FLOPs.
+
+Two halves with a clean seam, because the pipeline runs them in different actor tiers:
+
+* ``preprocess`` -> ``encode_images`` -> ``prune``: the CLIP tower once per image, then a pruner before
+  the projector (captioner tier; ships ``PrunedBatch.retained`` onwards).
+* ``generate``: projector on the retained features, prompt built from ``actors.prompt`` (optional
+  caption splice), LLaMA prefill + cached greedy decoding with our own decoder loop
+  (``actors.fastv``), FastV's in-LLM pruning when asked, and per-item analytic FLOPs.
+
+Any ``LlavaForConditionalGeneration`` checkpoint in the llava-hf layout works (llava-1.5-7b-hf or the
+small models of the same classes this project trains); weights load with eager attention.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from actors.fastv import FastVSpec, LlamaDecoderRunner
+from actors.loading import local_model_dir
+from actors.prompt import IMAGE_TOKEN, build_prompt
+from actors.pruners import METHODS, PrunedBatch, TextGuide, prune, resolve_keep_tokens, visionzip_split
+from actors.vision import VisionBatch, encode_images, feature_layer_count
+
+__all__ = [
+    "METHODS",
+    "GenerationResult",
+    "LlavaEngine",
+    "PrunedBatch",
+    "VisionBatch",
+    "resolve_keep_tokens",
+]
+
+
+@dataclass
+class GenerationResult:
+    texts: list[str]
+    prefill_tokens: list[int]  # LLM input length per item (text + visual tokens, before FastV's cut)
+    new_tokens: list[int]  # generated tokens per item, including a final </s>
+    flops: list[dict[str, float]]  # pipeline.flops.llava_item_flops per item
+    token_ids: list[list[int]] = field(default_factory=list)  # generated ids per item
+
+
+class LlavaEngine:
+    """A LLaVA checkpoint plus the pruning-aware inference loop around it."""
+
+    def __init__(
+        self, model: Any, processor: Any, *, model_id: str = "", text_guide: TextGuide | None = None
+    ):
+        model.eval()
+        self.model = model
+        self.processor = processor
+        self.config = model.config
+        self.model_id = model_id
+        self.text_guide = text_guide
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = int(self.config.image_token_id)
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        vc = self.config.vision_config
+        self.num_patches = (vc.image_size // vc.patch_size) ** 2
+        self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head)
+        # FLOPs are accounted for the tower as this engine runs it: up to the feature layer only.
+        self.flops_config = copy.deepcopy(self.config)
+        self.flops_config.vision_config.num_hidden_layers = feature_layer_count(
+            vc.num_hidden_layers, self.config.vision_feature_layer
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        url: str,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        cache_dir: str | None = None,
+        clip_text_url: str | None = None,
+    ) -> LlavaEngine:
+        """Load from a local dir, ``file://`` or ``s3://`` (copied once per process into ``cache_dir``).
+
+        ``clip_text_url``: optional CLIPModel checkpoint for PruMerge+'s text-guided picks.
+        """
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path = local_model_dir(url, cache_dir)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        processor = AutoProcessor.from_pretrained(path)
+        guide = None
+        if clip_text_url is not None:
+            guide = TextGuide.from_pretrained(local_model_dir(clip_text_url, cache_dir), dtype=dtype).to(
+                device
+            )
+        return cls(model.to(device), processor, model_id=str(url), text_guide=guide)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    # -- vision + pruning (captioner tier) ---------------------------------------------------------
+
+    def preprocess(self, images: list[Image.Image]) -> Tensor:
+        """PIL images -> pixel_values [B, 3, H, W] (the checkpoint's own image processor)."""
+        images = [im.convert("RGB") for im in images]
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+
+    def encode_images(self, pixel_values: Tensor) -> VisionBatch:
+        """The vision tower, once: feature-layer patches, CLS attention and keys (actors.vision)."""
+        tower = self.model.model.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        return encode_images(
+            tower,
+            pixel_values.to(self.device),
+            feature_layer=self.config.vision_feature_layer,
+            select_strategy=self.config.vision_feature_select_strategy,
+        )
+
+    def prune(
+        self, vision: VisionBatch, method: str, keep_tokens: int, item_ids: list[str], questions: list[str]
+    ) -> PrunedBatch:
+        """Pruners before the projector (``fastv``/``none`` keep every patch here)."""
+        return prune(vision, method, keep_tokens, item_ids, questions, self.text_guide)
+
+    # -- projector + LLM (LVLM tier) -----------------------------------------------------------------
+
+    def _prompt_ids(self, question: str, caption: str | None) -> tuple[list[int], list[int]]:
+        """Token ids before and after the image placeholder, from the one prompt format."""
+        ids = self.tokenizer(build_prompt(question, caption, IMAGE_TOKEN))["input_ids"]
+        j = ids.index(self.image_token_id)
+        return ids[:j], ids[j + 1 :]
+
+    @torch.no_grad()
+    def project(self, features: Tensor) -> Tensor:
+        """Vision features [..., Dv] -> LLM embeddings [..., d] (LLaVA's MLP projector)."""
+        return self.model.model.multi_modal_projector(features.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        retained: Tensor | list[Tensor],
+        questions: list[str],
+        captions: list[str | None] | None = None,
+        *,
+        method: str = "none",
+        keep_tokens: int | None = None,
+        fastv_layer: int = 2,
+        max_new_tokens: int = 8,
+        captioner: list[dict | None] | None = None,
+        selector: list[dict | None] | None = None,
+    ) -> GenerationResult:
+        """Greedy answers for a batch. ``retained``: per item [k, Dv] vision features (pre-projector).
+
+        Items are left padded; each item's answer is independent of its batch-mates. ``method`` only
+        changes the LLM for ``fastv`` (``keep_tokens`` image tokens kept from layer ``fastv_layer`` on);
+        for every method it names the FLOPs accounting. ``captioner``/``selector``: per-item kwargs for
+        pipeline.flops (ACCM's caption model and selector costs).
+        """
+        from pipeline.flops import llava_item_flops
+
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        items = list(retained.unbind(0)) if isinstance(retained, Tensor) else list(retained)
+        b = len(items)
+        if len(questions) != b:
+            raise ValueError(f"{b} visual inputs but {len(questions)} questions")
+        captions = list(captions) if captions is not None else [None] * b
+        embed = self.model.get_input_embeddings()
+        dev, dtype = self.device, self.dtype
+
+        seqs, starts, n_vis, text_lens, caption_lens = [], [], [], [], []
+        for feats, q, c in zip(items, questions, captions, strict=True):
+            before, after = self._prompt_ids(q, c)
+            plain_before, plain_after = self._prompt_ids(q, None) if c else (before, after)
+            ids = torch.tensor(before + after, device=dev)
+            text = embed(ids)
+            vis = self.project(feats)
+            seqs.append(torch.cat([text[: len(before)], vis, text[len(before) :]]))
+            starts.append(len(before))
+            n_vis.append(vis.shape[0])
+            text_lens.append(len(plain_before) + len(plain_after))
+            caption_lens.append(len(before) + len(after) - text_lens[-1])
+
+        lengths = [s.shape[0] for s in seqs]
+        width = max(lengths)
+        embeds = torch.zeros(b, width, seqs[0].shape[-1], device=dev, dtype=dtype)
+        mask = torch.zeros(b, width, dtype=torch.bool, device=dev)
+        for i, s in enumerate(seqs):
+            embeds[i, width - lengths[i] :] = s
+            mask[i, width - lengths[i] :] = True
+        image_start = torch.tensor([width - n + s for n, s in zip(lengths, starts, strict=True)], device=dev)
+        image_len = torch.tensor(n_vis, device=dev)
+
+        fastv = None
+        fastv_keep = n_vis
+        if method == "fastv":
+            keeps = [resolve_keep_tokens(n, keep_tokens) for n in n_vis]
+            fastv_keep = keeps
+            if any(k < n for k, n in zip(keeps, n_vis, strict=True)):
+                if len(set(keeps)) != 1 or len(set(n_vis)) != 1:
+                    raise ValueError("fastv needs the same visual token count and budget for every item")
+                fastv = FastVSpec(layer=fastv_layer, keep=keeps[0])
+
+        logits, state = self.runner.prefill(embeds, mask, image_start, image_len, fastv)
+        out: list[list[int]] = [[] for _ in range(b)]
+        done = torch.zeros(b, dtype=torch.bool)
+        tokens = torch.full((b,), self.pad_token_id, device=dev)
+        for step in range(max_new_tokens):
+            if step:
+                logits = self.runner.decode_step(embed(tokens)[:, None], state)
+            tokens = logits.argmax(dim=-1)
+            for i, t in enumerate(tokens.tolist()):
+                if not done[i]:
+                    out[i].append(t)
+                    done[i] = t == self.eos_token_id
+            if bool(done.all()):
+                break
+            tokens = tokens.masked_fill(done.to(tokens.device), self.pad_token_id)
+
+        text_guide = None
+        if method in ("prumerge_plus", "accm") and self.text_guide is not None:
+            text_guide = self.text_guide.flops_spec(questions)
+        flops = [
+            llava_item_flops(
+                self.flops_config,
+                method=method,
+                visual_tokens_total=self.num_patches,
+                visual_tokens_kept=fastv_keep[i] if method == "fastv" else n_vis[i],
+                prompt_tokens=text_lens[i],
+                new_tokens=len(out[i]),
+                caption_tokens=caption_lens[i],
+                fastv_layer=fastv_layer,
+                captioner=captioner[i] if captioner else None,
+                selector=selector[i] if selector else None,
+                visionzip_contextual=visionzip_split(n_vis[i])[1] if method == "visionzip" else None,
+                text_guide=text_guide[i] if text_guide else None,
+            )
+            for i in range(b)
+        ]
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
+        return GenerationResult(texts, lengths, [len(o) for o in out], flops, out)
+
+    # -- both halves -------------------------------------------------------------------------------
+
+    def answer(
+        self,
+        images: list[Image.Image] | Tensor,
+        questions: list[str],
+        item_ids: list[str],
+        captions: list[str | None] | None = None,
+        *,
+        method: str = "none",
+        keep_tokens: int | None = None,
+        prune_rate: float | None = None,
+        fastv_layer: int = 2,
+        max_new_tokens: int = 8,
+    ) -> tuple[GenerationResult, PrunedBatch]:
+        """Images (or pixel_values) -> answers: encode once, prune, generate (single-process convenience)."""
+        pixels = images if isinstance(images, Tensor) else self.preprocess(images)
+        keep = resolve_keep_tokens(self.num_patches, keep_tokens, prune_rate)
+        pruned = self.prune(self.encode_images(pixels), method, keep, item_ids, questions)
+        result = self.generate(
+            pruned.retained,
+            questions,
+            captions,
+            method=method,
+            keep_tokens=keep,
+            fastv_layer=fastv_layer,
+            max_new_tokens=max_new_tokens,
+        )
+        return result, pruned

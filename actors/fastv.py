@@ -1,0 +1,203 @@
+"""The LLaMA decoder loop of the engine, with FastV's in-LLM token pruning (real compaction).
+
+The engine runs ``model.model.language_model``'s layers itself rather than through ``generate``:
+sequences are built from embeddings (text before, projected visual tokens, text after), left padded,
+and every layer keeps its own K/V tensors. That gives FastV what it needs (SPEC §2): after layer K-1,
+the head-averaged attention of the last prompt token ranks the image tokens, and from layer K on the
+hidden states *and* those layers' KV caches hold only the top-k image tokens (plus all text), with
+their original position ids. Layers < K keep the full cache, as in FastV where they saw every token.
+
+The attention below is LLaMA's eager attention, written out so that one layer's attention
+probabilities are available without ``output_attentions`` over the whole model. For ``fastv=None``
+the loop reproduces ``LlavaForConditionalGeneration``'s logits (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+try:  # kernels/ (issue 4): identical results to the fallbacks below, Triton on CUDA
+    from kernels.compact import compact_rows as _k_compact_rows
+    from kernels.token_scores import head_mean_query_scores as _k_head_mean_query_scores
+except ImportError:  # pragma: no cover - kernels not landed yet
+    _k_compact_rows = _k_head_mean_query_scores = None
+
+from actors.pruners import select_topk
+
+
+@dataclass(frozen=True)
+class FastVSpec:
+    """Prune image tokens inside the LLM: at layer ``layer`` keep the ``keep`` best-attended ones."""
+
+    layer: int
+    keep: int
+
+
+def head_mean_last_query(probs_last: Tensor, start: Tensor, length: Tensor) -> Tensor:
+    """probs_last [B, H, S] (last query's attention) -> [B, Nmax] head-mean over each row's image span."""
+    if _k_head_mean_query_scores is not None:
+        return _k_head_mean_query_scores(probs_last, start, length)
+    mean = probs_last.float().mean(dim=1)
+    n_max = int(length.max())
+    offs = torch.arange(n_max, device=mean.device)
+    idx = (start[:, None] + offs).clamp_max(mean.shape[1] - 1)
+    scores = torch.gather(mean, 1, idx)
+    return scores.masked_fill(offs[None, :] >= length[:, None], float("-inf"))
+
+
+def compact_rows(x: Tensor, keep_idx: Tensor) -> Tensor:
+    """Gather positions ``keep_idx`` [B, L'] along the sequence dim of [B, L, D] or [B, H, L, D]."""
+    if _k_compact_rows is not None:
+        return _k_compact_rows(x, keep_idx)
+    if x.dim() == 3:
+        return torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+    return torch.gather(x, 2, keep_idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+
+@dataclass
+class DecoderState:
+    """Per-layer KV caches and key-validity masks (layers before and after FastV's cut differ in length)."""
+
+    keys: list[Tensor]  # [B, Hkv, S_l, hd]
+    values: list[Tensor]
+    masks: list[Tensor]  # [B, S_l] bool, True = a real token
+    next_pos: Tensor  # [B] position id of the next token
+
+
+class LlamaDecoderRunner:
+    """Prefill + cached decode over a ``LlamaModel``'s layers (eager attention), FastV optional."""
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+        self.lm = language_model
+        self.lm_head = lm_head
+        self.layers = list(language_model.layers)
+
+    # -- one layer -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _layer(
+        layer: nn.Module,
+        hidden: Tensor,
+        cos_sin: tuple[Tensor, Tensor],
+        bias: Tensor,
+        past: tuple[Tensor, Tensor] | None,
+        want_last_probs: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        attn = layer.self_attn
+        b, q_len, _ = hidden.shape
+        x = layer.input_layernorm(hidden)
+        shape = (b, q_len, -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)
+            v = torch.cat([past[1], v], dim=2)
+        scores = torch.matmul(q, repeat_kv(k, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
+        probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, repeat_kv(v, attn.num_key_value_groups))
+        out = attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
+        hidden = hidden + out
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden, k, v, (probs[:, :, -1, :] if want_last_probs else None)
+
+    @staticmethod
+    def _bias(key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
+        """Additive mask [B, 1, Q, S]: causal over the last Q keys, padding keys hidden.
+
+        Every row may see itself, so fully padded (left-pad) query rows stay finite.
+        """
+        s = key_mask.shape[1]
+        q_pos = torch.arange(s - q_len, s, device=key_mask.device)[:, None]
+        k_pos = torch.arange(s, device=key_mask.device)[None, :]
+        allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
+        allowed = allowed | (k_pos == q_pos)[None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )[:, None]
+
+    # -- prefill -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        embeds: Tensor,
+        mask: Tensor,
+        image_start: Tensor,
+        image_len: Tensor,
+        fastv: FastVSpec | None = None,
+    ) -> tuple[Tensor, DecoderState]:
+        """Left-padded ``embeds`` [B, L, d] with ``mask`` [B, L] -> (last-position logits [B, V], state)."""
+        dtype = embeds.dtype
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        next_pos = pos[:, -1] + 1
+        hidden = embeds
+        cos_sin = self.lm.rotary_emb(hidden, pos)
+        bias = self._bias(mask, hidden.shape[1], dtype)
+        keys, values, masks = [], [], []
+        probs_last = None
+        cut = fastv.layer if fastv is not None else -1
+        if fastv is not None and not 1 <= cut <= len(self.layers):  # cut == layers: nothing left to prune
+            raise ValueError(f"fastv layer must be in [1, {len(self.layers)}], got {cut}")
+        for i, layer in enumerate(self.layers):
+            if i == cut:
+                keep_idx = self._fastv_keep_positions(probs_last, image_start, image_len, fastv.keep)
+                hidden = compact_rows(hidden, keep_idx)
+                mask = torch.gather(mask, 1, keep_idx)
+                pos = torch.gather(pos, 1, keep_idx)
+                cos_sin = self.lm.rotary_emb(hidden, pos)
+                bias = self._bias(mask, hidden.shape[1], dtype)
+            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, bias, None, i == cut - 1)
+            keys.append(k)
+            values.append(v)
+            masks.append(mask)
+        logits = self.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0]
+        return logits, DecoderState(keys, values, masks, next_pos)
+
+    @staticmethod
+    def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int) -> Tensor:
+        """[B, L'] sequence positions FastV keeps: all text, the top-``keep`` image tokens, left padded.
+
+        Left padding stays at the front, so the last position is still every row's last token.
+        """
+        scores = head_mean_last_query(probs_last, start, length)
+        kept = select_topk(scores, keep)  # ascending image offsets (rows with < keep images: -1 padded)
+        seq_len = probs_last.shape[-1]
+        rows = []
+        for b in range(scores.shape[0]):
+            s, n = int(start[b]), int(length[b])
+            img = kept[b][kept[b] >= 0] + s
+            rows.append(torch.cat([torch.arange(s), img.cpu(), torch.arange(s + n, seq_len)]))
+        if any(len(r) != len(rows[0]) for r in rows):
+            raise ValueError("FastV rows must drop the same number of tokens (equal image counts and budget)")
+        return torch.stack(rows).to(probs_last.device)
+
+    # -- decode --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_step(self, embeds: Tensor, state: DecoderState) -> Tensor:
+        """One cached step for new-token embeddings [B, 1, d] -> logits [B, V]; ``state`` grows by one."""
+        hidden = embeds
+        pos = state.next_pos[:, None]
+        cos_sin = self.lm.rotary_emb(hidden, pos)
+        ones = torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=embeds.device)
+        # layers share one mask object per group (before / after FastV's cut): grow and bias each once
+        grown: dict[int, tuple[Tensor, Tensor]] = {}
+        for m in state.masks:
+            if id(m) not in grown:
+                m2 = torch.cat([m, ones], dim=1)
+                grown[id(m)] = (m2, self._bias(m2, 1, hidden.dtype))
+        biases = [grown[id(m)][1] for m in state.masks]
+        state.masks = [grown[id(m)][0] for m in state.masks]
+        for i, layer in enumerate(self.layers):
+            past = (state.keys[i], state.values[i])
+            hidden, state.keys[i], state.values[i], _ = self._layer(
+                layer, hidden, cos_sin, biases[i], past, False
+            )
+        state.next_pos = state.next_pos + 1
+        return self.lm_head(self.lm.norm(hidden))[:, 0]
