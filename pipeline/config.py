@@ -1,0 +1,181 @@
+"""The one job configuration: a dataclass, its argparse CLI and an optional YAML file (flags win).
+
+Precedence, lowest first: the dataclass defaults (the embedded default run: bundled Shapes-VQA test
+shards, shipped small models, ``accm`` at 87.5% pruning, local output), then ``--config FILE.yaml``
+(keys are the field names, dashes or underscores), then the flags actually given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
+CAPTION_METHODS = ("accm",)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _repo_path(relative: str) -> str:
+    """A bundled path: relative to the working directory if it exists there (``ray job submit
+    --working-dir``), else to the repository this file belongs to."""
+    return relative if os.path.exists(relative) else str(REPO_ROOT / relative)
+
+
+def parse_pool(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """``"MIN:MAX"`` or ``"N"`` -> (min, max) actor pool size."""
+    if isinstance(text, (tuple, list)):
+        lo, hi = int(text[0]), int(text[-1])
+    else:
+        parts = str(text).split(":")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise ValueError(f"actor pool must be MIN:MAX or N (positive integers), got {text!r}")
+        lo, hi = int(parts[0]), int(parts[-1])
+    if lo < 1 or hi < lo:
+        raise ValueError(f"actor pool needs 1 <= MIN <= MAX, got {lo}:{hi}")
+    return lo, hi
+
+
+@dataclass
+class JobConfig:
+    """Everything one run of ``jobs/caption_dataset.py`` needs (picklable: actors receive it)."""
+
+    input: str = field(default_factory=lambda: _repo_path("data/shapes_vqa/test/"))
+    output: str = "out/caption_dataset"
+    method: str = "accm"
+    keep_tokens: int | None = None
+    prune_rate: float | None = 0.875
+    fastv_layer: int = 2
+    lvlm: str = field(default_factory=lambda: _repo_path("models/shapes/lvlm"))
+    captioner: str | None = field(default_factory=lambda: _repo_path("models/shapes/captioner"))
+    selector: str | None = field(default_factory=lambda: _repo_path("models/shapes/selector"))
+    num_candidates: int = 3
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    captioner_actors: tuple[int, int] = (1, 1)
+    lvlm_actors: tuple[int, int] = (1, 1)
+    captioner_gpus: float | None = None  # None: 0.5 when the cluster has GPUs, else 0
+    lvlm_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    captioner_resource: str = "captioner_tier"
+    lvlm_resource: str = "lvlm_tier"
+    limit: int | None = None
+    resume: bool = False
+    s3_endpoint: str | None = None
+    model_cache: str = field(default_factory=lambda: os.path.expanduser("~/.cache/accm-pipeline/models"))
+    max_pixels: int = 4096 * 4096
+    ray_address: str | None = None
+    run_id: str | None = None
+    seed: int = 0
+    # Set by the CLI when --method was not given: missing ACCM checkpoints then fall back to prumerge_plus.
+    accm_fallback: bool = True
+
+    def validate(self) -> JobConfig:
+        if self.method not in METHODS:
+            raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.keep_tokens is not None and self.keep_tokens < 0:
+            raise ValueError("--keep-tokens must be >= 0")
+        if self.prune_rate is not None and not 0.0 <= self.prune_rate < 1.0:
+            raise ValueError("--prune-rate must be in [0, 1)")
+        if self.batch_size < 1:
+            raise ValueError("--batch-size must be >= 1")
+        if self.num_candidates < 1:
+            raise ValueError("--num-candidates must be >= 1")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("--limit must be >= 0")
+        self.captioner_actors = parse_pool(self.captioner_actors)
+        self.lvlm_actors = parse_pool(self.lvlm_actors)
+        return self
+
+    @property
+    def uses_captions(self) -> bool:
+        return self.method in CAPTION_METHODS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
+
+# (flag, field, type, help); type "bool" = store_true.
+_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--input", "input", str, "Input Parquet shards: a directory or file, local path, file:// or s3:// "
+     "(default: the bundled Shapes-VQA test shards)."),
+    ("--output", "output", str, "Output directory (local path, file:// or s3://): one Parquet file per input "
+     "shard, same relative name, plus summary.json and _done/ completion markers (default: out/caption_dataset)."),
+    ("--method", "method", str, f"Pruning method, one of {', '.join(METHODS)} (default: accm)."),
+    ("--keep-tokens", "keep_tokens", int, "Visual tokens kept per image (overrides --prune-rate)."),
+    ("--prune-rate", "prune_rate", float, "Fraction of visual tokens pruned, in [0, 1) (default: 0.875)."),
+    ("--fastv-layer", "fastv_layer", int, "FastV: prune inside the LLM after this layer (default: 2)."),
+    ("--lvlm", "lvlm", str, "LLaVA model directory: local, file:// or s3:// (default: models/shapes/lvlm)."),
+    ("--captioner", "captioner", str, "ACCM caption model directory (accm only)."),
+    ("--selector", "selector", str, "ACCM selector directory (accm only)."),
+    ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size, default: 3)."),
+    ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: 8)."),
+    ("--batch-size", "batch_size", int, "Rows per model batch in both tiers (default: 16)."),
+    ("--captioner-actors", "captioner_actors", str, "Captioner tier actor pool size MIN:MAX (default: 1:1)."),
+    ("--lvlm-actors", "lvlm_actors", str, "LVLM tier actor pool size MIN:MAX (default: 1:1)."),
+    ("--captioner-gpus", "captioner_gpus", float, "GPUs per captioner actor (default: 0.5 if the cluster "
+     "has GPUs, else 0)."),
+    ("--lvlm-gpus", "lvlm_gpus", float, "GPUs per LVLM actor (default: 1 if the cluster has GPUs, else 0)."),
+    ("--captioner-resource", "captioner_resource", str, "Custom Ray resource of the captioner tier, requested "
+     "only when the cluster has it (default: captioner_tier)."),
+    ("--lvlm-resource", "lvlm_resource", str, "Custom Ray resource of the LVLM tier (default: lvlm_tier)."),
+    ("--limit", "limit", int, "Process only the first N rows (in shard order)."),
+    ("--resume", "resume", "bool", "Skip input shards whose output is complete (_done/ markers) in --output; "
+     "without it a run starts clean and replaces earlier output of the same shards."),
+    ("--s3-endpoint", "s3_endpoint", str, "S3 endpoint URL (else AWS_ENDPOINT_URL / the AWS environment)."),
+    ("--model-cache", "model_cache", str, "Local directory s3:// models are copied into (per node)."),
+    ("--max-pixels", "max_pixels", int, "Images with more pixels are rejected per row (default: 4096*4096)."),
+    ("--ray-address", "ray_address", str, "Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` "
+     "sets it, else a new local Ray)."),
+    ("--run-id", "run_id", str, "Run id written to every row (default: a fresh one)."),
+    ("--seed", "seed", int, "Seed of the random pruner (default: 0)."),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="caption_dataset.py",
+        description="Batch VQA over Parquet shards on Ray Data: decode -> captioner tier (vision tower, pruner, "
+        "ACCM captions) -> LVLM tier (projector + pruned LLM) -> scoring -> Parquet + summary.json. "
+        "With no arguments: the bundled Shapes-VQA test shards, shipped small models, accm at 87.5%% "
+        "pruning, local output.",
+    )
+    parser.add_argument("--config", help="YAML file with any of these options (keys: option names); "
+                        "flags given on the command line win.")
+    for flag, name, typ, help_text in _FLAGS:
+        if typ == "bool":
+            parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    out = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS or name == "accm_fallback":
+            raise ValueError(f"{path}: unknown option {key!r}")
+        out[name] = value
+    return out
+
+
+def parse_args(argv: list[str] | None = None) -> JobConfig:
+    """CLI -> validated ``JobConfig`` (defaults < YAML < flags)."""
+    ns = vars(build_parser().parse_args(argv))
+    config_file = ns.pop("config", None)
+    values = _load_yaml(config_file) if config_file else {}
+    values.update(ns)  # only flags actually given are in ns (default=SUPPRESS)
+    values["accm_fallback"] = "method" not in values
+    return JobConfig(**values).validate()

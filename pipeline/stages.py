@@ -1,0 +1,327 @@
+"""The pipeline's stages as Ray Data ``map_batches`` callables: thin wrappers over plain modules.
+
+Every stage takes and returns a ``pyarrow.Table`` with explicit types, so that a batch of all-null
+values never turns a column into Arrow's ``null`` type, and carries only what the next stage needs
+(SPEC §4): the image leaves after the captioner tier, the retained features after the LVLM tier.
+A row whose ``error`` is set passes through every later stage untouched: one input row, one output row.
+
+Internal columns start with ``_``; the driver (``pipeline.graph``) joins the passthrough input
+columns back by ``id`` when it writes a shard, so they never travel through the actors.
+
+The classes also run without Ray (``benchmarks/bench_pipeline.py`` calls them in a plain loop).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import JobConfig
+
+log = logging.getLogger("accm.stages")
+
+SHARD = "_shard"  # the input file a row came from (Ray Data's include_paths column, renamed)
+PATH_COLUMN = "path"
+
+_LIST_STR = pa.list_(pa.string())
+_LIST_I32 = pa.list_(pa.int32())
+_LIST_F32 = pa.list_(pa.float32())
+
+DECODED_SCHEMA = pa.schema([
+    (SHARD, pa.string()), ("id", pa.string()), ("question", pa.string()), ("_answers", pa.string()),
+    ("error", pa.string()), ("_image", pa.binary()), ("_image_shape", _LIST_I32),
+    ("latency_decode_s", pa.float64()),
+])
+CAPTIONED_SCHEMA = pa.schema([
+    (SHARD, pa.string()), ("id", pa.string()), ("question", pa.string()), ("_answers", pa.string()),
+    ("error", pa.string()), ("latency_decode_s", pa.float64()),
+    ("_retained", pa.binary()), ("_retained_shape", _LIST_I32),
+    ("visual_tokens_total", pa.int32()), ("keep_tokens", pa.int32()),
+    ("caption", pa.string()), ("caption_candidates", _LIST_STR), ("selector_probs", _LIST_F32),
+    ("flops_captioner", pa.float64()), ("flops_selector", pa.float64()), ("latency_captioner_s", pa.float64()),
+])
+_FLOPS = ("flops_vision", "flops_pruner", "flops_llm_prefill", "flops_llm_decode", "flops_total",
+          "flops_reference_total")
+ANSWERED_SCHEMA = pa.schema([
+    *(f for f in CAPTIONED_SCHEMA if f.name not in ("_retained", "_retained_shape", "question")),
+    ("prediction", pa.string()), *((n, pa.float64()) for n in _FLOPS), ("latency_lvlm_s", pa.float64()),
+])
+SCORED_SCHEMA = pa.schema([*(f for f in ANSWERED_SCHEMA if f.name != "_answers"), ("score", pa.float64())])
+
+
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    return pa.Table.from_pylist([{k: r.get(k) for k in schema.names} for r in rows], schema=schema)
+
+
+def _short(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ----------------------------------------------------------------------------------------------------
+# decode + validate (CPU tasks)
+
+
+def _column(batch: pa.Table, name: str) -> list[Any]:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def decode_batch(batch: pa.Table, *, max_pixels: int, s3_endpoint: str | None = None,
+                 allowed_ids: dict[str, set[str]] | None = None, shard_names: dict[str, str] | None = None,
+                 ) -> pa.Table:
+    """Input rows -> decoded RGB images (or a per-row ``error``); never raises on bad data."""
+    from pipeline.decode import decode_image, validate_question
+    from pipeline.storage import read_bytes
+
+    paths = _column(batch, PATH_COLUMN)
+    ids, questions, images = _column(batch, "id"), _column(batch, "question"), _column(batch, "image")
+    uris, answers = _column(batch, "image_uri"), _column(batch, "answers")
+    out = []
+    for path, id_, question, image, uri, ans in zip(paths, ids, questions, images, uris, answers, strict=True):
+        shard = (shard_names or {}).get(path, path)
+        if allowed_ids is not None and id_ not in allowed_ids.get(shard, ()):
+            continue  # --limit: not part of this run
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {SHARD: shard, "id": id_, "question": question}
+        error = validate_question(question)
+        if error is None and ans is not None:
+            if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
+                error = f"answers: expected a list of strings, got {type(ans).__name__}"
+            else:
+                row["_answers"] = json.dumps(ans)
+        if error is None:
+            img, error = decode_image(image, uri, max_pixels=max_pixels,
+                                      read_uri=lambda u: read_bytes(u, s3_endpoint=s3_endpoint))
+            if error is None:
+                arr = np.asarray(img.convert("RGB"), dtype=np.uint8)
+                row["_image"], row["_image_shape"] = arr.tobytes(), list(arr.shape)
+        row["error"] = error
+        row["latency_decode_s"] = time.perf_counter() - t0
+        out.append(row)
+    return _table(out, DECODED_SCHEMA)
+
+
+def _image(row: dict[str, Any]):
+    from PIL import Image
+
+    h, w, c = row["_image_shape"]
+    return Image.fromarray(np.frombuffer(row["_image"], dtype=np.uint8).reshape(h, w, c), "RGB")
+
+
+# ----------------------------------------------------------------------------------------------------
+# model loading
+
+
+def _device(num_gpus: float) -> tuple[str, Any]:
+    import torch
+
+    if num_gpus and torch.cuda.is_available():
+        return "cuda", torch.float16
+    return "cpu", torch.float32
+
+
+def fetch_model(url: str, cfg: JobConfig, what: str) -> str:
+    """Local directory of a model (``s3://`` copied once per node into ``cfg.model_cache``)."""
+    from pipeline.storage import download_dir, redact
+
+    t0 = time.perf_counter()
+    local = download_dir(url, cfg.model_cache, s3_endpoint=cfg.s3_endpoint)
+    where = "local" if local == url or not url.startswith(("s3://", "s3a://")) else f"cached at {local}"
+    log.info("%s: model %s (%s, %.1fs) in pid %d", what, redact(url), where, time.perf_counter() - t0, os.getpid())
+    return local
+
+
+def worker_logging() -> None:
+    """INFO logs of this package from inside Ray workers (Ray forwards their stderr to the driver)."""
+    logger = logging.getLogger("accm")
+    if not logger.handlers:
+        from pipeline.storage import RedactingFilter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RedactingFilter())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def load_engine(cfg: JobConfig, num_gpus: float, what: str):
+    from actors.engine import LlavaEngine
+
+    worker_logging()
+
+    device, dtype = _device(num_gpus)
+    path = fetch_model(cfg.lvlm, cfg, what)
+    t0 = time.perf_counter()
+    engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype)
+    log.info("%s: LLaVA loaded on %s/%s in %.1fs", what, device, str(dtype).removeprefix("torch."),
+             time.perf_counter() - t0)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------------
+# captioner tier: vision tower once -> pruner -> (accm) caption model + selector
+
+
+class CaptionerTier:
+    """Actor of the captioner tier. Emits the retained patch features, the selected caption and FLOPs."""
+
+    def __init__(self, cfg: JobConfig, num_gpus: float = 0.0) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        self.cfg = cfg
+        self.engine = load_engine(cfg, num_gpus, "captioner tier")
+        self.accm = None
+        self.accm_error: str | None = None
+        if cfg.uses_captions:
+            try:
+                from actors.accm import ACCMCaptioner
+
+                cap = fetch_model(cfg.captioner, cfg, "captioner tier (caption model)")
+                sel = fetch_model(cfg.selector, cfg, "captioner tier (selector)")
+                self.accm = ACCMCaptioner.from_pretrained(cap, sel, device=self.engine.device)
+                log.info("captioner tier: ACCM caption model + selector ready")
+            except Exception as exc:  # noqa: BLE001 - reported in every row, the job goes on
+                self.accm_error = f"accm unavailable: {_short(exc)}"
+                log.error("captioner tier: %s", self.accm_error)
+
+    def _run(self, rows: list[dict[str, Any]]) -> None:
+        import torch
+
+        from actors.engine import resolve_keep_tokens
+
+        cfg, engine = self.cfg, self.engine
+        ids, questions = [r["id"] for r in rows], [r["question"] for r in rows]
+        pixel_values = engine.preprocess([_image(r) for r in rows])
+        vision = engine.encode_images(pixel_values)
+        total = int(vision.patch_features.shape[1])
+        keep = total if cfg.method == "none" else resolve_keep_tokens(total, cfg.keep_tokens, cfg.prune_rate)
+        if cfg.method in ("none", "fastv"):  # fastv prunes inside the LLM (LVLM tier)
+            retained, discarded = vision.patch_features, None
+        else:
+            pruned = engine.prune(vision, "prumerge_plus" if cfg.method == "accm" else cfg.method, keep,
+                                  ids, questions)
+            retained, discarded = pruned.retained, pruned.discarded
+        caps = None
+        if cfg.uses_captions:
+            if self.accm is None:
+                raise RuntimeError(self.accm_error or "accm unavailable")
+            caps = self.accm.caption(discarded, questions)
+        retained = retained.detach().to("cpu", torch.float32).numpy()
+        for i, r in enumerate(rows):
+            feats = np.ascontiguousarray(retained[i])
+            r["_retained"], r["_retained_shape"] = feats.tobytes(), list(feats.shape)
+            r["visual_tokens_total"], r["keep_tokens"] = total, keep
+            r["flops_captioner"] = r["flops_selector"] = 0.0
+            if caps is not None:
+                r["caption"] = caps.selected[i]
+                r["caption_candidates"] = list(caps.candidates[i])
+                r["selector_probs"] = [float(p) for p in caps.probs[i]]
+                r["flops_captioner"] = float(caps.flops_captioner[i])
+                r["flops_selector"] = float(caps.flops_selector[i])
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        good = [r for r in rows if r["error"] is None]
+        t0 = time.perf_counter()
+        if good and self.cfg.uses_captions and self.accm is None:
+            for r in good:
+                r["error"] = self.accm_error
+            good = []
+        if good:
+            run_rows(self._run, good, "captioner")
+        dt = (time.perf_counter() - t0) / max(len(good), 1)
+        for r in good:
+            r["latency_captioner_s"] = dt
+        return _table(rows, CAPTIONED_SCHEMA)
+
+
+def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:
+    """``fn(rows)`` on the batch; if the batch fails, row by row so that one bad row cannot sink the rest."""
+    try:
+        fn(rows)
+        return
+    except Exception as exc:  # noqa: BLE001
+        if len(rows) == 1:
+            rows[0]["error"] = f"{stage}: {_short(exc)}"
+            return
+        log.warning("%s: batch of %d failed (%s); retrying row by row", stage, len(rows), _short(exc))
+    for r in rows:
+        try:
+            fn([r])
+        except Exception as exc:  # noqa: BLE001
+            r["error"] = f"{stage}: {_short(exc)}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# LVLM tier: projector + pruned LLM + caption splice
+
+
+class LVLMTier:
+    """Actor of the LVLM tier: greedy answer from the retained features (+ caption) and the FLOPs."""
+
+    def __init__(self, cfg: JobConfig, num_gpus: float = 0.0) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        self.cfg = cfg
+        self.engine = load_engine(cfg, num_gpus, "LVLM tier")
+
+    def _run(self, rows: list[dict[str, Any]]) -> None:
+        import torch
+
+        cfg, engine = self.cfg, self.engine
+        device, dtype = engine.device, engine.dtype
+        feats = [torch.from_numpy(np.frombuffer(r["_retained"], dtype=np.float32).reshape(r["_retained_shape"]).copy())
+                 for r in rows]
+        same = len({tuple(f.shape) for f in feats}) == 1
+        retained = torch.stack(feats).to(device, dtype) if same else [f.to(device, dtype) for f in feats]
+        captions = [r.get("caption") for r in rows] if cfg.uses_captions else None
+        gen = engine.generate(retained, [r["question"] for r in rows], captions, method=cfg.method,
+                              keep_tokens=rows[0]["keep_tokens"], fastv_layer=cfg.fastv_layer,
+                              max_new_tokens=cfg.max_new_tokens)
+        for i, r in enumerate(rows):
+            f = gen.flops[i]
+            extra = r["flops_captioner"] + r["flops_selector"]
+            counted = float(f.get("captioner", 0.0)) + float(f.get("selector", 0.0))
+            r["prediction"] = gen.texts[i].strip()
+            r["flops_vision"] = float(f.get("vision", 0.0))
+            r["flops_pruner"] = float(f.get("pruner", 0.0))
+            r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
+            r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
+            r["flops_total"] = float(f["total"]) - counted + extra
+            r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        good = [r for r in rows if r["error"] is None]
+        t0 = time.perf_counter()
+        if good:
+            run_rows(self._run, good, "lvlm")
+        dt = (time.perf_counter() - t0) / max(len(good), 1)
+        for r in good:
+            r["latency_lvlm_s"] = dt
+        return _table(rows, ANSWERED_SCHEMA)
+
+
+# ----------------------------------------------------------------------------------------------------
+# scoring (CPU tasks)
+
+
+def score_batch(batch: pa.Table) -> pa.Table:
+    """VQA soft accuracy per row (null without answers or with an error)."""
+    from pipeline.scoring import score_item
+
+    rows = batch.to_pylist()
+    for r in rows:
+        answers = json.loads(r["_answers"]) if r.get("_answers") else None
+        r["score"] = None if r["error"] is not None or not answers else score_item(r["prediction"], answers)
+    return _table(rows, SCORED_SCHEMA)
+
