@@ -1,0 +1,333 @@
+"""The proving-ground LVLM for Shapes-VQA: tokenizer, processor, model and training batches.
+
+Importable without Ray (``jobs/train_lvlm.py`` and the tests use it directly). What lives here:
+
+* ``build_tokenizer`` -- a word-level tokenizer over the tiny Shapes-VQA vocabulary, wrapped in
+  ``PreTrainedTokenizerFast`` with ``<image>`` as the image token, so that ``AutoProcessor`` serves it
+  exactly as it serves ``llava-hf/llava-1.5-7b-hf``.
+* ``build_processor`` / ``build_model`` -- a ``LlavaProcessor`` and a ``LlavaForConditionalGeneration``
+  (CLIP vision tower, 2-layer GELU projector, LLaMA decoder) from a named size preset.
+* ``pixel_values`` -- the processor's normalisation done in numpy (training renders millions of images;
+  a test checks it equals the saved processor's output).
+* ``sample_train_scene`` -- a curriculum sampler (fewer objects early) that stays inside the train split.
+* ``pack_batch`` -- *packed multi-question sequences*: one image prefix followed by several question
+  branches. A 4-D attention mask lets every branch see ``<s> USER:`` (+ the 64 visual tokens for image
+  branches) and itself only, and position ids restart after the prefix, so each branch is token- and
+  position-identical to the single-turn inference prompt of ``actors.prompt.build_prompt`` while the image
+  prefix is computed once. Branches with the answer's fact as ``additional information`` and text-only
+  branches (no visual tokens, fact given) teach the decoder to read supplemental text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from actors.prompt import IMAGE_TOKEN, build_prompt
+from pipeline import shapes
+
+# ----------------------------------------------------------------------------- tokenizer
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", IMAGE_TOKEN)
+_WORDS = (
+    "USER", "ASSISTANT", ":", "\n", "?", ",", ".", "additional", "information",
+    "What", "How", "Is", "color", "shape", "is", "the", "object", "many", "are", "there", "a", "in", "row",
+    "column", "no", "yes",
+)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+    "{% else %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}</s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def vocabulary() -> list[str]:
+    """Every word the Shapes-VQA prompts, facts and answers can contain (special tokens first)."""
+    words = list(SPECIAL_TOKENS) + list(_WORDS)
+    words += list(shapes.COLOR_NAMES) + list(shapes.SHAPES) + [shapes.plural(s) for s in shapes.SHAPES]
+    words += list(shapes.NUMBER_WORDS) + [str(i) for i in range(shapes.MAX_OBJECTS + 1)]
+    seen: dict[str, None] = {}
+    for w in words:
+        seen.setdefault(w, None)
+    return list(seen)
+
+
+def build_tokenizer():
+    """Word-level tokenizer; '<s>' prepended like LLaMA's, '<image>' registered as the image token."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+            pre_tokenizers.Split(Regex(" +"), behavior="removed"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        padding_side="left",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+# ----------------------------------------------------------------------------- processor + model
+
+IMAGE_MEAN = (0.5, 0.5, 0.5)
+IMAGE_STD = (0.25, 0.25, 0.25)
+
+
+def build_processor(tokenizer=None):
+    """LlavaProcessor: rescale + normalise only (images are already 64x64), 64 visual tokens per image."""
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = tokenizer or build_tokenizer()
+    image_processor = CLIPImageProcessorPil(
+        do_resize=False,
+        do_center_crop=False,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+        do_convert_rgb=True,
+        size={"shortest_edge": shapes.IMAGE_SIZE},
+        crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=shapes.CELL,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+PRESETS: dict[str, dict] = {
+    # small tower, larger LLM: tower ~4% of a full-token item's FLOPs (LLaVA-1.5-7B: ~4%)
+    "default": dict(v_hidden=64, v_layers=3, v_heads=4, v_inter=256, hidden=256, layers=4, heads=8, kv_heads=4, inter=768),
+    "small": dict(v_hidden=64, v_layers=3, v_heads=4, v_inter=256, hidden=192, layers=4, heads=6, kv_heads=3, inter=512),
+    "tiny": dict(v_hidden=32, v_layers=3, v_heads=2, v_inter=64, hidden=48, layers=2, heads=2, kv_heads=1, inter=96),
+}
+
+
+def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
+    """A from-scratch LlavaForConditionalGeneration in the llava-1.5 layout (eager attention by default)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    p = PRESETS[preset]
+    tokenizer = tokenizer or build_tokenizer()
+    vision = CLIPVisionConfig(
+        hidden_size=p["v_hidden"], intermediate_size=p["v_inter"], num_hidden_layers=p["v_layers"],
+        num_attention_heads=p["v_heads"], image_size=shapes.IMAGE_SIZE, patch_size=shapes.CELL,
+        projection_dim=p["v_hidden"], hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["inter"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+        image_seq_length=shapes.GRID * shapes.GRID, tie_word_embeddings=False,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
+    """[B, 3, 64, 64] exactly as the saved processor computes it (uint8 HWC arrays in)."""
+    x = np.stack(images).astype(np.float32) * np.float32(1 / 255)
+    x = (x - np.asarray(IMAGE_MEAN, np.float32)) / np.asarray(IMAGE_STD, np.float32)
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+
+
+def vision_features(model, pixels: torch.Tensor, *, output_attentions: bool = False):
+    """Penultimate-layer patch features [B, 64, Dv] (CLS dropped) and, optionally, CLS hidden + attentions."""
+    out = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=output_attentions)
+    hidden = out.hidden_states[model.config.vision_feature_layer]
+    return hidden, out
+
+
+# ----------------------------------------------------------------------------- data
+
+TRAIN_BUCKETS = range(0, 8)
+
+
+def sample_train_scene(rng: np.random.Generator, n_min: int, n_max: int) -> tuple[shapes.SceneObject, ...]:
+    """Like ``shapes.sample_scene(rng, 'train')`` but with ``n_min..n_max`` objects (curriculum)."""
+    g = shapes.GRID
+    while True:
+        n = int(rng.integers(n_min, n_max + 1))
+        cells = rng.choice(g * g, size=n, replace=False)
+        objects = []
+        for cell in sorted(int(c) for c in cells):
+            size = int(rng.integers(5, 7))
+            objects.append(
+                shapes.SceneObject(
+                    shape=shapes.SHAPES[int(rng.integers(len(shapes.SHAPES)))],
+                    color=shapes.COLOR_NAMES[int(rng.integers(len(shapes.COLOR_NAMES)))],
+                    row=cell // g, col=cell % g,
+                    dx=int(rng.integers(0, shapes.CELL - size + 1)), dy=int(rng.integers(0, shapes.CELL - size + 1)),
+                    size=size,
+                )
+            )
+        objects = tuple(objects)
+        if shapes.scene_hash(objects) % 10 in TRAIN_BUCKETS:
+            return objects
+
+
+def curriculum_range(progress: float, ramp: float) -> tuple[int, int]:
+    """Object-count range at ``progress`` in [0, 1]: 1-4 objects at the start, 10-16 after ``ramp``."""
+    t = 1.0 if ramp <= 0 else min(1.0, progress / ramp)
+    lo = int(round(1 + t * (shapes.MIN_OBJECTS - 1)))
+    hi = int(round(4 + t * (shapes.MAX_OBJECTS - 4)))
+    return lo, hi
+
+
+def patch_labels(objects) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patch colour (0 = empty, 1..8) and shape (0 = empty, 1..6) labels for stage 0."""
+    color = np.zeros(shapes.GRID * shapes.GRID, np.int64)
+    shape = np.zeros(shapes.GRID * shapes.GRID, np.int64)
+    for o in objects:
+        p = shapes.patch_index(o)
+        color[p] = 1 + shapes.COLOR_NAMES.index(o.color)
+        shape[p] = 1 + shapes.SHAPES.index(o.shape)
+    return color, shape
+
+
+@dataclass
+class Branch:
+    """One question branch of a packed sequence."""
+
+    question: str
+    answer: str
+    qtype: str
+    caption: str | None
+    use_image: bool
+
+
+def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,
+                  qtypes: tuple[str, ...] = shapes.QUESTION_TYPES) -> list[Branch]:
+    """Questions about one scene: plain image questions, image + fact, and text-only (fact, no image)."""
+    out: list[Branch] = []
+    for kind, n in (("image", n_image), ("fact", n_fact), ("text", n_text)):
+        while n > 0:
+            qtype = qtypes[int(rng.integers(len(qtypes)))]
+            asked = shapes.ask(objects, qtype, rng)
+            if asked is None:
+                continue
+            q, a, target = asked
+            cap = None if kind == "image" else shapes.fact(objects, qtype, q, target)
+            out.append(Branch(q, a, qtype, cap, kind != "text"))
+            n -= 1
+    return out
+
+
+@dataclass
+class PackedBatch:
+    input_ids: torch.Tensor  # [B, L] (image slots hold the image token id)
+    image_mask: torch.Tensor  # [B, L] bool, where the projected patch features go
+    position_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, 1, L, L] additive float mask
+    labels: torch.Tensor  # [B, L] next-token targets per position (-100: no loss), already shifted
+    label_types: list[list[str]]  # question type per labelled answer position (for logging)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int = 64) -> PackedBatch:
+    """Packed sequences: ``<s> USER:`` + visual slots, then each branch sees only the prefix and itself."""
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    before, _ = build_prompt("q").split(IMAGE_TOKEN)
+    prefix = [tokenizer.bos_token_id] + _ids(tokenizer, before)  # <s> USER :
+    rows = []
+    for branches in branches_per_image:
+        ids = prefix + [image_id] * n_visual
+        seg = [0] * len(prefix) + [1] * n_visual
+        pos = list(range(len(ids)))
+        lab = [-100] * len(ids)
+        types: list[str] = []
+        for b, br in enumerate(branches):
+            after = build_prompt(br.question, br.caption).split(IMAGE_TOKEN)[1]
+            q_ids = _ids(tokenizer, after)
+            a_ids = _ids(tokenizer, br.answer) + [tokenizer.eos_token_id]
+            toks = q_ids + a_ids
+            start = len(prefix) + (n_visual if br.use_image else 0)
+            for j, t in enumerate(toks):
+                ids.append(t)
+                seg.append(2 * b + 2 + (1 if br.use_image else 0))
+                pos.append(start + j)
+                # position j predicts toks[j + 1]: label the last question token and the answer tokens
+                lab.append(toks[j + 1] if len(q_ids) - 1 <= j < len(toks) - 1 else -100)
+                if len(q_ids) - 1 == j:
+                    types.append(br.qtype)
+        rows.append((ids, seg, pos, lab, types))
+    length = max(len(r[0]) for r in rows)
+    bsz = len(rows)
+    input_ids = torch.full((bsz, length), tokenizer.pad_token_id, dtype=torch.long)
+    segs = torch.full((bsz, length), -1, dtype=torch.long)
+    position_ids = torch.zeros((bsz, length), dtype=torch.long)
+    labels = torch.full((bsz, length), -100, dtype=torch.long)
+    for i, (ids, seg, pos, lab, _) in enumerate(rows):
+        n = len(ids)
+        input_ids[i, :n] = torch.tensor(ids)
+        segs[i, :n] = torch.tensor(seg)
+        position_ids[i, :n] = torch.tensor(pos)
+        labels[i, :n] = torch.tensor(lab)
+    q, k = segs[:, :, None], segs[:, None, :]
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))[None]
+    same = (q == k) & (q >= 0)
+    to_prefix = k == 0
+    to_image = (k == 1) & (q % 2 == 1) & (q >= 1)  # image branches have odd segment ids (and the image itself)
+    allowed = causal & (same | ((to_prefix | to_image) & (q >= 0)))
+    allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding rows attend to themselves (no NaN)
+    mask = torch.zeros((bsz, 1, length, length), dtype=torch.float32)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
+    return PackedBatch(input_ids, input_ids == image_id, position_ids, mask, labels, [r[4] for r in rows])
+
+
+def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: torch.Tensor | None = None):
+    """Logits at the labelled positions only ([n_labels, V]) for a packed batch."""
+    if features is None:
+        hidden, _ = vision_features(model, pixels)
+        features = hidden[:, 1:]
+    projected = model.model.multi_modal_projector(features)
+    embeds = model.model.language_model.get_input_embeddings()(batch.input_ids)
+    embeds = embeds.masked_scatter(batch.image_mask[..., None], projected.to(embeds.dtype))
+    out = model.model.language_model(
+        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+    )
+    sel = batch.labels != -100
+    return model.lm_head(out.last_hidden_state[sel]), batch.labels[sel]

@@ -1,0 +1,131 @@
+"""The model card's table: Shapes-VQA test accuracy per question type, full tokens vs pruned, with FLOPs.
+
+Runs through the pruned-LLaVA engine (``actors.engine.LlavaEngine``): full tokens, then
+50 / 75 / 87.5 / 93.75% pruning for random, visionzip, prumerge_plus and fastv, plus an "oracle caption"
+row (the item's fact spliced as ``additional information``, 87.5% pruning) that shows how much a
+caption can give back. Scores are VQAv2 accuracy (``pipeline.scoring.vqa_accuracy``).
+
+    .venv/bin/python jobs/eval_lvlm.py --model models/shapes/lvlm --seed 4242 --per-type 100 \
+        --json runs/eval_lvlm.json --markdown runs/eval_lvlm.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline import shapes  # noqa: E402
+
+RATES = (0.5, 0.75, 0.875, 0.9375)
+METHODS = ("random", "visionzip", "prumerge_plus", "fastv")
+
+
+def test_items(seed: int, per_type: int) -> list[shapes.Item]:
+    items = []
+    for qtype in shapes.QUESTION_TYPES:
+        items += [shapes.make_item(seed, "test", i, qtype) for i in range(per_type)]
+    return items
+
+
+def score(pred: str, answer: str) -> float:
+    try:
+        from pipeline.scoring import vqa_accuracy
+
+        return float(vqa_accuracy(pred, [answer] * shapes.NUM_ANSWERS))
+    except ImportError:  # scoring not available: exact match
+        return float(pred.strip().lower() == answer)
+
+
+def run_setting(engine, items, *, method: str, rate: float | None, captions: bool, batch: int) -> dict:
+    per: dict[str, list[float]] = {}
+    flops: list[float] = []
+    vision: list[float] = []
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        images = [shapes.render(it.objects) for it in chunk]
+        caps = [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in chunk] if captions else None
+        keep = None if rate is None else engine.num_patches - int(round(rate * engine.num_patches))
+        res, _ = engine.answer(images, [it.question for it in chunk], [it.id for it in chunk], caps,
+                               method=method, keep_tokens=keep, max_new_tokens=4)
+        for it, text, f in zip(chunk, res.texts, res.flops, strict=True):
+            per.setdefault(it.question_type, []).append(score(text, it.answer))
+            flops.append(f["total"])
+            vision.append(f["vision"])
+    row = {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(per.items())}
+    row["all"] = round(100 * sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 1)
+    row["mflops"] = round(sum(flops) / len(flops) / 1e6, 1)
+    row["vision_share"] = round(sum(vision) / sum(flops), 3)
+    return row
+
+
+def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RATES, methods=METHODS) -> list[dict]:
+    from actors.engine import LlavaEngine
+
+    engine = LlavaEngine.from_pretrained(model_dir)
+    items = test_items(seed, per_type)
+    rows = [{"method": "none", "pruning": 0.0, "caption": False,
+             **run_setting(engine, items, method="none", rate=None, captions=False, batch=batch)}]
+    print(json.dumps(rows[-1]), flush=True)
+    for method in methods:
+        for rate in rates:
+            rows.append({"method": method, "pruning": rate, "caption": False,
+                         **run_setting(engine, items, method=method, rate=rate, captions=False, batch=batch)})
+            print(json.dumps(rows[-1]), flush=True)
+    for method in ("prumerge_plus",):
+        rows.append({"method": method, "pruning": 0.875, "caption": True,
+                     **run_setting(engine, items, method=method, rate=0.875, captions=True, batch=batch)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    cols = list(shapes.QUESTION_TYPES) + ["all"]
+    head = "| method | pruning | kept | " + " | ".join(cols) + " | MFLOPs/item | tower share |"
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    full = rows[0]["all"]
+    for r in rows:
+        kept = 64 - int(round(r["pruning"] * 64))
+        name = r["method"] + (" + oracle caption" if r["caption"] else "")
+        vals = " | ".join(f"{r[c]:.1f}" for c in cols)
+        drop = "" if r is rows[0] else f" ({r['all'] - full:+.1f})"
+        lines.append(f"| {name} | {100 * r['pruning']:.2f}% | {kept} | {vals}{drop} | {r['mflops']:.1f} | {r['vision_share']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="models/shapes/lvlm")
+    p.add_argument("--seed", type=int, default=4242, help="test-split seed")
+    p.add_argument("--per-type", type=int, default=100, help="test items per question type")
+    p.add_argument("--batch", type=int, default=50)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default="", help="write rows here")
+    p.add_argument("--markdown", default="", help="write the markdown table here")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    rows = evaluate(args.model, args.seed, args.per_type, args.batch)
+    table = markdown(rows)
+    print(table)
+    print(f"({time.time() - t0:.0f}s, {args.per_type * len(shapes.QUESTION_TYPES)} test items, seed {args.seed})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(table + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Train the proving-ground LVLM (a small LlavaForConditionalGeneration) on Shapes-VQA, on CPU.
+
+LLaVA's staging, adapted to a from-scratch model (see models/shapes/lvlm/MODEL_CARD.md for what each stage did):
+
+* stage 0 -- vision tower pre-training: dense heads on the penultimate layer (per-patch colour / shape /
+  empty, exact labels since one object sits in one patch) and a CLS object-count head (which also puts
+  the CLS attention on objects, what the CLS-attention pruners rely on).
+* stage 1 -- projector alignment on easy scenes (1-4 objects), tower frozen (LLM frozen with
+  ``--stage1-freeze-llm``).
+* stage 2 -- instruction tuning, tower frozen: packed multi-question samples (every question type),
+  image + fact samples and text-only fact samples; object-count curriculum ramping to full scenes.
+
+Fresh training data is generated in-process (train split only); validation uses the val split.
+Checkpoints (``--ckpt``) allow ``--resume``; the HF layout is written to ``--output`` at every
+checkpoint and at the end. ``--smoke`` runs a few steps of a tiny config (CI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from actors import shapes_lvlm as L  # noqa: E402
+from pipeline import shapes  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ----------------------------------------------------------------------------- stage 0
+
+
+class TowerHeads(nn.Module):
+    """Dense supervision on the penultimate vision layer: per-patch colour/shape, CLS object count."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.color = nn.Linear(dim, 1 + len(shapes.COLOR_NAMES))
+        self.shape = nn.Linear(dim, 1 + len(shapes.SHAPES))
+        self.count = nn.Linear(dim, shapes.MAX_OBJECTS + 1)
+
+    def forward(self, hidden: torch.Tensor):
+        h = self.norm(hidden)
+        return self.color(h[:, 1:]), self.shape(h[:, 1:]), self.count(h[:, 0])
+
+
+def stage0_batch(rng: np.random.Generator, n: int):
+    images, colors, shapes_, counts = [], [], [], []
+    for _ in range(n):
+        objs = L.sample_train_scene(rng, 1, shapes.MAX_OBJECTS)
+        images.append(np.asarray(shapes.render(objs)))
+        c, s = L.patch_labels(objs)
+        colors.append(c)
+        shapes_.append(s)
+        counts.append(len(objs))
+    return (L.pixel_values(images), torch.from_numpy(np.stack(colors)), torch.from_numpy(np.stack(shapes_)),
+            torch.tensor(counts))
+
+
+def run_stage0(model, args, state: dict) -> None:
+    tower = model.model.vision_tower
+    heads = TowerHeads(model.config.vision_config.hidden_size)
+    params = list(tower.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.stage0_lr, weight_decay=0.01)
+    tower.train()
+    t0 = time.time()
+    for step in range(args.stage0_steps):
+        rng = np.random.default_rng([args.seed, 0, step])
+        px, col, shp, cnt = stage0_batch(rng, args.stage0_batch)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.stage0_steps, args.stage0_lr, max(1, args.stage0_steps // 20))
+        hidden, _ = L.vision_features(model, px)
+        lc, ls, ln = heads(hidden)
+        loss = F.cross_entropy(lc.flatten(0, 1), col.flatten()) + F.cross_entropy(ls.flatten(0, 1), shp.flatten())
+        loss = loss + F.cross_entropy(ln, cnt)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0 or step == args.stage0_steps - 1:
+            with torch.no_grad():
+                occ = shp > 0
+                acc_c = (lc.argmax(-1) == col).float().mean().item()
+                acc_s = (ls.argmax(-1)[occ] == shp[occ]).float().mean().item()
+                acc_n = (ln.argmax(-1) == cnt).float().mean().item()
+            log(f"stage0 step {step} loss {loss.item():.3f} patch_color {acc_c:.3f} object_shape {acc_s:.3f} "
+                f"cls_count {acc_n:.3f} ({time.time() - t0:.0f}s)")
+    tower.eval()
+    state["stage0"] = tower_report(model, heads, args)
+    log(f"stage0 done: {json.dumps(state['stage0'])}")
+
+
+@torch.no_grad()
+def tower_report(model, heads: TowerHeads, args) -> dict:
+    """Held-out (val split) tower quality: per-patch colour, per-object shape, CLS count, CLS top-8 on objects."""
+    rng = np.random.default_rng([args.seed, 9, 0])
+    images, colors, shapes_, counts = [], [], [], []
+    for _ in range(256):
+        objs = shapes.sample_scene(rng, "val")
+        images.append(np.asarray(shapes.render(objs)))
+        c, s = L.patch_labels(objs)
+        colors.append(c)
+        shapes_.append(s)
+        counts.append(len(objs))
+    px = L.pixel_values(images)
+    col, shp, cnt = torch.from_numpy(np.stack(colors)), torch.from_numpy(np.stack(shapes_)), torch.tensor(counts)
+    model.config.vision_config._attn_implementation = "eager"
+    hidden, out = L.vision_features(model, px, output_attentions=True)
+    lc, ls, ln = heads(hidden)
+    occ = shp > 0
+    attn = out.attentions[model.config.vision_feature_layer]  # the layer whose output is the feature layer
+    cls_att = attn[:, :, 0, 1:].sum(1)  # [B, 64]
+    top8 = cls_att.topk(8, dim=-1).indices
+    on_obj = torch.gather(occ, 1, top8).float().mean().item()
+    return {
+        "patch_color": round((lc.argmax(-1) == col).float().mean().item(), 4),
+        "object_shape": round((ls.argmax(-1)[occ] == shp[occ]).float().mean().item(), 4),
+        "object_color": round((lc.argmax(-1)[occ] == col[occ]).float().mean().item(), 4),
+        "cls_count": round((ln.argmax(-1) == cnt).float().mean().item(), 4),
+        "cls_top8_on_objects": round(on_obj, 4),
+    }
+
+
+# ----------------------------------------------------------------------------- stages 1-2
+
+
+def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int]):
+    images, branches = [], []
+    for _ in range(args.batch):
+        objs = L.sample_train_scene(rng, *n_range)
+        images.append(np.asarray(shapes.render(objs)))
+        branches.append(L.draw_branches(objs, rng, n_image=args.n_image, n_fact=args.n_fact, n_text=args.n_text))
+    return L.pixel_values(images), L.pack_batch(tok, branches)
+
+
+def val_items(seed: int, n: int) -> list[shapes.Item]:
+    return [shapes.make_item(seed, "val", i) for i in range(n)]
+
+
+@torch.no_grad()
+def evaluate(model, tok, items: list[shapes.Item], *, with_fact: bool = False, text_only: bool = False) -> dict:
+    """Single-question accuracy per type: greedy first answer token (answers are one word) vs the answer."""
+    model.eval()
+    per: dict[str, list[int]] = {}
+    for i in range(0, len(items), 64):
+        chunk = items[i:i + 64]
+        branches = []
+        for it in chunk:
+            cap = shapes.fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
+            branches.append([L.Branch(it.question, it.answer, it.question_type, cap, not text_only)])
+        px = L.pixel_values([np.asarray(shapes.render(it.objects)) for it in chunk])
+        pb = L.pack_batch(tok, branches)
+        logits, labels = L.packed_logits(model, px, pb)
+        # first labelled position of every row is the first answer token
+        counts = (pb.labels != -100).sum(1)
+        first = torch.cumsum(counts, 0) - counts
+        pred = logits[first].argmax(-1)
+        gold = labels[first]
+        for it, ok in zip(chunk, (pred == gold).tolist(), strict=True):
+            per.setdefault(it.question_type, []).append(int(ok))
+    res = {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
+    res["all"] = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 4)
+    model.train()
+    return res
+
+
+def save_hf(model, tok, proc, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+
+
+def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
+    steps = args.stage1_steps if stage == 1 else args.stage2_steps
+    tower = model.model.vision_tower
+    tower.requires_grad_(False)
+    tower.eval()
+    llm_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    train_llm = not (stage == 1 and args.stage1_freeze_llm)
+    for p in llm_params:
+        p.requires_grad_(train_llm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args.lr if stage == 2 else args.stage1_lr
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+    start = 0
+    key = f"stage{stage}_opt"
+    if key in state:
+        opt.load_state_dict(state.pop(key))
+        start = state.get(f"stage{stage}_step", 0)
+    vitems = val_items(args.val_seed, args.val_items)
+    model.config.text_config._attn_implementation = args.train_attn
+    t0, seen = time.time(), 0
+    for step in range(start, steps):
+        progress = step / max(1, steps)
+        n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
+        rng = np.random.default_rng([args.seed, stage, step])
+        px, pb = vqa_batch(tok, rng, args, n_range)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, args.warmup if stage == 2 else max(1, steps // 10))
+        with torch.no_grad():
+            hidden, _ = L.vision_features(model, px)
+        logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        seen += int((pb.labels != -100).sum().item())
+        last = step == steps - 1
+        if step % args.log_every == 0 or last:
+            el = time.time() - t0
+            log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(step - start + 1) * args.batch / max(el, 1e-6):.1f} img/s {seen / max(el, 1e-6):.0f} tok/s")
+        if (step + 1) % args.eval_every == 0 or last:
+            model.config.text_config._attn_implementation = "eager"
+            acc = evaluate(model, tok, vitems)
+            fact = evaluate(model, tok, vitems[: args.val_items // 2], with_fact=True)
+            text = evaluate(model, tok, vitems[: args.val_items // 2], text_only=True)
+            model.config.text_config._attn_implementation = args.train_attn
+            log(f"EVAL stage{stage} step {step + 1} val {json.dumps(acc)} | +fact {fact['all']} | text-only {text['all']}")
+            state.setdefault("evals", []).append({"stage": stage, "step": step + 1, "val": acc, "fact": fact, "text": text,
+                                                  "minutes": round((time.time() - state["t_start"]) / 60, 2)})
+        if (step + 1) % args.ckpt_every == 0 or last:
+            state[f"stage{stage}_step"] = step + 1
+            save_ckpt(model, opt, state, args, stage)
+            model.config.text_config._attn_implementation = "eager"
+            save_hf(model, tok, proc, Path(args.output))
+            model.config.text_config._attn_implementation = args.train_attn
+    state.pop(f"stage{stage}_opt", None)
+    state[f"stage{stage}_done"] = True
+    model.config.text_config._attn_implementation = "eager"
+
+
+def save_ckpt(model, opt, state: dict, args, stage: int) -> None:
+    if not args.ckpt:
+        return
+    path = Path(args.ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"model": model.state_dict(), "state": {k: v for k, v in state.items() if not k.endswith("_opt")}}
+    blob["state"][f"stage{stage}_opt"] = opt.state_dict()
+    torch.save(blob, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="models/shapes/lvlm", help="HF-layout output dir")
+    p.add_argument("--ckpt", default="runs/train_lvlm/ckpt.pt", help="resumable checkpoint path ('' = none)")
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt")
+    p.add_argument("--preset", default="default", choices=sorted(L.PRESETS), help="model size preset")
+    p.add_argument("--stages", default="0,1,2", help="comma-separated stages to run")
+    p.add_argument("--seed", type=int, default=0, help="model init + training data seed")
+    p.add_argument("--val-seed", type=int, default=1234, help="seed of the val-split items used for evaluation")
+    p.add_argument("--val-items", type=int, default=500, help="val items per evaluation")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--stage0-steps", type=int, default=500)
+    p.add_argument("--stage0-batch", type=int, default=128)
+    p.add_argument("--stage0-lr", type=float, default=2e-3)
+    p.add_argument("--stage1-steps", type=int, default=150)
+    p.add_argument("--stage1-lr", type=float, default=2e-3)
+    p.add_argument("--stage1-freeze-llm", action="store_true", help="stage 1 trains the projector only")
+    p.add_argument("--stage2-steps", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-3, help="stage 2 peak LR (AdamW, warmup + cosine)")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
+    p.add_argument("--n-image", type=int, default=6, help="plain image questions per image")
+    p.add_argument("--n-fact", type=int, default=2, help="image + fact-as-text questions per image")
+    p.add_argument("--n-text", type=int, default=1, help="text-only (fact, no image) questions per image")
+    p.add_argument("--ramp", type=float, default=0.3, help="fraction of stage 2 over which the object count ramps up")
+    p.add_argument("--train-attn", default="sdpa", choices=["sdpa", "eager"], help="LLM attention kernel in training")
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--ckpt-every", type=int, default=150)
+    p.add_argument("--smoke", action="store_true", help="tiny config, a few steps (CI)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.preset = "tiny"
+        args.stage0_steps, args.stage0_batch, args.stage1_steps, args.stage2_steps = 3, 8, 2, 4
+        args.batch, args.val_items, args.eval_every, args.ckpt_every, args.log_every, args.warmup = 4, 10, 4, 2, 1, 2
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    stages = {int(s) for s in args.stages.split(",") if s.strip()}
+    tok = L.build_tokenizer()
+    proc = L.build_processor(tok)
+    model = L.build_model(args.preset, tokenizer=tok, seed=args.seed)
+    state: dict = {"t_start": time.time()}
+    if args.resume and args.ckpt and Path(args.ckpt).exists():
+        blob = torch.load(args.ckpt, weights_only=False)
+        model.load_state_dict(blob["model"])
+        state = blob["state"]
+        state["t_start"] = time.time() - 60 * state.get("evals", [{}])[-1].get("minutes", 0) if state.get("evals") else time.time()
+        log(f"resumed from {args.ckpt}: {[k for k in state if k.endswith('_done') or k.endswith('_step')]}")
+    elif args.resume and "0" not in args.stages and Path(args.output, "config.json").exists():
+        from transformers import LlavaForConditionalGeneration
+        model = LlavaForConditionalGeneration.from_pretrained(args.output, attn_implementation="eager")
+        log(f"initialised from {args.output}")
+    nparams = sum(p.numel() for p in model.parameters())
+    log(f"preset {args.preset}: {nparams / 1e6:.3f}M parameters "
+        f"(tower {sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e6:.3f}M); args {vars(args)}")
+    if 0 in stages and not state.get("stage0_done"):
+        run_stage0(model, args, state)
+        state["stage0_done"] = True
+        save_ckpt(model, torch.optim.AdamW([torch.zeros(1)]), state, args, 0)
+    for stage in (1, 2):
+        if stage in stages and not state.get(f"stage{stage}_done"):
+            run_vqa_stage(model, tok, proc, args, state, stage)
+            save_ckpt(model, torch.optim.AdamW([torch.zeros(1)]), state, args, stage)
+    model.config.text_config._attn_implementation = "eager"
+    save_hf(model, tok, proc, Path(args.output))
+    minutes = (time.time() - state["t_start"]) / 60
+    summary = {"parameters": nparams, "minutes": round(minutes, 1), "stage0": state.get("stage0"),
+               "evals": state.get("evals", []), "args": vars(args)}
+    Path(args.output, "training_log.json").write_text(json.dumps(summary, indent=1))
+    log(f"done in {minutes:.1f} min; saved {args.output}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
