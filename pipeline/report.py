@@ -126,13 +126,23 @@ def sort_settings(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def read_setting_rows(url: str) -> pd.DataFrame:
-    """All per-row Parquet under ``url`` (local path, file:// or s3://) as one DataFrame."""
-    import pyarrow.dataset as ds
+    """All per-row Parquet under ``url`` (local path, file:// or s3://) as one DataFrame.
+
+    Only ``*.parquet`` files count: the main job's ``summary.json`` and ``_done/`` markers lie beside them.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     from pipeline import storage
 
-    fs, path = storage.resolve(url)
-    return ds.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+    fs, _ = storage.resolve(url)
+    tables = []
+    for f in storage.list_parquet_files(url):
+        _, path = storage.resolve(f)
+        tables.append(pq.read_table(path, filesystem=fs))
+    if not tables:
+        raise FileNotFoundError(f"no Parquet rows under {storage.redact(url)}")
+    return pa.concat_tables(tables, promote_options="default").to_pandas()
 
 
 def summary_from_outputs(
