@@ -155,8 +155,12 @@ def plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator):
-    """Return (question, answer, target object indices) or None if this scene cannot ask ``qtype``."""
+def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator, exist_answer: str | None = None):
+    """Return (question, answer, target object indices) or None if this scene cannot ask ``qtype``.
+
+    ``exist_answer`` ("yes"/"no") fixes the answer of an ``exist`` question (``make_item`` alternates it
+    so that every split is exactly balanced, as in POPE); by default a fair coin decides.
+    """
     if qtype == "color":
         unique = [i for i, o in enumerate(objects) if sum(p.shape == o.shape for p in objects) == 1]
         if not unique:
@@ -175,7 +179,10 @@ def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator):
         return f"How many {plural(shape)} are there?", str(len(hits)), hits
     if qtype == "exist":
         present = {(o.color, o.shape) for o in objects}
-        if rng.random() < 0.5:
+        coin = rng.random() < 0.5  # drawn either way: items whose coin agrees stay as before
+        if exist_answer not in (None, "yes", "no"):
+            raise ValueError(f"exist_answer must be 'yes', 'no' or None, not {exist_answer!r}")
+        if (exist_answer == "yes") if exist_answer is not None else coin:
             i = int(rng.integers(len(objects)))
             o = objects[i]
             return f"Is there a {o.color} {o.shape}?", "yes", (i,)
@@ -209,7 +216,9 @@ def make_item(seed: int, split: str, index: int, qtype: str | None = None) -> It
     while True:
         objects = sample_scene(rng, split)
         q_type = qtype or QUESTION_TYPES[index % len(QUESTION_TYPES)]
-        asked = ask(objects, q_type, rng)
+        # exist questions alternate yes/no: exactly balanced over any run of consecutive items
+        nth_of_type = index if qtype else index // len(QUESTION_TYPES)
+        asked = ask(objects, q_type, rng, exist_answer="yes" if nth_of_type % 2 == 0 else "no")
         if asked is not None:
             question, answer, target = asked
             return Item(f"{split}-{seed}-{index:07d}", objects, question, q_type, answer, target)

@@ -74,3 +74,13 @@ def test_rejects_bad_arguments(bad, tmp_path):
     args.update(dict(zip(bad[::2], bad[1::2], strict=True)))
     with pytest.raises(SystemExit):
         job.parse_args([x for kv in args.items() for x in kv])
+
+
+def test_bundled_demo_data_is_current(tmp_path):
+    """data/shapes_vqa/test must equal what its README command produces (content, not bytes: pyarrow may differ)."""
+    bundled = sorted((ROOT / "data" / "shapes_vqa" / "test").glob("*.parquet"))
+    assert [p.name for p in bundled] == ["test-00000.parquet", "test-00001.parquet"]
+    assert sum(p.stat().st_size for p in bundled) < 300_000
+    fresh = job.write_shards(str(tmp_path), "test", 200, seed=1234, rows_per_shard=100)
+    for path, url in zip(bundled, fresh, strict=True):
+        assert pq.read_table(path).equals(pq.read_table(url)), path.name

@@ -56,10 +56,19 @@ def test_question_types_present_and_balanced(rows):
         assert min(counts.values()) >= N // len(shapes.QUESTION_TYPES) - 1
 
 
-def test_exist_questions_are_balanced_yes_no():
-    answers = Counter(make_item(3, "train", i, qtype="exist").answer for i in range(400))
-    assert set(answers) == {"yes", "no"}
-    assert 0.42 < answers["yes"] / 400 < 0.58
+def test_exist_questions_are_balanced_yes_no(rows):
+    # POPE-style: exactly half yes over consecutive exist questions, in the default type cycle ...
+    for rs in rows.values():
+        answers = Counter(r["answers"][0] for r in rs if r["question_type"] == "exist")
+        assert answers["yes"] == answers["no"] == N // len(shapes.QUESTION_TYPES) // 2
+    # ... and when the type is forced
+    answers = Counter(make_item(3, "train", i, qtype="exist").answer for i in range(100))
+    assert answers == {"yes": 50, "no": 50}
+    # a bare ask() still flips a fair coin
+    rng = np.random.default_rng(0)
+    scene = shapes.sample_scene(rng, "train")
+    coin = Counter(shapes.ask(scene, "exist", rng)[1] for _ in range(400))
+    assert 0.42 < coin["yes"] / 400 < 0.58
 
 
 def solve(question: str, qtype: str, objects: list[dict]) -> str:
