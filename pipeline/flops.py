@@ -40,7 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
@@ -146,9 +146,15 @@ def _num_feature_layers(llava_config: Any) -> int:
     return 1 if isinstance(layer, int) else len(layer)
 
 
-def vision_tower_flops(vision_config: Any) -> float:
-    """CLIP vision tower on one image: patch-embedding conv + every encoder layer on patches + CLS."""
+def vision_tower_flops(vision_config: Any, *, layers: int | None = None) -> float:
+    """CLIP vision tower on one image: patch-embedding conv + every encoder layer on patches + CLS.
+
+    layers: how many encoder layers actually run (default all, as transformers' Llava does; an engine
+    that stops at the feature layer passes e.g. num_hidden_layers - 1).
+    """
     dims = dims_from_config(vision_config)
+    if layers is not None:
+        dims = replace(dims, layers=layers)
     patch = vision_config.patch_size
     patches = (vision_config.image_size // patch) ** 2
     conv = 2.0 * patches * getattr(vision_config, "num_channels", 3) * patch * patch * dims.hidden
@@ -288,12 +294,14 @@ def llava_item_flops(
     lm_head_positions: int = 1,
     visionzip_contextual: int | None = None,
     text_guide: dict | None = None,
+    vision_layers: int | None = None,
     reference: bool = True,
 ) -> dict[str, float]:
     """Per-component FLOPs of one item; `reference_total` = the same item, method none, no caption.
 
     prompt_tokens: the prefill's non-image text tokens (BOS, system, question, roles); caption_tokens: the
-    tokens the caption splice adds. captioner/selector: kwargs of caption_model_flops/selector_flops
+    tokens the caption splice adds. vision_layers: encoder layers the tower runs (default all).
+    visionzip_contextual / text_guide: see pruner_flops. captioner/selector: kwargs of caption_model_flops/selector_flops
     (discarded_tokens and feature_dim default from the item) or {"flops": x}.
     """
     if method not in METHODS:
@@ -304,7 +312,7 @@ def llava_item_flops(
         kept = total_vis
 
     out: dict[str, float] = {}
-    out["vision"] = vision_tower_flops(llava_config.vision_config)
+    out["vision"] = vision_tower_flops(llava_config.vision_config, layers=vision_layers)
     out["pruner"] = pruner_flops(
         llava_config,
         method=method,
@@ -350,6 +358,7 @@ def llava_item_flops(
             prompt_tokens=prompt_tokens,
             new_tokens=new_tokens,
             lm_head_positions=lm_head_positions,
+            vision_layers=vision_layers,
             reference=False,
         )
         out["reference_total"] = ref["total"]

@@ -114,6 +114,9 @@ def test_clip_vision_tower():
     model = CLIPVisionModel(config).eval()
     pixels = torch.randn(1, 3, 64, 64)
     assert_close(flops.vision_tower_flops(config), measured(lambda: model(pixels)))
+    # A tower cut at LLaVA's feature layer (-2) runs one layer fewer.
+    model.encoder.layers = model.encoder.layers[:-1]
+    assert_close(flops.vision_tower_flops(config, layers=2), measured(lambda: model(pixels)))
 
 
 def test_clip_text_with_projection_and_selector_classifier():
