@@ -555,6 +555,7 @@ def flops_table(
     caption_tokens: int = 36,
     question_tokens: int | None = None,
     selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    beams: int = 3,
     keeps: tuple[int, ...] = TABLE_KEEPS,
     methods: tuple[str, ...] = TABLE_METHODS,
 ) -> list[dict]:
@@ -573,6 +574,7 @@ def flops_table(
                 caption_tokens=caption_tokens if method == "accm" else None,
                 question_tokens=question_tokens,
                 selector_tokens=selector_tokens,
+                beams=beams,
             )
             rows.append(
                 {
@@ -639,15 +641,19 @@ def main(argv: list[str] | None = None) -> int:
             caption_tokens=36 if args.caption_tokens is None else args.caption_tokens,
             question_tokens=args.question_tokens,
             selector_tokens=args.selector_tokens,
+            beams=args.beams,
         )
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
-            print(
-                _format_table(
-                    rows, f"{args.model}: per-item FLOPs (TFLOPs, convention 'ours'), 576 visual tokens"
-                )
+            title = (
+                f"{args.model}: per-item FLOPs (TFLOPs, convention 'ours'); 576 visual tokens, prompt "
+                f"{64 if args.prompt_tokens is None else args.prompt_tokens} tokens, "
+                f"{4 if args.new_tokens is None else args.new_tokens} new tokens; accm: caption budget "
+                f"{36 if args.caption_tokens is None else args.caption_tokens} (+{CAPTION_SPLICE_TOKENS} splice) "
+                f"tokens, {args.beams} beams, selector {args.selector_tokens} tokens/candidate"
             )
+            print(_format_table(rows, title))
         return 0
     if args.prompt_tokens is None or args.new_tokens is None:
         p.error("--prompt-tokens and --new-tokens are required (or use --table)")
