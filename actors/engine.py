@@ -59,6 +59,8 @@ class LlavaEngine:
         self.config = model.config
         self.model_id = model_id
         self.text_guide = text_guide
+        self.keep_last_state = False
+        self.last_state = None
         self.tokenizer = processor.tokenizer
         self.image_token_id = int(self.config.image_token_id)
         self.eos_token_id = self.tokenizer.eos_token_id
@@ -210,6 +212,10 @@ class LlavaEngine:
                 fastv = FastVSpec(layer=fastv_layer, keep=keeps[0])
 
         logits, state = self.runner.prefill(embeds, mask, image_start, image_len, fastv)
+        if (
+            self.keep_last_state
+        ):  # for inspection (KV lengths, FastV's kept positions); off: it holds the cache
+            self.last_state = state
         out: list[list[int]] = [[] for _ in range(b)]
         done = torch.zeros(b, dtype=torch.bool)
         tokens = torch.full((b,), self.pad_token_id, device=dev)

@@ -66,6 +66,7 @@ class DecoderState:
     values: list[Tensor]
     masks: list[Tensor]  # [B, S_l] bool, True = a real token
     next_pos: Tensor  # [B] position id of the next token
+    fastv_positions: Tensor | None = None  # [B, L'] padded-sequence positions kept from FastV's layer on
 
 
 class LlamaDecoderRunner:
@@ -142,6 +143,7 @@ class LlamaDecoderRunner:
         keys, values, masks = [], [], []
         probs_last = None
         cut = fastv.layer if fastv is not None else -1
+        keep_idx = None
         if fastv is not None and not 1 <= cut <= len(self.layers):  # cut == layers: nothing left to prune
             raise ValueError(f"fastv layer must be in [1, {len(self.layers)}], got {cut}")
         for i, layer in enumerate(self.layers):
@@ -157,7 +159,7 @@ class LlamaDecoderRunner:
             values.append(v)
             masks.append(mask)
         logits = self.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0]
-        return logits, DecoderState(keys, values, masks, next_pos)
+        return logits, DecoderState(keys, values, masks, next_pos, keep_idx)
 
     @staticmethod
     def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int) -> Tensor:

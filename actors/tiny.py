@@ -95,12 +95,14 @@ def build_tiny_llava(
     words: Iterable[str] | None = None,
     tokenizer: PreTrainedTokenizerFast | None = None,
     seed: int = 0,
+    init_std: float = 0.02,
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "eager",
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A random-weight LLaVA (CLIP + MLP projector + LLaMA) and its processor; saved in llava-hf layout if asked.
 
     Defaults give ~0.2M parameters: 64x64 images cut into 8x8 patches = 64 visual tokens + CLS.
+    A larger ``init_std`` (e.g. 0.2) makes random models' greedy outputs depend visibly on their input.
     """
     tokenizer = tokenizer or build_tokenizer(words)
     vision_config = CLIPVisionConfig(
@@ -112,6 +114,7 @@ def build_tiny_llava(
         patch_size=patch,
         projection_dim=vision_hidden,
         hidden_act="quick_gelu",
+        initializer_range=init_std,
     )
     text_config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -125,6 +128,7 @@ def build_tiny_llava(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
+        initializer_range=init_std,
     )
     config = LlavaConfig(
         vision_config=vision_config,
