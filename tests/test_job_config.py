@@ -1,0 +1,77 @@
+"""The job's CLI/config, its resource sizing and its input checks: no Ray needed, fast."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import JobConfig, build_parser, parse_args
+from pipeline.graph import run_job, tier_resources
+from pipeline.schema import SchemaError
+
+
+def test_defaults_are_the_embedded_demo() -> None:
+    cfg = parse_args([])
+    assert cfg.method == "accm" and cfg.prune_rate == 0.875 and cfg.accm_fallback
+    assert cfg.input.rstrip("/").endswith("data/shapes_vqa/test")
+    assert cfg.lvlm.endswith("models/shapes/lvlm") and not cfg.resume
+
+
+def test_help_documents_every_option() -> None:
+    text = build_parser().format_help()
+    for flag in ("--input", "--output", "--method", "--keep-tokens", "--prune-rate", "--fastv-layer", "--lvlm",
+                 "--captioner", "--selector", "--num-candidates", "--batch-size", "--captioner-actors",
+                 "--lvlm-actors", "--captioner-gpus", "--lvlm-gpus", "--captioner-resource", "--lvlm-resource",
+                 "--limit", "--resume", "--s3-endpoint", "--config"):
+        assert flag in text
+
+
+def test_yaml_then_flags_win(tmp_path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text("method: fastv\nkeep-tokens: 16\nbatch_size: 4\nlvlm_actors: '1:3'\n")
+    cfg = parse_args(["--config", str(path), "--keep-tokens", "8"])
+    assert cfg.method == "fastv" and cfg.keep_tokens == 8 and cfg.batch_size == 4
+    assert cfg.lvlm_actors == (1, 3) and not cfg.accm_fallback  # method given (in YAML): no silent fallback
+    path.write_text("no_such_option: 1\n")
+    with pytest.raises(ValueError, match="no_such_option"):
+        parse_args(["--config", str(path)])
+    with pytest.raises(ValueError, match="MIN <= MAX"):
+        parse_args(["--captioner-actors", "3:1"])
+    with pytest.raises(ValueError, match="method"):
+        parse_args(["--method", "bogus"])
+
+
+def test_small_cluster_gets_fractional_cpus_and_no_absent_resources() -> None:
+    cfg = JobConfig(captioner_actors=(1, 1), lvlm_actors=(1, 2)).validate()
+    res = tier_resources(cfg, {"CPU": 2.0})
+    actor_cpus = res.captioner["num_cpus"] * 1 + res.lvlm["num_cpus"] * 2
+    assert actor_cpus <= 2 - 1  # one CPU stays free for read/decode tasks: no Ray Data deadlock
+    assert "resources" not in res.captioner and "num_gpus" not in res.lvlm  # absent on this cluster
+    cfg.lvlm_gpus = 1.0
+    assert "num_gpus" not in tier_resources(cfg, {"CPU": 2.0}).lvlm  # would never schedule
+    big = tier_resources(cfg, {"CPU": 32.0, "GPU": 4.0, "captioner_tier": 1.0, "lvlm_tier": 2.0})
+    assert big.captioner == {"num_cpus": 1.0, "num_gpus": 0.5, "resources": {"captioner_tier": 1.0}}
+    assert big.lvlm == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"lvlm_tier": 1.0}}
+
+
+def test_broken_shard_stops_the_job_before_writing(tmp_path) -> None:
+    from pipeline import shapes
+    from pipeline.schema import INPUT_SCHEMA
+
+    src = tmp_path / "in"
+    src.mkdir()
+    good = [shapes.item_row(shapes.make_item(0, "test", i)) for i in range(2)]
+    pq.write_table(pa.Table.from_pylist(good, schema=INPUT_SCHEMA), src / "a.parquet")
+    pq.write_table(pa.table({"id": ["x"], "image": [b"png"], "question": [3]}), src / "b.parquet")
+    out = tmp_path / "out"
+    cfg = JobConfig(input=str(src), output=str(out), method="random", lvlm=str(tmp_path)).validate()
+    with pytest.raises(SchemaError, match=r"b\.parquet.*question"):
+        run_job(cfg)
+    assert not out.exists()
+    (src / "b.parquet").write_bytes(b"PAR1 truncated")
+    with pytest.raises(SchemaError, match=r"b\.parquet.*not a readable Parquet"):
+        run_job(cfg)
+    assert not os.path.exists(out)

@@ -1,0 +1,192 @@
+"""The main job end to end on real Ray (2 CPUs) and a real moto S3 server, with tiny random models.
+
+Random weights make predictions meaningless; what is checked is the pipeline: one output row per input
+row with the declared schema, per-row errors for bad input, pruned FLOPs below the reference, and an
+exact ``--resume`` after a kill -9 of the driver and its Ray.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shapes
+from pipeline.config import JobConfig
+from pipeline.schema import INPUT_SCHEMA, output_schema
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _rows(start: int, n: int) -> list[dict]:
+    return [shapes.item_row(shapes.make_item(7, "test", i)) for i in range(start, start + n)]
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _bad_rows() -> tuple[list[dict], dict[str, str | None]]:
+    """Rows covering bad and odd-but-valid input; expected error prefix per id (None = answered)."""
+    from PIL import Image
+
+    base = _rows(100, 1)[0]
+    good_png = base["image"]
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (64, 64), (10, 200, 30, 0)).save(cmyk, format="JPEG")
+    gif = io.BytesIO()
+    frames = [Image.new("P", (40, 30), i) for i in range(3)]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    cases = {
+        "null-image": (None, "image:"),
+        "empty-image": (b"", "image:"),
+        "garbage-image": (b"definitely not a png", "image:"),
+        "truncated-image": (good_png[: len(good_png) // 2], "image:"),
+        "too-many-pixels": (_png(Image.new("RGB", (300, 300))), "image:"),
+        "null-question": (good_png, "question:"),
+        "blank-question": (good_png, "question:"),
+        "cmyk-jpeg": (cmyk.getvalue(), None),
+        "rgba": (_png(Image.new("RGBA", (64, 64), (1, 2, 3, 4))), None),
+        "gray-1x1": (_png(Image.new("L", (1, 1), 128)), None),
+        "animated-gif": (gif.getvalue(), None),
+        "fine": (good_png, None),
+    }
+    rows = []
+    for id_, (image, _) in cases.items():
+        row = dict(base, id=id_, image=image)
+        if id_ == "null-question":
+            row["question"] = None
+        if id_ == "blank-question":
+            row["question"] = "   "
+        rows.append(row)
+    return rows, {k: v for k, (_, v) in cases.items()}
+
+
+def _write(path: Path | str, rows: list[dict], fs=None) -> None:
+    table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
+    if fs is None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, path)
+    else:
+        pq.write_table(table, path, filesystem=fs)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    from actors.captioner import build_caption_model
+    from actors.selector import build_selector
+    from actors.tiny import build_tiny_llava, build_tokenizer
+
+    root = tmp_path_factory.mktemp("job-models")
+    build_tiny_llava(root / "lvlm", vision_layers=2, text_layers=1)
+    build_caption_model(build_tokenizer(), feature_dim=64, hidden=32, decoder_layers=1, mapper_layers=1,
+                        max_caption_tokens=4).save_pretrained(root / "captioner")
+    build_selector(text_hidden=32, text_layers=1, projection_dim=32, layers=1).save_pretrained(root / "selector")
+    return {name: str(root / name) for name in ("lvlm", "captioner", "selector")}
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    """One local Ray for the module, started after the moto env vars so that workers inherit them."""
+    import ray
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket, models, tmp_path) -> None:
+    from pipeline.graph import run_job
+    from pipeline.storage import resolve
+
+    fs, _ = resolve(f"s3://{tmp_bucket}")
+    for f in sorted(os.listdir(models["lvlm"])):  # the model comes from object storage too
+        s3_server.client.upload_file(os.path.join(models["lvlm"], f), tmp_bucket, f"models/lvlm/{f}")
+    good = [_rows(0, 3), _rows(3, 2)]
+    bad, expected = _bad_rows()
+    for i, rows in enumerate([*good, bad]):
+        _write(f"{tmp_bucket}/in/part-{i:05d}.parquet", rows, fs)
+
+    cfg = JobConfig(input=f"s3://{tmp_bucket}/in", output=f"s3://{tmp_bucket}/out", method="prumerge_plus",
+                    prune_rate=0.875, lvlm=f"s3://{tmp_bucket}/models/lvlm", batch_size=4,
+                    max_pixels=200 * 200, model_cache=str(tmp_path / "cache")).validate()
+    summary = run_job(cfg)
+
+    keys = s3_server.keys(tmp_bucket, "out/")
+    for i in range(3):
+        assert f"out/part-{i:05d}.parquet" in keys and f"out/_done/part-{i:05d}.parquet.json" in keys
+    assert "out/summary.json" in keys
+    n_in = sum(len(r) for r in good) + len(bad)
+    assert summary["items"] == summary["rows_processed"] == n_in
+    assert summary["errors"] == sum(v is not None for v in expected.values())
+
+    want_schema = output_schema(INPUT_SCHEMA)
+    for i, rows in enumerate([*good, bad]):
+        table = pq.read_table(f"{tmp_bucket}/out/part-{i:05d}.parquet", filesystem=fs)
+        assert table.schema.equals(want_schema, check_metadata=False)
+        assert table.column("id").to_pylist() == [r["id"] for r in rows]  # one row per input row, in order
+    ok = pq.read_table(f"{tmp_bucket}/out/part-00000.parquet", filesystem=fs).to_pylist()
+    for row in ok:
+        assert row["error"] is None and isinstance(row["prediction"], str)
+        assert row["keep_tokens"] == 8 and row["visual_tokens_total"] == 64
+        assert 0 < row["flops_total"] < row["flops_reference_total"]
+        assert row["score"] is not None and row["method"] == "prumerge_plus"
+        assert row["caption"] is None and row["run_id"] == summary["run_id"]
+    out_bad = {r["id"]: r for r in pq.read_table(f"{tmp_bucket}/out/part-00002.parquet", filesystem=fs).to_pylist()}
+    for id_, prefix in expected.items():
+        if prefix is None:
+            assert out_bad[id_]["error"] is None and out_bad[id_]["prediction"] is not None, id_
+        else:
+            assert out_bad[id_]["error"].startswith(prefix), (id_, out_bad[id_]["error"])
+            assert out_bad[id_]["prediction"] is None and out_bad[id_]["question_type"] == "color"
+    written = json.loads(s3_server.client.get_object(Bucket=tmp_bucket, Key="out/summary.json")["Body"].read())
+    assert written["items"] == n_in and written["flops_saving"] > 0
+
+
+def test_resume_after_kill_9_of_driver_and_ray(ray_session, models, tmp_path) -> None:
+    """Shard 1 of 3 is written, then the driver kills itself and its local Ray with SIGKILL; a new Ray
+    session resumes: only the two missing shards are processed, nothing duplicated or lost."""
+    from pipeline.graph import CRASH_ENV, run_job
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    shards = [_rows(10, 3), _rows(13, 3), _rows(16, 2)]
+    for i, rows in enumerate(shards):
+        _write(src / f"s{i}.parquet", rows)
+    args = ["--input", str(src), "--output", str(out), "--method", "accm", "--lvlm", models["lvlm"],
+            "--captioner", models["captioner"], "--selector", models["selector"], "--batch-size", "3"]
+    env = dict(os.environ, **{CRASH_ENV: "1"})
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, str(REPO / "jobs/caption_dataset.py"), *args], env=env, cwd=REPO,
+                          start_new_session=True, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    markers = sorted(os.listdir(out / "_done"))
+    assert len(markers) == 1, markers
+    first = markers[0].removesuffix(".json")
+    before = (out / first).stat().st_mtime_ns
+
+    from pipeline.config import parse_args
+
+    summary = run_job(parse_args([*args, "--resume"]))
+    assert summary["shards_skipped"] == 1
+    assert summary["rows_processed"] == sum(len(s) for s in shards) - pq.read_metadata(out / first).num_rows
+    assert (out / first).stat().st_mtime_ns == before  # the finished shard was not redone
+    table = pa.concat_tables([pq.read_table(out / f"s{i}.parquet") for i in range(3)])
+    ids = table.column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for s in shards for r in s) and len(set(ids)) == len(ids)
+    rows = table.to_pylist()
+    assert all(r["error"] is None for r in rows), [r["error"] for r in rows]
+    assert all(r["caption"] is not None and r["caption_candidates"] and r["selector_probs"] for r in rows)
+    assert all(r["flops_captioner"] > 0 and r["flops_selector"] > 0 for r in rows)
+    assert len(os.listdir(out / "_done")) == 3
