@@ -1,0 +1,145 @@
+"""The captioner tier's model logic (SPEC §1.2-1.3): discarded patches + question -> selected caption.
+
+``ACCMCaptioner`` glues the caption model (beam search over the discarded patches) and the selector
+(softmax over the N candidates) and prices every item with the analytic FLOPs model of
+``pipeline/flops.py``. It knows nothing about Ray: the captioner-tier actor wraps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from actors.captioner import CaptionModel
+from actors.selector import CaptionSelector, selector_text
+
+
+@dataclass
+class CaptionResult:
+    selected: list[str]  # the caption spliced into the LVLM prompt, per item
+    candidates: list[list[str]]  # N beam candidates per item, beam-score order
+    probs: list[list[float]]  # selector softmax over the candidates
+    flops_captioner: list[float]  # mapper + decoder prefill + beam decode, per item
+    flops_selector: list[float]  # text encoder over N candidates + classifier, per item
+
+
+def caption_model_dims(model: CaptionModel):
+    """(mapper dims, decoder dims) in the FLOPs model's terms."""
+    from pipeline.flops import TransformerDims, dims_from_config
+
+    c = model.config
+    mapper = TransformerDims(hidden=c.hidden, intermediate=c.mapper_intermediate, layers=c.mapper_layers,
+                             heads=c.mapper_heads, kv_heads=c.mapper_heads, gated_ffn=False)
+    return mapper, dims_from_config(model.decoder.config)
+
+
+def selector_dims(selector: CaptionSelector):
+    """(text encoder dims, classifier dims) in the FLOPs model's terms."""
+    from pipeline.flops import TransformerDims, dims_from_config
+
+    c = selector.config
+    classifier = TransformerDims(hidden=c.hidden, intermediate=c.intermediate, layers=c.layers, heads=c.heads,
+                                 kv_heads=c.heads, gated_ffn=False)
+    return dims_from_config(selector.text_encoder.config), classifier
+
+
+class ACCMCaptioner:
+    """Caption model + selector, loaded from two folders (local path, ``file://`` or ``s3://``)."""
+
+    def __init__(self, captioner: CaptionModel, selector: CaptionSelector) -> None:
+        self.captioner = captioner.eval()
+        self.selector = selector.eval()
+
+    @classmethod
+    def from_pretrained(cls, captioner_url: str, selector_url: str, device: str | torch.device = "cpu",
+                        cache_dir: str | None = None) -> ACCMCaptioner:
+        from actors.loading import local_model_dir
+
+        return cls(CaptionModel.from_pretrained(local_model_dir(captioner_url, cache_dir), device=device),
+                   CaptionSelector.from_pretrained(local_model_dir(selector_url, cache_dir), device=device))
+
+    def captioner_flops(self, discarded_tokens: int, question_tokens: int, caption_tokens: int) -> float:
+        """One item's caption-model FLOPs (beam search of ``caption_tokens`` generated tokens per beam)."""
+        from pipeline.flops import caption_model_flops
+
+        mapper, decoder = caption_model_dims(self.captioner)
+        c = self.captioner.config
+        return float(caption_model_flops(mapper, decoder, discarded_tokens=discarded_tokens,
+                                         prefix_len=c.prefix_len, question_tokens=question_tokens,
+                                         beams=c.beams, caption_tokens=caption_tokens,
+                                         feature_dim=c.feature_dim))
+
+    def selector_flops(self, candidates: int, tokens_per_candidate: int) -> float:
+        from pipeline.flops import selector_flops
+
+        text, classifier = selector_dims(self.selector)
+        return float(selector_flops(text, classifier, candidates=candidates,
+                                    tokens_per_candidate=tokens_per_candidate,
+                                    projection_dim=self.selector.text_encoder.config.projection_dim))
+
+    def selector_tokens(self, question: str, candidates: list[str]) -> int:
+        """Padded token length of one item's selector batch (what a per-item forward computes on)."""
+        tok = self.selector.tokenizer
+        lengths = [len(tok(selector_text(question, c), truncation=True,
+                           max_length=self.selector.config.max_text_tokens)["input_ids"]) for c in candidates]
+        return max(lengths)
+
+    @torch.no_grad()
+    def caption(self, discarded: Tensor, questions: list[str]) -> CaptionResult:
+        """N beam candidates per item from its discarded patches [B, N-k, Dv], the selector's pick and FLOPs."""
+        if discarded.shape[0] != len(questions):
+            raise ValueError("one question per item")
+        beams = self.captioner.beam_search(discarded, questions)
+        picks, probs = self.selector.select(questions, beams.captions)
+        m = discarded.shape[1]
+        flops_cap = [self.captioner_flops(m, q, s + 1) for q, s in zip(beams.question_tokens, beams.steps,
+                                                                           strict=True)]
+        flops_sel = [self.selector_flops(len(c), self.selector_tokens(q, c))
+                     for q, c in zip(questions, beams.captions, strict=True)]
+        return CaptionResult(
+            selected=[c[i] for c, i in zip(beams.captions, picks, strict=True)],
+            candidates=beams.captions,
+            probs=probs.tolist(),
+            flops_captioner=flops_cap,
+            flops_selector=flops_sel,
+        )
+
+
+def answer_log_probs(
+    engine, visual: list[Tensor], questions: list[str], captions: list[str | None], answers: list[str]
+) -> list[Tensor]:
+    """Teacher-forced log-distributions [T_i, V] at each answer position (answer tokens + EOS) of the LVLM.
+
+    The engine generates but does not score, so this builds the same sequence its ``generate`` prefills
+    (text before the image, projected ``visual`` tokens, text after, from ``actors.prompt``) and appends
+    the answer. Used by ACCM's self-supervised training (KL of reference vs captioned distributions).
+    """
+    from actors.prompt import IMAGE_TOKEN, build_prompt
+
+    tok, model = engine.tokenizer, engine.model
+    embed = model.get_input_embeddings()
+    seqs, n_prompt, n_answer = [], [], []
+    for feats, q, c, a in zip(visual, questions, captions, answers, strict=True):
+        ids = tok(build_prompt(q, c, IMAGE_TOKEN))["input_ids"]
+        j = ids.index(engine.image_token_id)
+        ans = tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [engine.eos_token_id]
+        text = embed(torch.tensor(ids[:j] + ids[j + 1 :] + ans[:-1], device=engine.device))
+        seqs.append(torch.cat([text[:j], engine.project(feats), text[j:]]))
+        n_answer.append(len(ans))
+        n_prompt.append(seqs[-1].shape[0] - len(ans) + 1)
+    width = max(s.shape[0] for s in seqs)
+    b = len(seqs)
+    embeds = seqs[0].new_zeros(b, width, seqs[0].shape[-1])
+    mask = torch.zeros(b, width, dtype=torch.long, device=engine.device)
+    for i, s in enumerate(seqs):
+        embeds[i, width - s.shape[0] :] = s
+        mask[i, width - s.shape[0] :] = 1
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                        position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).last_hidden_state
+    out = []
+    for i, s in enumerate(seqs):
+        start = width - s.shape[0] + n_prompt[i] - 1  # last prompt position predicts the first answer token
+        out.append(model.lm_head(hidden[i, start : start + n_answer[i]]).float().log_softmax(-1))
+    return out

@@ -1,0 +1,328 @@
+"""ACCM caption model (SPEC §1.2): a ClipCap-style mapper over the *discarded* patches + a causal LM decoder.
+
+    discarded patches [B, N-k, Dv] --Linear--> [B, N-k, d] ++ P learned constants --encoder--> last P = prefix
+    decoder input: [question token embeddings ; prefix] then caption tokens; beam search -> N candidates
+
+The decoder is any Hugging Face causal LM (``GPT2LMHeadModel`` in the reference, a small one here with the
+LVLM's word-level vocabulary). On disk a caption model is a folder::
+
+    accm_captioner.json      CaptionConfig (mapper shape, beam settings)
+    mapper.safetensors       mapper weights
+    decoder/                 the decoder + its tokenizer in HF layout (a real `gpt2` folder drops in here)
+
+Attention is written out (no SDPA) in the mapper and the decoder is loaded with eager attention, so that
+``torch.utils.flop_counter.FlopCounterMode`` sees every matmul and agrees with ``pipeline/flops.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+CONFIG_NAME = "accm_captioner.json"
+MAPPER_WEIGHTS = "mapper.safetensors"
+DECODER_DIR = "decoder"
+
+
+# --------------------------------------------------------------------------------------------------------
+# A small pre-norm transformer encoder (shared with the selector's classifier)
+# --------------------------------------------------------------------------------------------------------
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm bidirectional block; attention spelled out so FLOP counters see it."""
+
+    def __init__(self, d: int, heads: int, intermediate: int) -> None:
+        super().__init__()
+        assert d % heads == 0, "hidden size must divide by heads"
+        self.heads = heads
+        self.ln_1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, intermediate)
+        self.out = nn.Linear(intermediate, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.ln_1(x)).split(d, dim=-1)
+        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj(y)
+        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, d: int, layers: int, heads: int, intermediate: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(EncoderBlock(d, heads, intermediate) for _ in range(layers))
+        self.ln_f = nn.LayerNorm(d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Config, mapper, caption model
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaptionConfig:
+    """Everything about a caption model that is not in the decoder's own HF config."""
+
+    feature_dim: int  # Dv of the vision tower's patch features
+    hidden: int  # mapper width = decoder embedding width (ClipCap)
+    prefix_len: int = 8  # P
+    mapper_layers: int = 2
+    mapper_heads: int = 4
+    mapper_intermediate: int = 0  # 0 -> 2 * hidden
+    beams: int = 3
+    max_caption_tokens: int = 16
+    length_penalty: float = 1.0  # final ranking: sum log-prob / length ** length_penalty
+    stop_texts: list[str] = field(default_factory=lambda: ["."])
+
+    def __post_init__(self) -> None:
+        if not self.mapper_intermediate:
+            self.mapper_intermediate = 2 * self.hidden
+
+
+class Mapper(nn.Module):
+    """Linear on every discarded patch feature, concatenated with P learned constants, through an encoder."""
+
+    def __init__(self, config: CaptionConfig) -> None:
+        super().__init__()
+        self.prefix_len = config.prefix_len
+        self.linear = nn.Linear(config.feature_dim, config.hidden)
+        self.prefix_const = nn.Parameter(torch.randn(config.prefix_len, config.hidden) * 0.02)
+        self.encoder = Encoder(config.hidden, config.mapper_layers, config.mapper_heads, config.mapper_intermediate)
+
+    def forward(self, discarded: Tensor) -> Tensor:
+        """[B, M, Dv] -> prefix [B, P, d]."""
+        x = self.linear(discarded)
+        x = torch.cat([x, self.prefix_const.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
+        return self.encoder(x)[:, -self.prefix_len :]
+
+
+@dataclass
+class BeamOutput:
+    """Per item: N candidates sorted best first, their scores, token counts and the decode steps run."""
+
+    captions: list[list[str]]
+    scores: list[list[float]]  # length-normalised log-probabilities, descending
+    token_ids: list[list[list[int]]]
+    steps: list[int]  # decoder forward passes after the prefill (tokens of the longest beam, minus 1)
+    question_tokens: list[int]
+
+
+class CaptionModel(nn.Module):
+    """Mapper + HF causal LM decoder + tokenizer; beam search and the teacher-forced caption loss."""
+
+    def __init__(self, config: CaptionConfig, decoder: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        if decoder.get_input_embeddings().embedding_dim != config.hidden:
+            raise ValueError("mapper hidden size must equal the decoder's embedding width")
+        self.config = config
+        self.mapper = Mapper(config)
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        stop = {tokenizer.convert_tokens_to_ids(t) for t in config.stop_texts}
+        if tokenizer.eos_token_id is not None:
+            stop.add(tokenizer.eos_token_id)
+        stop.discard(tokenizer.unk_token_id)
+        self.stop_ids = sorted(i for i in stop if i is not None)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> CaptionModel:
+        """Load a folder written by ``save_pretrained``; ``decoder/`` may be any HF causal LM (e.g. gpt2)."""
+        path = Path(path)
+        config = CaptionConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        decoder = AutoModelForCausalLM.from_pretrained(path / DECODER_DIR, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path / DECODER_DIR)
+        model = cls(config, decoder, tokenizer)
+        weights = path / MAPPER_WEIGHTS
+        if weights.exists():  # a fresh folder around a stock decoder has no mapper yet
+            model.mapper.load_state_dict(load_file(str(weights)))
+        return model.to(device).eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.mapper.state_dict().items()},
+                  str(path / MAPPER_WEIGHTS))
+        self.decoder.save_pretrained(path / DECODER_DIR)
+        self.tokenizer.save_pretrained(path / DECODER_DIR)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mapper.linear.weight.device
+
+    # ---- inputs ------------------------------------------------------------------------------------------
+    def question_ids(self, questions: list[str]) -> list[list[int]]:
+        return [self.tokenizer(q)["input_ids"] for q in questions]
+
+    def caption_ids(self, captions: list[str]) -> list[list[int]]:
+        return [self.tokenizer(c.strip(), add_special_tokens=False)["input_ids"] for c in captions]
+
+    def _prefix_inputs(self, discarded: Tensor, questions: list[str]) -> tuple[Tensor, Tensor, list[int]]:
+        """Left-padded [question ; prefix] embeddings and mask: the decoder's prompt for every item."""
+        ids = self.question_ids(questions)
+        lq = max(len(i) for i in ids)
+        b = len(ids)
+        padded = torch.full((b, lq), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, lq + self.config.prefix_len, dtype=torch.long)
+        for r, row in enumerate(ids):
+            padded[r, lq - len(row):] = torch.tensor(row)
+            mask[r, lq - len(row):] = 1
+        mask = mask.to(self.device)
+        q_emb = self.decoder.get_input_embeddings()(padded.to(self.device))
+        prefix = self.mapper(discarded.to(self.device, q_emb.dtype))
+        return torch.cat([q_emb, prefix], dim=1), mask, [len(i) for i in ids]
+
+    @staticmethod
+    def _positions(mask: Tensor) -> Tensor:
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    # ---- training -------------------------------------------------------------------------------------
+    def caption_loss(self, discarded: Tensor, questions: list[str], captions: list[str]) -> Tensor:
+        """Per-item mean cross-entropy of ``captions`` given (discarded patches, question): [B]."""
+        embeds, mask, _ = self._prefix_inputs(discarded, questions)
+        cap = self.caption_ids(captions)
+        lc = max(len(c) for c in cap)
+        b, lp = mask.shape
+        cap_ids = torch.full((b, lc), self.pad_id, dtype=torch.long, device=self.device)
+        cap_mask = torch.zeros(b, lc, dtype=torch.long, device=self.device)
+        for r, row in enumerate(cap):
+            cap_ids[r, : len(row)] = torch.tensor(row)
+            cap_mask[r, : len(row)] = 1
+        embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(cap_ids)], dim=1)
+        full_mask = torch.cat([mask, cap_mask], dim=1)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=full_mask,
+                           position_ids=self._positions(full_mask), use_cache=False)
+        logits = out.logits[:, lp - 1 : lp - 1 + lc]  # position t predicts caption token t
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), cap_ids.reshape(-1), reduction="none")
+        nll = nll.view(b, lc) * cap_mask
+        return nll.sum(1) / cap_mask.sum(1).clamp(min=1)
+
+    # ---- inference ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def beam_search(
+        self, discarded: Tensor, questions: list[str], *, beams: int | None = None, max_tokens: int | None = None
+    ) -> BeamOutput:
+        """Batched beam search with a KV cache; every item gets ``beams`` distinct candidates, best first.
+
+        The prompt ([question ; prefix]) is run once per item, then its cache is copied to the beams.
+        A beam ends at a stop token ('.' or EOS); a finished beam keeps its score and is padded.
+        """
+        k = beams or self.config.beams
+        max_tokens = max_tokens or self.config.max_caption_tokens
+        embeds, mask, q_lens = self._prefix_inputs(discarded, questions)
+        b = embeds.shape[0]
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask),
+                           use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        logp = out.logits[:, -1].float().log_softmax(-1)  # [B, V]
+        vocab = logp.shape[-1]
+        scores, tokens = logp.topk(k, dim=-1)  # distinct first tokens: [B, K]
+        stop = torch.tensor(self.stop_ids, device=self.device)
+        seqs = tokens.reshape(b * k, 1)
+        finished = torch.isin(seqs[:, 0], stop)
+        lengths = torch.ones(b * k, device=self.device)
+        scores = scores.reshape(b * k)
+        steps = torch.zeros(b, dtype=torch.long)  # per item: decode passes while any of its beams ran
+        cache.batch_repeat_interleave(k)
+        mask = mask.repeat_interleave(k, dim=0)
+        pos = self._positions(mask)[:, -1:]
+        for _ in range(max_tokens - 1):
+            if bool(finished.all()):
+                break
+            steps += ~finished.view(b, k).all(1).cpu()
+            mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
+            pos = pos + 1
+            out = self.decoder(input_ids=seqs[:, -1:], attention_mask=mask, position_ids=pos,
+                               past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logp = out.logits[:, -1].float().log_softmax(-1)
+            logp[finished] = float("-inf")
+            logp[finished, self.pad_id] = 0.0  # a finished beam continues only with padding, score unchanged
+            cand = (scores[:, None] + logp).view(b, k * vocab)
+            top, idx = cand.topk(k, dim=-1)
+            src = (idx // vocab + torch.arange(b, device=self.device)[:, None] * k).reshape(-1)
+            tok = (idx % vocab).reshape(-1)
+            cache.reorder_cache(src)
+            was_finished = finished[src]
+            seqs = torch.cat([seqs[src], tok[:, None]], dim=1)
+            lengths = lengths[src] + (~was_finished).float()
+            finished = was_finished | torch.isin(tok, stop)
+            scores = top.reshape(-1)
+        final = (scores / lengths.pow(self.config.length_penalty)).view(b, k)
+        order = final.argsort(dim=-1, descending=True)
+        captions, out_scores, out_ids = [], [], []
+        for r in range(b):
+            caps, scs, ids = [], [], []
+            for j in order[r].tolist():
+                n = int(lengths[r * k + j].item())
+                row = seqs[r * k + j, :n].tolist()
+                ids.append(row)
+                caps.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+                scs.append(float(final[r, j]))
+            captions.append(caps)
+            out_scores.append(scs)
+            out_ids.append(ids)
+        return BeamOutput(captions, out_scores, out_ids, steps.tolist(), q_lens)
+
+
+def build_caption_model(
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    feature_dim: int,
+    hidden: int = 64,
+    decoder_layers: int = 2,
+    decoder_heads: int = 4,
+    decoder_intermediate: int | None = None,
+    prefix_len: int = 8,
+    mapper_layers: int = 2,
+    mapper_heads: int = 4,
+    mapper_intermediate: int = 0,
+    beams: int = 3,
+    max_caption_tokens: int = 16,
+    seed: int = 0,
+) -> CaptionModel:
+    """A random-init caption model with a small ``GPT2LMHeadModel`` decoder over ``tokenizer``'s vocabulary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    dec_config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=256,
+        n_embd=hidden,
+        n_layer=decoder_layers,
+        n_head=decoder_heads,
+        n_inner=decoder_intermediate or 4 * hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="eager",
+    )
+    config = CaptionConfig(feature_dim=feature_dim, hidden=hidden, prefix_len=prefix_len,
+                           mapper_layers=mapper_layers, mapper_heads=mapper_heads,
+                           mapper_intermediate=mapper_intermediate, beams=beams,
+                           max_caption_tokens=max_caption_tokens)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        decoder = GPT2LMHeadModel(dec_config)
+        model = CaptionModel(config, decoder, tokenizer)
+    return model.eval()

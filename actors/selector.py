@@ -1,0 +1,190 @@
+"""ACCM caption selector (SPEC §1.3): frozen CLIP text encoder + a small trainable transformer over candidates.
+
+Each candidate caption becomes ``"Question: {q} Supplemental information for questions: {caption}"``; the
+text encoder (``CLIPTextModelWithProjection``; LongCLIP-L in the reference) gives its EOS feature projected
+to ``projection_dim``. The N vectors of one item form a sequence through a pre-norm encoder (no position
+embedding: the selector should not care in which order the beams came), a Linear gives one logit per
+candidate, softmax over candidates, argmax picks. Text only: it never sees the image.
+
+On disk::
+
+    accm_selector.json           SelectorConfig
+    classifier.safetensors       encoder + head weights
+    text_encoder/                CLIPTextModelWithProjection + tokenizer, HF layout (a real CLIP folder drops in)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextModelWithProjection, PreTrainedTokenizerBase
+
+from actors.captioner import Encoder
+
+CONFIG_NAME = "accm_selector.json"
+CLASSIFIER_WEIGHTS = "classifier.safetensors"
+TEXT_ENCODER_DIR = "text_encoder"
+TEMPLATE = "Question: {q} Supplemental information for questions: {c}"
+SELECTOR_WORDS = ("question", "supplemental", "information", "for", "questions")
+
+
+def selector_text(question: str, caption: str) -> str:
+    return TEMPLATE.format(q=question.strip(), c=caption.strip())
+
+
+@dataclass
+class SelectorConfig:
+    hidden: int  # = text encoder projection_dim
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 0  # 0 -> 2 * hidden
+    max_text_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.intermediate:
+            self.intermediate = 2 * self.hidden
+
+
+class CaptionSelector(nn.Module):
+    """Scores N candidate captions per question; only ``classifier`` and ``head`` train."""
+
+    def __init__(self, config: SelectorConfig, text_encoder: CLIPTextModelWithProjection,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        if text_encoder.config.projection_dim != config.hidden:
+            raise ValueError("selector hidden size must equal the text encoder's projection_dim")
+        self.config = config
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.classifier = Encoder(config.hidden, config.layers, config.heads, config.intermediate)
+        self.head = nn.Linear(config.hidden, 1)
+
+    def train(self, mode: bool = True) -> CaptionSelector:
+        super().train(mode)
+        self.text_encoder.eval()  # frozen: never in train mode (no dropout)
+        return self
+
+    # ---- persistence -----------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, device: str | torch.device = "cpu") -> CaptionSelector:
+        path = Path(path)
+        config = SelectorConfig(**json.loads((path / CONFIG_NAME).read_text()))
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path / TEXT_ENCODER_DIR,
+                                                                   attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(path / TEXT_ENCODER_DIR)
+        model = cls(config, text_encoder, tokenizer)
+        weights = path / CLASSIFIER_WEIGHTS
+        if weights.exists():
+            state = load_file(str(weights))
+            model.classifier.load_state_dict({k[len("classifier."):]: v for k, v in state.items()
+                                              if k.startswith("classifier.")})
+            model.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        return model.to(device).eval()
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
+        state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
+        state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / CLASSIFIER_WEIGHTS))
+        self.text_encoder.save_pretrained(path / TEXT_ENCODER_DIR)
+        self.tokenizer.save_pretrained(path / TEXT_ENCODER_DIR)
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def encode_texts(self, texts: list[str]) -> tuple[Tensor, int]:
+        """EOS features [T, hidden] of the frozen text encoder, and the padded token length used."""
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_text_tokens,
+                             return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            feats = self.text_encoder(**enc).text_embeds
+        return feats, int(enc["input_ids"].shape[1])
+
+    def forward(self, questions: list[str], candidates: list[list[str]]) -> Tensor:
+        """Logits [B, N] over each item's N candidates (softmax over dim -1 gives the selection probs)."""
+        n = len(candidates[0])
+        if any(len(c) != n for c in candidates):
+            raise ValueError("every item needs the same number of candidates")
+        texts = [selector_text(q, c) for q, cands in zip(questions, candidates, strict=True) for c in cands]
+        feats, _ = self.encode_texts(texts)
+        x = self.classifier(feats.view(len(questions), n, -1))
+        return self.head(x).squeeze(-1)
+
+    @torch.no_grad()
+    def select(self, questions: list[str], candidates: list[list[str]]) -> tuple[list[int], Tensor]:
+        probs = self(questions, candidates).float().softmax(-1)
+        return probs.argmax(-1).tolist(), probs
+
+
+def build_selector_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerBase:
+    """Word-level tokenizer for the small CLIP text encoder: ``<|startoftext|> ... <|endoftext|>``.
+
+    EOS is id 3 (not 2): CLIP's pooling then takes the first EOS position (id 2 selects a legacy argmax).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from actors.tiny import PUNCTUATION, _split_words, shapes_words
+
+    specials = ("<pad>", "<|startoftext|>", "<unk>", "<|endoftext|>")
+    vocab = {t: i for i, t in enumerate(specials)}
+    for phrase in [*SELECTOR_WORDS, *PUNCTUATION, *(words or shapes_words())]:
+        for w in _split_words(phrase):
+            vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>",
+        special_tokens=[("<|startoftext|>", 1), ("<|endoftext|>", 3)],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<pad>", unk_token="<unk>", padding_side="right")
+
+
+def build_selector(
+    *,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    text_heads: int = 4,
+    projection_dim: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    intermediate: int = 0,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    seed: int = 0,
+) -> CaptionSelector:
+    """A small random-init CLIP text encoder (frozen) + a fresh classifier."""
+    from transformers import CLIPTextConfig
+
+    tokenizer = tokenizer or build_selector_tokenizer()
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=4 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=text_heads,
+        max_position_embeddings=64,
+        projection_dim=projection_dim,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModelWithProjection(text_config)
+        model = CaptionSelector(SelectorConfig(hidden=projection_dim, layers=layers, heads=heads,
+                                               intermediate=intermediate), text_encoder, tokenizer)
+    return model.eval()

@@ -1,0 +1,399 @@
+"""Train ACCM's caption model and selector against a frozen LVLM (SPEC §1.2-1.5), on Ray Train + DeepSpeed.
+
+Stages (``--stage``):
+
+* ``pretrain`` -- the caption model as a plain captioner (ClipCap's COCO stage, here): target = the
+  scene fact that answers the question (``pipeline.shapes.fact``), mapper fed the patches the base pruner
+  (``prumerge_plus``) discards from the LVLM's frozen vision tower. Mapper + decoder train.
+* ``accm`` -- the self-supervised stage, exactly SPEC §1.5: per sample N beam captions; the frozen LVLM
+  scores the ground-truth answer teacher-forced with all tokens and no caption (reference) and with the
+  k retained tokens + caption_i; KL(ref || cand_i) per candidate; best = argmin; w = scale * batch mean of
+  (mean KL - best KL); loss = w * CE(caption model on the best caption) + w * KL(one-hot(best) || selector).
+  The mapper is frozen; the decoder and the selector's classifier train.
+* ``all`` -- pretrain then accm; ``eval`` -- the ablation table of the model card (no Ray needed).
+
+Each training stage runs in Ray Train's ``TorchTrainer`` (one worker, gloo) with DeepSpeed ZeRO-2 over a
+client ``torch.optim.AdamW`` (no DeepSpeed op compile on CPU); checkpoints go through
+``ray.train.report(checkpoint=...)`` (HF-layout models + the DeepSpeed state); re-launching a stage under
+the same ``--name`` and ``--storage`` resumes from its latest checkpoint (``--resume DIR``: from any one). ``--smoke`` runs every stage for a few steps on tiny random models.
+
+    python jobs/train_accm.py --stage all --lvlm models/shapes/lvlm       # ~the shipped checkpoints
+    python jobs/train_accm.py --stage eval --lvlm models/shapes/lvlm      # the ablation table
+    python jobs/train_accm.py --smoke                                     # CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def make_batch(engine, seed: int, split: str, indices: list[int], keep: int) -> dict:
+    """Shapes-VQA items -> frozen tower -> base pruner: everything a training/eval step needs."""
+    from pipeline import shapes
+
+    items = [shapes.make_item(seed, split, i) for i in indices]
+    questions = [it.question for it in items]
+    ids = [it.id for it in items]
+    with torch.no_grad():
+        vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
+        pruned = engine.prune(vision, "prumerge_plus", keep, ids, questions)
+    return {
+        "ids": ids,
+        "questions": questions,
+        "answers": [it.answer for it in items],
+        "qtypes": [it.question_type for it in items],
+        "facts": [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in items],
+        "discarded": pruned.discarded,
+        "retained": list(pruned.retained.unbind(0)),
+        "full": list(vision.patch_features.unbind(0)),
+    }
+
+
+def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
+    """[B, N]: KL(reference || with caption_i), averaged over the answer positions (SPEC §1.5)."""
+    from actors.accm import answer_log_probs
+
+    b, n = len(candidates), len(candidates[0])
+    with torch.no_grad():
+        ref = answer_log_probs(engine, batch["full"], batch["questions"], [None] * b, batch["answers"])
+        flat = [c for cands in candidates for c in cands]
+        rep = [i for i in range(b) for _ in range(n)]
+        cand = answer_log_probs(engine, [batch["retained"][i] for i in rep], [batch["questions"][i] for i in rep],
+                                flat, [batch["answers"][i] for i in rep])
+    kl = torch.stack([(ref[i].exp() * (ref[i] - c)).sum(-1).mean() for i, c in zip(rep, cand, strict=True)])
+    return kl.view(b, n)
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+class ACCMTrainable(nn.Module):
+    """Caption model + selector as one module so that DeepSpeed wraps (and checkpoints) both."""
+
+    def __init__(self, captioner, selector) -> None:
+        super().__init__()
+        self.captioner = captioner
+        self.selector = selector
+
+    def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
+                candidates: list[list[str]] | None = None, best: Tensor | None = None) -> dict[str, Tensor]:
+        if stage == "pretrain":
+            loss = self.captioner.caption_loss(batch["discarded"], batch["questions"], batch["facts"]).mean()
+            return {"loss": loss, "caption_ce": loss.detach()}
+        cap = self.captioner.caption_loss(batch["discarded"], batch["questions"], best_captions).mean()
+        logits = self.selector(batch["questions"], candidates)
+        sel = F.cross_entropy(logits.float(), best)  # = KL(one-hot(best) || softmax)
+        return {"caption_ce": cap, "selector_kl": sel}
+
+
+def build_or_load(config: dict, engine):
+    from actors.captioner import CaptionModel, build_caption_model
+    from actors.selector import CaptionSelector, build_selector
+
+    init_c, init_s = config.get("init_captioner"), config.get("init_selector")
+    if init_c and (Path(init_c) / "accm_captioner.json").exists():
+        captioner = CaptionModel.from_pretrained(init_c)
+    else:
+        captioner = build_caption_model(engine.tokenizer, feature_dim=engine.config.vision_config.hidden_size,
+                                        **config["captioner_arch"])
+    if init_s and (Path(init_s) / "accm_selector.json").exists():
+        selector = CaptionSelector.from_pretrained(init_s)
+    else:
+        selector = build_selector(**config["selector_arch"])
+    return captioner, selector
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train worker: one stage of ACCM training under DeepSpeed ZeRO-2."""
+    import deepspeed
+    import deepspeed.comm.torch as ds_torch_comm
+    import ray.train
+
+    from actors.engine import LlavaEngine
+
+    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (ninja, ~30 s+) on first use; with
+    # gloo doing the collectives it is only a speed-up for multi-rank CPU jobs, so skip the build on CPU.
+    if not torch.cuda.is_available():
+        ds_torch_comm.build_shm_op = lambda: None
+
+    torch.set_num_threads(config.get("threads", 2))
+    torch.manual_seed(config["seed"])
+    stage = config["stage"]
+    engine = LlavaEngine.from_pretrained(config["lvlm"])
+    engine.model.requires_grad_(False)
+    captioner, selector = build_or_load(config, engine)
+    module = ACCMTrainable(captioner, selector).train()
+    module.requires_grad_(False)
+    if stage == "pretrain":
+        groups = [{"params": list(captioner.mapper.parameters()), "lr": config["lr_mapper"]},
+                  {"params": list(captioner.decoder.parameters()), "lr": config["lr_decoder"]}]
+    else:  # mapper frozen (SPEC §1.5); decoder + selector classifier train; the text encoder stays frozen
+        groups = [{"params": list(captioner.decoder.parameters()), "lr": config["lr_decoder"]},
+                  {"params": [*selector.classifier.parameters(), *selector.head.parameters()],
+                   "lr": config["lr_selector"]}]
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config["batch_size"],
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 2},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
+    ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+
+    start = 0
+    # Ray Train restores the latest checkpoint of a run re-launched under the same name; an explicit
+    # directory (``--resume``) is the fallback for starting a new run from an old checkpoint.
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = json.loads((Path(d) / "state.json").read_text())
+            if state["stage"] == stage:
+                ds.load_checkpoint(str(Path(d) / "ds"), tag="latest_ds")
+                start = state["step"]
+    steps, bsz, keep = config["steps"], config["batch_size"], config["keep"]
+    t0, seen = time.time(), 0
+    log: dict[str, float] = {}
+    for step in range(start, steps):
+        # item indices are a function of (stage, step): a resumed run sees the batches it has not seen yet
+        offset = 0 if stage == "pretrain" else 10_000_000
+        batch = make_batch(engine, config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
+                           keep)
+        if stage == "pretrain":
+            out = ds("pretrain", batch)
+            loss = out["loss"]
+        else:
+            ds.module.captioner.eval()
+            beams = ds.module.captioner.beam_search(batch["discarded"], batch["questions"])
+            ds.module.captioner.train()
+            kl = candidate_kl(engine, batch, beams.captions)
+            best = kl.argmin(1)
+            margin = kl.mean(1) - kl.gather(1, best[:, None]).squeeze(1)
+            weight = (config["weight_scale"] * margin.mean()).clamp(max=config["weight_max"])
+            out = ds("accm", batch, [c[i] for c, i in zip(beams.captions, best.tolist(), strict=True)],
+                     beams.captions, best)
+            loss = weight * (out["caption_ce"] + out["selector_kl"])
+            out.update(weight=weight, kl_best=kl.min(1).values.mean(), kl_mean=kl.mean(),
+                       best_is_first=(best == 0).float().mean())
+        ds.backward(loss)
+        ds.step()
+        seen += bsz
+        for k, v in out.items():
+            log[k] = 0.9 * log.get(k, float(v)) + 0.1 * float(v)
+        done = step + 1
+        if done % config["ckpt_every"] == 0 or done == steps:
+            metrics = {"stage": stage, "step": done, "started_at": start, "samples_per_s": seen / (time.time() - t0),
+                       **{k: round(v, 4) for k, v in log.items()}}
+            with tempfile.TemporaryDirectory() as d:
+                ds.module.captioner.save_pretrained(Path(d) / "captioner")
+                ds.module.selector.save_pretrained(Path(d) / "selector")
+                ds.save_checkpoint(str(Path(d) / "ds"), tag="latest_ds")
+                (Path(d) / "state.json").write_text(json.dumps({"stage": stage, "step": done, "started_at": start}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            print(json.dumps(metrics), flush=True)
+        elif done % config.get("log_every", 50) == 0:
+            print(json.dumps({"stage": stage, "step": done, "samples_per_s": round(seen / (time.time() - t0), 1),
+                              **{k: round(v, 4) for k, v in log.items()}}), flush=True)
+
+
+def run_stage(config: dict, *, storage: str, name: str, resume: str | None = None) -> Path:
+    """One stage on Ray Train; returns the local directory of its last checkpoint."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=dict(config, resume_from=resume),
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=storage, name=name),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {config['stage']} produced no checkpoint")
+    return Path(result.checkpoint.path)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: int, keeps: list[int],
+             batch_size: int = 64) -> dict:
+    """Ablation on the test split: base pruner alone, + first beam, + selector (ACCM), + oracle fact."""
+    from actors.accm import ACCMCaptioner
+    from actors.engine import LlavaEngine
+
+    engine = LlavaEngine.from_pretrained(lvlm)
+    accm = ACCMCaptioner.from_pretrained(captioner_dir, selector_dir)
+    rows: dict[str, dict] = {}
+
+    def add(key: str, res, answers, extra=None):
+        r = rows.setdefault(key, {"correct": 0, "n": 0, "flops": 0.0})
+        for i, (t, a) in enumerate(zip(res.texts, answers, strict=True)):
+            r["correct"] += int(t.strip().lower() == a.lower())
+            r["n"] += 1
+            r["flops"] += res.flops[i]["total"]
+
+    for start in range(0, n, batch_size):
+        idx = list(range(start, min(n, start + batch_size)))
+        for keep in [64, 16, *keeps]:
+            batch = make_batch(engine, seed, "test", idx, keep)
+            qs, ans = batch["questions"], batch["answers"]
+            if keep == 64:
+                add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
+                continue
+            rate = f"{100 * (1 - keep / 64):g}%"
+            add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",
+                                                         keep_tokens=keep), ans)
+            if keep == 16:
+                continue
+            out = accm.caption(batch["discarded"], qs)
+            cap = [{"flops": f} for f in out.flops_captioner]
+            sel = [{"flops": f} for f in out.flops_selector]
+            first = [c[0] for c in out.candidates]
+            add(f"{rate} + first beam caption", engine.generate(batch["retained"], qs, first, method="accm",
+                                                                 keep_tokens=keep, captioner=cap), ans)
+            add(f"{rate} + selector (ACCM)", engine.generate(batch["retained"], qs, out.selected, method="accm",
+                                                             keep_tokens=keep, captioner=cap, selector=sel), ans)
+            add(f"{rate} + oracle caption", engine.generate(batch["retained"], qs, batch["facts"], method="accm",
+                                                            keep_tokens=keep), ans)
+    table = {k: {"accuracy": v["correct"] / v["n"], "mflops_per_item": v["flops"] / v["n"] / 1e6, "n": v["n"]}
+             for k, v in rows.items()}
+    return table
+
+
+def markdown(table: dict) -> str:
+    lines = ["| setting | accuracy | MFLOPs / item |", "|---|---:|---:|"]
+    lines += [f"| {k} | {100 * v['accuracy']:.1f}% | {v['mflops_per_item']:.1f} |" for k, v in table.items()]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+DEFAULT_CAPTIONER = dict(hidden=64, decoder_layers=2, decoder_heads=4, prefix_len=4, mapper_layers=1,
+                         mapper_heads=4, beams=3, max_caption_tokens=14)
+DEFAULT_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
+SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, mapper_layers=1,
+                       mapper_heads=2, beams=3, max_caption_tokens=6)
+SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stage", choices=("pretrain", "accm", "all", "eval"), default="all")
+    p.add_argument("--lvlm", default=str(REPO / "models/shapes/lvlm"))
+    p.add_argument("--captioner", default=str(REPO / "models/shapes/captioner"),
+                   help="init (accm/eval) and output folder of the caption model")
+    p.add_argument("--selector", default=str(REPO / "models/shapes/selector"))
+    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--accm-steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--accm-batch-size", type=int, default=16)
+    p.add_argument("--keep", type=int, default=8, help="retained tokens during training (base pruner budget)")
+    p.add_argument("--lr-mapper", type=float, default=2e-3)
+    p.add_argument("--lr-decoder", type=float, default=2e-3)
+    p.add_argument("--lr-decoder-accm", type=float, default=1e-4)
+    p.add_argument("--lr-selector", type=float, default=1e-3)
+    p.add_argument("--weight-scale", type=float, default=1.0)
+    p.add_argument("--weight-max", type=float, default=5.0)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-n", type=int, default=500)
+    p.add_argument("--eval-seed", type=int, default=4242)
+    p.add_argument("--storage", default=str(REPO / "runs/ray"))
+    p.add_argument("--name", default="accm")
+    p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny random models")
+    return p.parse_args(argv)
+
+
+def _init_ray(threads: int) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+        ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": env})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    arch_c, arch_s = DEFAULT_CAPTIONER, DEFAULT_SELECTOR
+    work = None
+    if args.smoke:
+        from actors.tiny import build_tiny_llava
+
+        work = Path(tempfile.mkdtemp(prefix="accm-smoke-"))
+        build_tiny_llava(work / "lvlm", vision_hidden=32, text_hidden=32, heads=2, kv_heads=1)
+        args.lvlm, args.captioner, args.selector = str(work / "lvlm"), str(work / "captioner"), str(work / "selector")
+        args.storage, args.batch_size, args.accm_batch_size = str(work / "ray"), 4, 2
+        args.pretrain_steps, args.accm_steps, args.ckpt_every, args.eval_n = 2, 2, 1, 4
+        arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
+    base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
+                captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
+                weight_scale=args.weight_scale, weight_max=args.weight_max)
+    summary: dict = {}
+    stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]
+    if args.smoke:
+        stages = ["pretrain", "accm", "accm-resume", "eval"]
+    resume = args.resume
+    for stage in stages:
+        if stage == "eval":
+            table = evaluate(args.lvlm, args.captioner, args.selector, n=args.eval_n, seed=args.eval_seed,
+                             keeps=[8, 4], batch_size=min(64, args.eval_n))
+            print(markdown(table))
+            summary["eval"] = table
+            continue
+        _init_ray(args.threads)
+        real = "accm" if stage.startswith("accm") else stage
+        cfg = dict(base, stage=real, init_captioner=args.captioner, init_selector=args.selector,
+                   batch_size=args.batch_size if real == "pretrain" else args.accm_batch_size,
+                   steps=args.pretrain_steps if real == "pretrain" else args.accm_steps,
+                   lr_decoder=args.lr_decoder if real == "pretrain" else args.lr_decoder_accm,
+                   lr_selector=args.lr_selector)
+        if stage == "accm-resume":  # smoke: same run name again -> Ray Train restores, one more step
+            cfg["steps"] = args.accm_steps + 1
+        t0 = time.time()
+        ckpt = run_stage(cfg, storage=args.storage, name=f"{args.name}-{real}", resume=resume)
+        resume = None
+        state = json.loads((ckpt / "state.json").read_text())
+        summary[stage] = {"checkpoint": str(ckpt), "step": state["step"], "seconds": round(time.time() - t0, 1),
+                          "started_at": state.get("started_at", 0)}
+        for part, out in (("captioner", args.captioner), ("selector", args.selector)):
+            shutil.copytree(ckpt / part, out, dirs_exist_ok=True)
+        print(json.dumps({stage: summary[stage]}), flush=True)
+    if work is not None:
+        (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        summary["workdir"] = str(work)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""ACCM caption model: beam search, mapper inputs, persistence, FLOPs (tiny random models, CPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+torch = pytest.importorskip("torch")
+
+from actors.captioner import CaptionModel, build_caption_model  # noqa: E402
+from actors.tiny import build_tokenizer  # noqa: E402
+
+DV = 24
+QUESTIONS = ["What color is the triangle?", "How many circles are there?", "What shape is in row 1, column 3?"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return build_caption_model(tokenizer, feature_dim=DV, hidden=32, decoder_layers=2, decoder_heads=2,
+                               prefix_len=4, mapper_layers=1, mapper_heads=2, max_caption_tokens=8, seed=1)
+
+
+def test_beam_search_gives_n_distinct_candidates_sorted_by_score(model):
+    torch.manual_seed(0)
+    out = model.beam_search(torch.randn(3, 56, DV), QUESTIONS, beams=3)
+    for caps, ids, scores in zip(out.captions, out.token_ids, out.scores, strict=True):
+        assert len(caps) == 3 and len(ids) == 3
+        assert len({tuple(i) for i in ids}) == 3, "beams must be distinct token sequences"
+        assert scores == sorted(scores, reverse=True)
+        assert all(1 <= len(i) <= 8 for i in ids)
+    assert out.question_tokens == [len(model.tokenizer(q)["input_ids"]) for q in QUESTIONS]
+
+
+def test_batched_equals_per_item(model):
+    torch.manual_seed(1)
+    x = torch.randn(3, 56, DV)
+    batched = model.beam_search(x, QUESTIONS)
+    for i, q in enumerate(QUESTIONS):
+        single = model.beam_search(x[i : i + 1], [q])
+        assert single.token_ids[0] == batched.token_ids[i]
+        assert single.scores[0] == pytest.approx(batched.scores[i], abs=1e-4)
+        assert single.steps[0] == batched.steps[i]
+
+
+def test_mapper_sees_only_discarded_features(model):
+    """The caption depends on the discarded patches the caller passes, nothing else (retained never go in)."""
+    torch.manual_seed(2)
+    feats = torch.randn(1, 64, DV)
+    kept = torch.tensor([3, 9, 17, 30, 41, 50, 58, 63])
+    drop = torch.tensor([i for i in range(64) if i not in set(kept.tolist())])
+    a = model.mapper(feats[:, drop])
+    changed = feats.clone()
+    changed[:, kept] = torch.randn(1, len(kept), DV) * 10  # retained patches change, discarded do not
+    torch.testing.assert_close(model.mapper(changed[:, drop]), a)
+    changed[:, drop[0]] += 1.0  # one discarded patch changes -> the prefix changes
+    assert not torch.allclose(model.mapper(changed[:, drop]), a)
+
+
+def test_caption_training_stops_at_period(tokenizer):
+    """A few steps on one fact: beam 1 reproduces it and stops at '.', shorter than the max length."""
+    m = build_caption_model(tokenizer, feature_dim=DV, hidden=32, decoder_layers=1, decoder_heads=2,
+                            prefix_len=2, mapper_layers=1, mapper_heads=2, max_caption_tokens=12, seed=3).train()
+    x = torch.randn(2, 10, DV)
+    qs = ["What color is the triangle?", "What color is the ring?"]
+    facts = ["the triangle is red.", "the ring is blue."]
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = m.caption_loss(x, qs, facts).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    out = m.beam_search(x, qs)
+    assert [c[0] for c in out.captions] == facts
+    for ids in out.token_ids:
+        assert ids[0][-1] == tokenizer.convert_tokens_to_ids(".")
+        assert len(ids[0]) == 5 < 12
+    assert out.steps == [max(len(i) for i in ids) - 1 for ids in out.token_ids]
+
+
+def test_save_load_round_trip(model, tmp_path):
+    torch.manual_seed(4)
+    x = torch.randn(2, 56, DV)
+    model.save_pretrained(tmp_path / "cap")
+    assert (tmp_path / "cap/decoder/config.json").exists() and (tmp_path / "cap/mapper.safetensors").exists()
+    loaded = CaptionModel.from_pretrained(tmp_path / "cap")
+    assert loaded.beam_search(x, QUESTIONS[:2]).token_ids == model.beam_search(x, QUESTIONS[:2]).token_ids
+    torch.testing.assert_close(loaded.caption_loss(x, QUESTIONS[:2], ["a.", "b."]),
+                               model.caption_loss(x, QUESTIONS[:2], ["a.", "b."]))
+
+
+def test_stock_gpt2_folder_loads_through_the_same_code(tmp_path):
+    """A `gpt2`-style checkpoint (random GPT2LMHeadModel + a BPE tokenizer saved locally) drops in as decoder/."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = "the a is red blue triangle what color ? . <|endoftext|>".split()
+    bpe = Tokenizer(models.BPE(vocab={w: i for i, w in enumerate(words)}, merges=[], unk_token="<|endoftext|>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    gpt2.save_pretrained(tmp_path / "cap/decoder")
+    tok.save_pretrained(tmp_path / "cap/decoder")
+    (tmp_path / "cap/accm_captioner.json").write_text(json.dumps(
+        {"feature_dim": DV, "hidden": 32, "prefix_len": 3, "mapper_layers": 1, "mapper_heads": 2}))
+    m = CaptionModel.from_pretrained(tmp_path / "cap")  # no mapper weights yet: fresh mapper, stock decoder
+    assert type(m.decoder).__name__ == "GPT2LMHeadModel"
+    assert m.decoder.config._attn_implementation == "eager"
+    out = m.beam_search(torch.randn(2, 7, DV), ["what color is the triangle?"] * 2, max_tokens=4)
+    assert all(len(c) == 3 for c in out.captions)
+
+
+def test_captioner_flops_match_flop_counter(model):
+    """pipeline.flops.caption_model_flops == FlopCounterMode over one item's mapper + prefill + beam decode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actors.accm import caption_model_dims
+    from pipeline.flops import caption_model_flops
+
+    torch.manual_seed(5)
+    x = torch.randn(1, 56, DV)
+    q = ["What color is the triangle?"]
+    with FlopCounterMode(display=False) as counter:
+        out = model.beam_search(x, q)
+    mapper, decoder = caption_model_dims(model)
+    analytic = caption_model_flops(mapper, decoder, discarded_tokens=56, prefix_len=model.config.prefix_len,
+                                   question_tokens=out.question_tokens[0], beams=3,
+                                   caption_tokens=out.steps[0] + 1, feature_dim=DV)
+    assert out.steps[0] >= 1
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
