@@ -1,0 +1,87 @@
+"""The analytic per-item FLOPs (pipeline.flops via the engine) vs. FlopCounterMode on the same work."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from actors.engine import METHODS, LlavaEngine  # noqa: E402
+from actors.tiny import build_tiny_llava  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def engine() -> LlavaEngine:
+    # 96-d LLM with 4 layers (FastV at layer 2 leaves two pruned layers), 3-layer tower, 64 patches.
+    model, processor = build_tiny_llava(
+        vision_layers=3, text_hidden=96, text_layers=4, heads=4, kv_heads=2, seed=5, init_std=0.2
+    )
+    model.config._attn_implementation = "eager"
+    return LlavaEngine(model, processor)
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+def measured_and_analytic(engine: LlavaEngine, image, method: str, keep: int, caption: str | None):
+    pixels = engine.preprocess([image])  # outside the count: image decoding is not model FLOPs
+    with FlopCounterMode(display=False) as counter:
+        result, pruned = engine.answer(
+            pixels, ["How many squares are there?"], ["item-0"], [caption],
+            method=method, keep_tokens=keep, max_new_tokens=7,
+        )  # fmt: skip
+    return counter.get_total_flops(), result.flops[0], result, pruned
+
+
+@pytest.mark.parametrize("keep", [8, 24])
+@pytest.mark.parametrize("method", METHODS)
+def test_analytic_total_within_2_percent(engine: LlavaEngine, image, method: str, keep: int):
+    caption = "there are two squares." if method == "accm" else None
+    measured, flops, result, _ = measured_and_analytic(engine, image, method, keep, caption)
+    assert result.new_tokens[0] >= 2, "need decode steps in the count"
+    assert flops["total"] == pytest.approx(measured, rel=0.02), (method, keep, flops)
+    if method != "none":
+        assert flops["total"] < flops["reference_total"] or method == "accm"
+        assert flops["llm_prefill"] < flops["reference_total"] - flops["vision"]
+
+
+def test_text_guided_prumerge_counted(engine: LlavaEngine, image):
+    """PruMerge+ with a CLIP text model: its text tower and projections are part of the item's cost."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from actors.pruners import TextGuide
+
+    tok = engine.tokenizer
+    config = CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=77, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+        projection_dim=32,
+    )  # fmt: skip
+    clip = CLIPModel(config).eval()
+    clip.config._attn_implementation = "eager"
+    engine.text_guide = TextGuide(clip, tok)
+    try:
+        measured, flops, _, pruned = measured_and_analytic(engine, image, "prumerge_plus", 8, None)
+    finally:
+        engine.text_guide = None
+    assert pruned.notes == []
+    assert flops["pruner"] > 1e5
+    assert flops["total"] == pytest.approx(measured, rel=0.02)
