@@ -44,6 +44,7 @@ DEFAULT_RATES = "0.5,0.75,0.875,0.9375"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweep_pruning_rates.py",
+        allow_abbrev=False,  # unknown options go to the main job: no prefix matching of ours
         description="Run every (method, pruning rate) over the same input in one Ray job and write the "
         "accuracy / FLOPs / $ per 1M items report. Options not listed here go to the main job "
         "(jobs/caption_dataset.py --help).",
@@ -79,9 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost-config", help="YAML/JSON with GPU prices and tier sizes (pipeline/cost.py documents it)."
     )
     p.add_argument(
-        "--captioner-gpu", help="Captioner tier as GPU or GPUxCOUNT, e.g. L4x16 (overrides the config)."
+        "--cost-captioner-tier",
+        help="Priced captioner tier as GPU or GPUxCOUNT, e.g. L4x16 (overrides the config).",
     )
-    p.add_argument("--lvlm-gpu", help="LVLM tier as GPU or GPUxCOUNT, e.g. H100x8 (overrides the config).")
+    p.add_argument(
+        "--cost-lvlm-tier", help="Priced LVLM tier as GPU or GPUxCOUNT, e.g. H100x8 (overrides the config)."
+    )
     p.add_argument(
         "--tolerance",
         type=float,
@@ -295,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     for flag in ("--method", "--prune-rate", "--keep-tokens"):
         if any(a == flag or a.startswith(flag + "=") for a in job_argv):
             raise SystemExit(f"{flag} is set per setting by the sweep; use --methods / --prune-rates")
-    cost = CostConfig.load(args.cost_config).with_tiers(args.captioner_gpu, args.lvlm_gpu)
+    cost = CostConfig.load(args.cost_config).with_tiers(args.cost_captioner_tier, args.cost_lvlm_tier)
     _setup_logging()
     if args.estimate:
         return run_estimate(args, cost)
