@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -120,3 +121,53 @@ def test_aws_cluster_matches_the_cost_reports_default_cluster():
         gpu, per_node = INSTANCE_GPUS[node["node_config"]["InstanceType"]]
         assert gpu == tier.gpu
         assert per_node * node["max_workers"] == tier.count
+
+
+def test_tp_plan_sizes_the_lvlm_tier():
+    from actors.tp import tp_plan
+
+    assert tp_plan(7e9, 80) == 1  # LLaVA-1.5-7B bf16: 13 GiB
+    assert tp_plan(13e9, 24) == 2  # 13B on 24 GB L4s
+    assert tp_plan(70e9, 80) == 4  # 130 GiB of weights over 80 GB H100s
+
+
+TP1_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {root!r})
+from actors.tiny import build_tiny_llava
+from actors.tp import init_rank, shard_model
+model, _ = build_tiny_llava()
+model.eval()
+x = torch.randint(5, 40, (2, 10))
+with torch.no_grad():
+    ref = model.model.language_model(input_ids=x).last_hidden_state
+init_rank(0, 1, master_port={port})
+sharded = shard_model(model, 1)
+assert type(sharded).__name__ == "LlavaForConditionalGeneration"
+with torch.no_grad():
+    out = sharded.model.language_model(input_ids=x).last_hidden_state
+assert torch.equal(ref, out), (ref - out).abs().max()
+try:
+    shard_model(model, 2)
+except ValueError as e:
+    assert "needs 2 ranks" in str(e)
+else:
+    raise AssertionError("tp=2 in a 1-rank group must be refused")
+print("TP1-OK")
+"""
+
+
+def test_tensor_parallel_tp1_on_cpu_is_the_plain_model(tmp_path):
+    """DeepSpeed inference at tp=1 (gloo, CPU) in a fresh process: same hidden states as without it."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "tp1.py"
+    script.write_text(TP1_SCRIPT.format(root=str(ROOT), port=port))
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0 and "TP1-OK" in proc.stdout, proc.stderr[-3000:]
