@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except SchemaError as exc:
         log.error("input rejected before anything was written: %s", exc)
         return 2
+    except FileNotFoundError as exc:
+        log.error("%s", exc)
+        return 2
     finally:
         if started:
             ray.shutdown()

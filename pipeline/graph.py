@@ -235,6 +235,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     run_id = cfg.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if not storage.exists(cfg.lvlm, s3_endpoint=cfg.s3_endpoint):
+        raise FileNotFoundError(f"LVLM model not found at --lvlm {storage.redact(cfg.lvlm)} (the shipped small "
+                                "models are built by jobs/train_lvlm.py into models/shapes/)")
     cfg = replace(effective_method(cfg), run_id=run_id)
     fs, shards = plan_shards(cfg)
     const = {"method": cfg.method, "run_id": run_id, "lvlm_model": storage.redact(cfg.lvlm),
@@ -252,6 +255,8 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
              run_id, len(shards), sum(len(s.ids) for s in shards), skipped, len(pending))
 
     written = processed = 0
+    t_first = t_last = None
+    first_rows = 0
     for shard in [s for s in pending if not s.ids]:  # nothing to compute: empty output with the schema
         write_shard(cfg, fs, shard, {}, const)
         written += 1
@@ -264,6 +269,9 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         by_rel = {s.rel: s for s in work}
         results: dict[str, dict[str, dict[str, Any]]] = {s.rel: {} for s in work}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            t_last = time.perf_counter()
+            if t_first is None:
+                t_first, first_rows = t_last, batch.num_rows
             for row in batch.to_pylist():
                 rel = row.pop("_shard")
                 bucket = results.get(rel)
@@ -286,7 +294,10 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     run = {"run_id": run_id, "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
-           "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall}
+           "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall,
+           # steady state: rows after the first batch reached the driver / time since (no start-up)
+           "stream_items_per_s": (processed - first_rows) / (t_last - t_first)
+           if t_first is not None and t_last > t_first else None}
     table = read_outputs(cfg, shards)
     kept = [k for k in table.column("keep_tokens").to_pylist() if k is not None]
     run["keep_tokens"] = kept[0] if kept else cfg.keep_tokens
