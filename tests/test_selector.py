@@ -1,0 +1,106 @@
+"""ACCM selector + the captioner-tier glue (ACCMCaptioner): softmax over N, persistence, FLOPs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+torch = pytest.importorskip("torch")
+
+from actors.selector import CaptionSelector, build_selector, selector_text  # noqa: E402
+
+QS = ["What color is the triangle?", "How many circles are there?"]
+CANDS = [["the triangle is red.", "the triangle is blue.", "the square is red."],
+         ["there are two circles.", "there is one circle.", "there are three circles."]]
+
+
+@pytest.fixture(scope="module")
+def selector():
+    return build_selector(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
+
+
+def test_softmax_over_candidates_and_argmax_pick(selector):
+    logits = selector(QS, CANDS)
+    assert logits.shape == (2, 3)
+    picks, probs = selector.select(QS, CANDS)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    assert picks == probs.argmax(-1).tolist()
+    assert not torch.allclose(logits[0], logits[0, :1].expand(3)), "candidates must be told apart"
+
+
+def test_order_equivariant_and_text_encoder_frozen(selector):
+    """No position embedding over candidates: permuting them permutes the logits; only the classifier trains."""
+    a = selector(QS[:1], CANDS[:1])
+    b = selector(QS[:1], [CANDS[0][::-1]])
+    torch.testing.assert_close(b, a.flip(-1), atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in selector.text_encoder.parameters())
+    selector.train()
+    assert not selector.text_encoder.training
+    selector.eval()
+
+
+def test_eos_pooling_reads_the_whole_text(selector):
+    """CLIP pools at the first EOS: the feature depends on the caption's last word (id 3, not legacy argmax)."""
+    assert selector.text_encoder.config.eos_token_id == selector.tokenizer.eos_token_id == 3
+    f, _ = selector.encode_texts([selector_text(QS[0], "the triangle is red."),
+                                  selector_text(QS[0], "the triangle is blue.")])
+    assert not torch.allclose(f[0], f[1])
+
+
+def test_selector_learns_a_preference(selector):
+    """The KL-to-one-hot loss of the ACCM stage moves the pick (classifier only)."""
+    import copy
+
+    sel = copy.deepcopy(selector).train()
+    opt = torch.optim.AdamW([*sel.classifier.parameters(), *sel.head.parameters()], lr=5e-3)
+    target = torch.tensor([2, 1])
+    for _ in range(40):
+        loss = torch.nn.functional.cross_entropy(sel(QS, CANDS), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert sel.select(QS, CANDS)[0] == [2, 1]
+
+
+def test_save_load_round_trip(selector, tmp_path):
+    selector.save_pretrained(tmp_path / "sel")
+    assert (tmp_path / "sel/text_encoder/config.json").exists()
+    loaded = CaptionSelector.from_pretrained(tmp_path / "sel")
+    torch.testing.assert_close(loaded(QS, CANDS), selector(QS, CANDS))
+
+
+def test_selector_flops_match_flop_counter(selector):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actors.accm import selector_dims
+    from pipeline.flops import selector_flops
+
+    with FlopCounterMode(display=False) as counter:
+        selector(QS[:1], CANDS[:1])
+    _, tokens = selector.encode_texts([selector_text(QS[0], c) for c in CANDS[0]])
+    text, classifier = selector_dims(selector)
+    analytic = selector_flops(text, classifier, candidates=3, tokens_per_candidate=tokens,
+                              projection_dim=selector.text_encoder.config.projection_dim)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_accm_captioner_end_to_end(selector, tmp_path):
+    """ACCMCaptioner.from_pretrained(file:// urls).caption(discarded, questions) -> CaptionResult."""
+    from actors.accm import ACCMCaptioner
+    from actors.captioner import build_caption_model
+    from actors.tiny import build_tokenizer
+
+    cap = build_caption_model(build_tokenizer(), feature_dim=16, hidden=32, decoder_layers=1, decoder_heads=2,
+                              prefix_len=2, mapper_layers=1, mapper_heads=2, max_caption_tokens=5)
+    cap.save_pretrained(tmp_path / "cap")
+    selector.save_pretrained(tmp_path / "sel")
+    accm = ACCMCaptioner.from_pretrained(f"file://{tmp_path / 'cap'}", str(tmp_path / "sel"))
+    res = accm.caption(torch.randn(2, 56, 16), QS)
+    assert len(res.selected) == len(res.candidates) == len(res.probs) == 2
+    for sel_cap, cands, probs in zip(res.selected, res.candidates, res.probs, strict=True):
+        assert len(cands) == 3 and sel_cap == cands[max(range(3), key=probs.__getitem__)]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-5)
+    assert all(f > 0 for f in res.flops_captioner + res.flops_selector)
