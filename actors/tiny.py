@@ -149,21 +149,108 @@ def build_tiny_llava(
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
+    processor = build_processor(tokenizer, image_size=image_size, patch=patch)
+    if save_dir is not None:
+        save_dir = Path(save_dir)
+        model.save_pretrained(save_dir)
+        processor.save_pretrained(save_dir)
+    return model, processor
+
+
+def build_processor(tokenizer: PreTrainedTokenizerFast, *, image_size: int, patch: int) -> LlavaProcessor:
+    """LLaVA processor for square images: CLIP preprocessing (PIL backend) + the image-token expansion."""
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         do_center_crop=True,
         do_resize=True,
     )
-    processor = LlavaProcessor(
+    return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=patch,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        model.save_pretrained(save_dir)
-        processor.save_pretrained(save_dir)
-    return model, processor
+
+
+def llava_config(
+    *,
+    image_size: int,
+    patch: int,
+    vision_hidden: int,
+    vision_intermediate: int,
+    vision_layers: int,
+    vision_heads: int,
+    text_hidden: int,
+    text_intermediate: int,
+    text_layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab_size: int,
+    image_token_index: int,
+) -> LlavaConfig:
+    """A LlavaConfig (CLIP vision + LLaMA) from plain numbers, feature layer -2, eager attention."""
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_hidden,
+            intermediate_size=vision_intermediate,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            image_size=image_size,
+            patch_size=patch,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=text_hidden,
+            intermediate_size=text_intermediate,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=4096,
+        ),
+        image_token_index=image_token_index,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch) ** 2,
+    )
+    config._attn_implementation = "eager"
+    return config
+
+
+def fast_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+    """A LlavaForConditionalGeneration with cheap random weights (for shape/speed checks at 7B widths).
+
+    Built on the meta device and materialised uninitialised, then every matrix is filled from one small
+    random pool (a copy, not a per-element draw): seconds instead of the minutes that HF's init takes.
+    Norm weights are 1, biases 0, and the non-persistent buffers are recomputed.
+    """
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = LlavaForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    pool = (torch.rand(1_000_003, generator=g) * 2 - 1).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0 if "norm" in name else 0.0)
+                continue
+            flat = p.view(-1)
+            std = (3.0 / p[0].numel()) ** 0.5  # uniform(-a, a) with variance 1/fan_in
+            for off in range(0, flat.numel(), pool.numel()):
+                chunk = flat[off : off + pool.numel()]
+                chunk.copy_(pool[: chunk.numel()] * std)
+        tower = model.model.vision_tower
+        tower.embeddings.position_ids.copy_(torch.arange(tower.embeddings.position_ids.shape[-1])[None])
+        lm = model.model.language_model
+        lm.rotary_emb = LlamaRotaryEmbedding(config=config.text_config)
+    return model.eval()

@@ -1,0 +1,89 @@
+"""Every method once at the real LLaVA-1.5-7B widths (random weights, layers cut), on CPU.
+
+CLIP ViT-L/14-336 (1024 hidden, 4096 FFN, 16 heads, 336 px / 14 = 576 patches; 2 layers so the
+penultimate exists) and LLaMA-7B (4096 hidden, 11008 FFN, 32 heads, vocab 32064; 2 layers so that
+FastV at layer 1 has a pruned layer after it). Shapes and token counts, not accuracy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from actors.engine import METHODS, LlavaEngine, resolve_keep_tokens  # noqa: E402
+from actors.pruners import visionzip_split  # noqa: E402
+from actors.tiny import build_processor, build_tokenizer, fast_random_llava, llava_config  # noqa: E402
+
+QUESTION = "What shape is in row 1, column 2?"
+
+
+@pytest.fixture(scope="module")
+def engine() -> LlavaEngine:
+    tok = build_tokenizer()
+    config = llava_config(
+        image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=2, vision_heads=16,
+        text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32, vocab_size=32064,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )  # fmt: skip
+    model = fast_random_llava(config, dtype=torch.bfloat16)
+    return LlavaEngine(model, build_processor(tok, image_size=336, patch=14))
+
+
+@pytest.fixture(scope="module")
+def vision(engine: LlavaEngine):
+    pixels = torch.randn(1, 3, 336, 336)
+    return engine.encode_images(pixels)
+
+
+def test_vision_stage_shapes(engine: LlavaEngine, vision):
+    assert engine.num_patches == 576
+    assert vision.patch_features.shape == (1, 576, 1024)
+    assert vision.cls_attention.shape == (1, 576) and vision.keys.shape == (1, 576, 1024)
+    assert vision.patch_features.dtype == torch.bfloat16
+    assert torch.isfinite(vision.patch_features.float()).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_at_87_5_percent(engine: LlavaEngine, vision, method: str):
+    keep = resolve_keep_tokens(576, prune_rate=0.875)
+    assert keep == 72
+    pruned = engine.prune(vision, method, keep, ["item-0"], [QUESTION])
+    in_llm = 576 if method in ("none", "fastv") else 72
+    assert pruned.retained.shape == (1, in_llm, 1024)
+    if method == "visionzip":
+        dominant, contextual = visionzip_split(72)
+        assert (dominant, contextual) == (61, 11)
+        assert pruned.kept_indices.shape == (1, 60) and pruned.discarded.shape == (1, 516, 1024)
+    else:
+        assert pruned.kept_indices.shape[1] + pruned.discarded.shape[1] == 576
+    engine.keep_last_state = True
+    try:
+        result = engine.generate(
+            pruned.retained, [QUESTION], ["the square is red."] if method == "accm" else None,
+            method=method, keep_tokens=keep, fastv_layer=1, max_new_tokens=2,
+        )  # fmt: skip
+        state = engine.last_state
+    finally:
+        engine.keep_last_state, engine.last_state = False, None
+    n = result.prefill_tokens[0]
+    text = n - in_llm
+    assert 10 <= text <= 40
+    steps = result.new_tokens[0] - 1
+    lengths = [k.shape[2] for k in state.keys]
+    assert state.keys[0].shape[:2] == (1, 32) and state.keys[0].shape[-1] == 128
+    if method == "fastv":
+        assert lengths == [n + steps, n - 576 + 72 + steps]
+    else:
+        assert lengths == [n + steps, n + steps]
+    flops = result.flops[0]
+    assert flops["total"] > flops["llm_prefill"] > 0
+    if method == "none":
+        assert flops["total"] == flops["reference_total"]
+    elif method == "fastv":  # one of the two layers runs before the cut
+        assert flops["total"] < 0.65 * flops["reference_total"]
+    elif method != "accm":
+        assert flops["total"] < 0.2 * flops["reference_total"]
