@@ -14,7 +14,6 @@ small models of the same classes this project trains); weights load with eager a
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,10 +68,7 @@ class LlavaEngine:
         self.num_patches = (vc.image_size // vc.patch_size) ** 2
         self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head)
         # FLOPs are accounted for the tower as this engine runs it: up to the feature layer only.
-        self.flops_config = copy.deepcopy(self.config)
-        self.flops_config.vision_config.num_hidden_layers = feature_layer_count(
-            vc.num_hidden_layers, self.config.vision_feature_layer
-        )
+        self.vision_layers_run = feature_layer_count(vc.num_hidden_layers, self.config.vision_feature_layer)
 
     @classmethod
     def from_pretrained(
@@ -158,13 +154,15 @@ class LlavaEngine:
         max_new_tokens: int = 8,
         captioner: list[dict | None] | None = None,
         selector: list[dict | None] | None = None,
+        ignore_eos: bool = False,
     ) -> GenerationResult:
         """Greedy answers for a batch. ``retained``: per item [k, Dv] vision features (pre-projector).
 
         Items are left padded; each item's answer is independent of its batch-mates. ``method`` only
         changes the LLM for ``fastv`` (``keep_tokens`` image tokens kept from layer ``fastv_layer`` on);
         for every method it names the FLOPs accounting. ``captioner``/``selector``: per-item kwargs for
-        pipeline.flops (ACCM's caption model and selector costs).
+        pipeline.flops (ACCM's caption model and selector costs). ``ignore_eos``: always generate
+        ``max_new_tokens`` (benchmarks: equal decode work for every method).
         """
         from pipeline.flops import llava_item_flops
 
@@ -226,7 +224,7 @@ class LlavaEngine:
             for i, t in enumerate(tokens.tolist()):
                 if not done[i]:
                     out[i].append(t)
-                    done[i] = t == self.eos_token_id
+                    done[i] = t == self.eos_token_id and not ignore_eos
             if bool(done.all()):
                 break
             tokens = tokens.masked_fill(done.to(tokens.device), self.pad_token_id)
@@ -236,7 +234,7 @@ class LlavaEngine:
             text_guide = self.text_guide.flops_spec(questions)
         flops = [
             llava_item_flops(
-                self.flops_config,
+                self.config,
                 method=method,
                 visual_tokens_total=self.num_patches,
                 visual_tokens_kept=fastv_keep[i] if method == "fastv" else n_vis[i],
@@ -248,6 +246,7 @@ class LlavaEngine:
                 selector=selector[i] if selector else None,
                 visionzip_contextual=visionzip_split(n_vis[i])[1] if method == "visionzip" else None,
                 text_guide=text_guide[i] if text_guide else None,
+                vision_layers=self.vision_layers_run,
             )
             for i in range(b)
         ]
