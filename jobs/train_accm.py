@@ -124,16 +124,18 @@ def build_or_load(config: dict, engine):
 
 def train_loop(config: dict) -> None:
     """Ray Train worker: one stage of ACCM training under DeepSpeed ZeRO-2."""
+    import importlib
+
     import deepspeed
-    import deepspeed.comm.torch as ds_torch_comm
     import ray.train
 
     from actors.engine import LlavaEngine
 
     # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (ninja, ~30 s+) on first use; with
     # gloo doing the collectives it is only a speed-up for multi-rank CPU jobs, so skip the build on CPU.
+    # (importlib: `import deepspeed.comm.torch` would bind the `torch` name that deepspeed.comm re-exports)
     if not torch.cuda.is_available():
-        ds_torch_comm.build_shm_op = lambda: None
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
     torch.set_num_threads(config.get("threads", 2))
     torch.manual_seed(config["seed"])
@@ -295,9 +297,12 @@ def markdown(table: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 
-DEFAULT_CAPTIONER = dict(hidden=64, decoder_layers=2, decoder_heads=4, prefix_len=4, mapper_layers=1,
-                         mapper_heads=4, beams=3, max_caption_tokens=14)
-DEFAULT_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
+# Sized by the equal-cost target on the `default` proving-ground LVLM (actors/shapes_lvlm.py, ~205 MFLOPs per
+# item at 75% pruning): the caption splice already costs ~+3% there, so caption model + selector get
+# ~4-5 MFLOPs per item (this captioner ~4.0, this selector ~0.8; see .notes/accm.md).
+DEFAULT_CAPTIONER = dict(hidden=40, decoder_layers=2, decoder_heads=4, decoder_intermediate=80, prefix_len=4,
+                         mapper_layers=1, mapper_heads=4, beams=3, max_caption_tokens=14)
+DEFAULT_SELECTOR = dict(text_hidden=24, text_layers=1, text_heads=2, projection_dim=24, layers=1, heads=2)
 SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, mapper_layers=1,
                        mapper_heads=2, beams=3, max_caption_tokens=6)
 SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
@@ -329,6 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--name", default="accm")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny random models")
     return p.parse_args(argv)
 
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         from actors.tiny import build_tiny_llava
 
-        work = Path(tempfile.mkdtemp(prefix="accm-smoke-"))
+        work = Path(tempfile.mkdtemp(prefix="accm-smoke-", dir=args.workdir))
         build_tiny_llava(work / "lvlm", vision_hidden=32, text_hidden=32, heads=2, kv_heads=1)
         args.lvlm, args.captioner, args.selector = str(work / "lvlm"), str(work / "captioner"), str(work / "selector")
         args.storage, args.batch_size, args.accm_batch_size = str(work / "ray"), 4, 2
