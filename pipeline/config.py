@@ -80,6 +80,8 @@ class JobConfig:
             raise ValueError("--keep-tokens must be >= 0")
         if self.prune_rate is not None and not 0.0 <= self.prune_rate < 1.0:
             raise ValueError("--prune-rate must be in [0, 1)")
+        if self.keep_tokens is not None:
+            self.prune_rate = None  # --keep-tokens overrides the (default) pruning rate
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
         if self.num_candidates < 1:
@@ -147,11 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", help="YAML file with any of these options (keys: option names); "
                         "flags given on the command line win.")
+    budget = parser.add_mutually_exclusive_group()
     for flag, name, typ, help_text in _FLAGS:
+        target = budget if name in ("keep_tokens", "prune_rate") else parser
         if typ == "bool":
-            parser.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            target.add_argument(flag, dest=name, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
+            target.add_argument(flag, dest=name, type=typ, default=argparse.SUPPRESS, help=help_text)
     return parser
 
 
@@ -176,6 +180,8 @@ def parse_args(argv: list[str] | None = None) -> JobConfig:
     ns = vars(build_parser().parse_args(argv))
     config_file = ns.pop("config", None)
     values = _load_yaml(config_file) if config_file else {}
+    if "prune_rate" in ns:  # a flag's budget replaces a budget from the YAML file
+        values.pop("keep_tokens", None)
     values.update(ns)  # only flags actually given are in ns (default=SUPPRESS)
     values["accm_fallback"] = "method" not in values
     return JobConfig(**values).validate()

@@ -40,6 +40,9 @@ def test_yaml_then_flags_win(tmp_path) -> None:
         parse_args(["--config", str(path)])
     with pytest.raises(ValueError, match="MIN <= MAX"):
         parse_args(["--captioner-actors", "3:1"])
+    assert parse_args(["--keep-tokens", "4"]).prune_rate is None  # an explicit budget replaces the default rate
+    with pytest.raises(SystemExit):
+        parse_args(["--keep-tokens", "4", "--prune-rate", "0.5"])
     with pytest.raises(ValueError, match="method"):
         parse_args(["--method", "bogus"])
 

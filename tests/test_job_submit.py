@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,9 +37,9 @@ def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
     fs, _ = resolve(f"s3://{tmp_bucket}")
     rows = [shapes.item_row(shapes.make_item(3, "test", i)) for i in range(4)]
     pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), f"{tmp_bucket}/in/a.parquet", filesystem=fs)
-    build_tiny_llava(tmp_path / "lvlm", vision_layers=1, text_layers=1)
+    build_tiny_llava(tmp_path / "lvlm", vision_layers=2, text_layers=1)
 
-    local = tmp_path / "cluster"
+    local = Path(tempfile.mkdtemp(prefix="accm-jt-", dir="/tmp"))  # short: Ray's AF_UNIX paths are <= 107 bytes
     # The head inherits this process's AWS_* (the test's moto server), so its workers reach the bucket.
     env = dict(os.environ, ACCM_LOCAL_DIR=str(local), ACCM_NUM_CPUS="2", ACCM_WITH_S3="0")
     env.pop("RAY_ADDRESS", None)
@@ -59,6 +61,7 @@ def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
         assert "succeeded" in submit.stdout + submit.stderr
         out = pq.read_table(f"{tmp_bucket}/out/a.parquet", filesystem=fs)
         assert out.column("id").to_pylist() == [r["id"] for r in rows]
+        assert set(out.column("error").to_pylist()) == {None}, out.column("error").to_pylist()[:1]
         assert set(out.column("keep_tokens").to_pylist()) == {16}
     finally:
         stop = subprocess.run(["bash", str(REPO / "infra/local/stop.sh")], env=env, capture_output=True, text=True,
@@ -67,3 +70,4 @@ def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
     time.sleep(1)
     left = subprocess.run(["pgrep", "-f", str(local / "ray")], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the local cluster still running: {left}"
+    shutil.rmtree(local, ignore_errors=True)
