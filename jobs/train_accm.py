@@ -330,6 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--eval-seed", type=int, default=4242)
+    p.add_argument("--eval-out", default=None, help="write the ablation table to OUT.json and OUT.md")
     p.add_argument("--storage", default=str(REPO / "runs/ray"))
     p.add_argument("--name", default="accm")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
@@ -376,6 +377,11 @@ def main(argv: list[str] | None = None) -> dict:
                              keeps=[8, 4], batch_size=min(64, args.eval_n))
             print(markdown(table))
             summary["eval"] = table
+            if args.eval_out:
+                out = Path(args.eval_out)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.with_suffix(".json").write_text(json.dumps(table, indent=2) + "\n")
+                out.with_suffix(".md").write_text(markdown(table) + "\n")
             continue
         _init_ray(args.threads)
         real = "accm" if stage.startswith("accm") else stage
