@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=5, help="copies of the input shards (more items: start-up "
+                        "costs weigh less)")
     args = parser.parse_args()
 
     import ray
@@ -74,9 +77,14 @@ def main() -> None:
         print(f"(using a random tiny LLaVA: {'--tiny' if args.tiny else lvlm + ' not found'})")
         lvlm = str(tmp / "lvlm")
         build_tiny_llava(lvlm)
-    cfg = JobConfig(input=args.input, output=str(tmp / "out"), method=args.method, lvlm=lvlm,
+    src = tmp / "in"
+    src.mkdir()
+    for r in range(args.repeat):  # ids need only be unique per shard
+        for f in storage.list_parquet_files(args.input):
+            shutil.copyfile(f, src / f"r{r}-{os.path.basename(f)}")
+    cfg = JobConfig(input=str(src), output=str(tmp / "out"), method=args.method, lvlm=lvlm,
                     batch_size=args.batch_size, limit=args.limit, accm_fallback=False).validate()
-    files = storage.list_parquet_files(args.input)
+    files = storage.list_parquet_files(str(src))
 
     loop = plain_loop(cfg, files)
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False)

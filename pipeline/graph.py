@@ -128,7 +128,8 @@ def tier_resources(cfg: JobConfig, cluster: dict[str, float]) -> Resources:
 
     def tier(gpus: float | None, default_gpus: float, resource: str, max_actors: int) -> dict[str, Any]:
         req: dict[str, Any] = {"num_cpus": actor_cpus}
-        gpus = default_gpus if gpus is None else gpus
+        if gpus is None:  # auto: GPUs where there are some
+            gpus = default_gpus if has_gpu else 0.0
         if gpus and not has_gpu:
             log.warning("%s: %.2f GPUs requested but the cluster has none: running on CPU", resource, gpus)
             gpus = 0.0

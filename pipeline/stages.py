@@ -260,6 +260,23 @@ def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:
             r["error"] = f"{stage}: {_short(exc)}"
 
 
+ACTOR_DEATH_ENV = "ACCM_TEST_ACTOR_DEATH_DIR"  # test hook: the first LVLM batch kills its actor process
+
+
+def _maybe_die_once() -> None:
+    """If ``ACCM_TEST_ACTOR_DEATH_DIR`` is set, the first LVLM call in that directory's lifetime exits the
+    process mid-batch (as an OOM kill or a node loss would), so tests can check Ray's restart + retry."""
+    where = os.environ.get(ACTOR_DEATH_ENV)
+    if where:
+        try:
+            fd = os.open(os.path.join(where, "lvlm-actor-died"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        log.error("%s: exiting this actor process mid-batch (test hook)", ACTOR_DEATH_ENV)
+        os._exit(1)
+
+
 # ----------------------------------------------------------------------------------------------------
 # LVLM tier: projector + pruned LLM + caption splice
 
@@ -300,6 +317,7 @@ class LVLMTier:
             r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        _maybe_die_once()
         rows = batch.to_pylist()
         good = [r for r in rows if r["error"] is None]
         t0 = time.perf_counter()

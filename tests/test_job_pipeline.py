@@ -97,17 +97,31 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3_server):
-    """One local Ray for the module, started after the moto env vars so that workers inherit them."""
+def death_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("actor-death")
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server, death_dir):
+    """One local Ray for the module, started after the moto env vars so that workers inherit them.
+
+    Workers also inherit the actor-death hook: the module's first LVLM batch kills its actor mid-batch.
+    """
     import ray
 
+    from pipeline.stages import ACTOR_DEATH_ENV
+
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(ACTOR_DEATH_ENV, str(death_dir))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     yield ray
     ray.shutdown()
 
 
-def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket, models, tmp_path) -> None:
+def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket, models, tmp_path,
+                                             death_dir) -> None:
+    """Also: the LVLM actor dies in its first batch (test hook); Ray restarts it and retries, counts exact."""
     from pipeline.graph import run_job
     from pipeline.storage import resolve
 
@@ -123,6 +137,7 @@ def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket,
                     prune_rate=0.875, lvlm=f"s3://{tmp_bucket}/models/lvlm", batch_size=4,
                     max_pixels=200 * 200, model_cache=str(tmp_path / "cache")).validate()
     summary = run_job(cfg)
+    assert (death_dir / "lvlm-actor-died").exists()  # the actor did die mid-run
 
     keys = s3_server.keys(tmp_bucket, "out/")
     for i in range(3):
