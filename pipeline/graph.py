@@ -256,8 +256,6 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
              run_id, len(shards), sum(len(s.ids) for s in shards), skipped, len(pending))
 
     written = processed = 0
-    t_first = t_last = None
-    first_rows = 0
     for shard in [s for s in pending if not s.ids]:  # nothing to compute: empty output with the schema
         write_shard(cfg, fs, shard, {}, const)
         written += 1
@@ -270,9 +268,6 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         by_rel = {s.rel: s for s in work}
         results: dict[str, dict[str, dict[str, Any]]] = {s.rel: {} for s in work}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            t_last = time.perf_counter()
-            if t_first is None:
-                t_first, first_rows = t_last, batch.num_rows
             for row in batch.to_pylist():
                 rel = row.pop("_shard")
                 bucket = results.get(rel)
@@ -295,10 +290,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     run = {"run_id": run_id, "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
-           "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall,
-           # steady state: rows after the first batch reached the driver / time since (no start-up)
-           "stream_items_per_s": (processed - first_rows) / (t_last - t_first)
-           if t_first is not None and t_last > t_first else None}
+           "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall}
     table = read_outputs(cfg, shards)
     kept = [k for k in table.column("keep_tokens").to_pylist() if k is not None]
     run["keep_tokens"] = kept[0] if kept else cfg.keep_tokens
