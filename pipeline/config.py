@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="caption_dataset.py",
         description="Batch VQA over Parquet shards on Ray Data: decode -> captioner tier (vision tower, pruner, "
         "ACCM captions) -> LVLM tier (projector + pruned LLM) -> scoring -> Parquet + summary.json. "
-        "With no arguments: the bundled Shapes-VQA test shards, shipped small models, accm at 87.5%% "
+        "With no arguments: the bundled Shapes-VQA test shards, shipped small models, accm at 87.5% "
         "pruning, local output.",
     )
     parser.add_argument("--config", help="YAML file with any of these options (keys: option names); "
