@@ -18,25 +18,14 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def _setup_logging() -> None:
-    from pipeline.storage import RedactingFilter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(RedactingFilter())
-    for name in ("accm", "pipeline", "actors"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-        logger.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_args
     from pipeline.schema import SchemaError
 
     cfg = parse_args(argv)
-    _setup_logging()
+    from pipeline.logs import setup_logging
+
+    setup_logging()
     log = logging.getLogger("accm.job")
 
     import ray

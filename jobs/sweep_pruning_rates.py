@@ -119,19 +119,6 @@ def settings_for(methods: list[str], rates: list[float]) -> list[tuple[str, floa
     return out
 
 
-def _setup_logging() -> None:
-    from pipeline.storage import RedactingFilter
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    handler.addFilter(RedactingFilter())
-    for name in ("accm", "pipeline", "actors"):
-        logger = logging.getLogger(name)
-        logger.setLevel(logging.INFO)
-        logger.addHandler(handler)
-        logger.propagate = False
-
-
 def publish_report(out_dir: Path, output: str, s3_endpoint: str | None = None) -> str:
     """Copy the report files to ``<output>/report/`` unless they were written there already."""
     from pipeline import storage
@@ -300,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(a == flag or a.startswith(flag + "=") for a in job_argv):
             raise SystemExit(f"{flag} is set per setting by the sweep; use --methods / --prune-rates")
     cost = CostConfig.load(args.cost_config).with_tiers(args.cost_captioner_tier, args.cost_lvlm_tier)
-    _setup_logging()
+    from pipeline.logs import setup_logging
+
+    setup_logging()
     if args.estimate:
         return run_estimate(args, cost)
     return run_sweep(args, job_argv, cost)

@@ -139,16 +139,9 @@ def fetch_model(url: str, cfg: JobConfig, what: str) -> str:
 
 def worker_logging() -> None:
     """INFO logs of this package from inside Ray workers (Ray forwards their stderr to the driver)."""
-    logger = logging.getLogger("accm")
-    if not logger.handlers:
-        from pipeline.storage import RedactingFilter
+    from pipeline.logs import setup_logging
 
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler.addFilter(RedactingFilter())
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    setup_logging(("accm",), with_time=False)
 
 
 def load_engine(cfg: JobConfig, num_gpus: float, what: str):
