@@ -20,13 +20,9 @@ import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
-try:  # kernels/ (issue 4): identical results to the fallbacks below, Triton on CUDA
-    from kernels.compact import compact_rows as _k_compact_rows
-    from kernels.token_scores import head_mean_query_scores as _k_head_mean_query_scores
-except ImportError:  # pragma: no cover - kernels not landed yet
-    _k_compact_rows = _k_head_mean_query_scores = None
-
 from actors.pruners import select_topk
+from kernels.compact import compact_rows
+from kernels.token_scores import head_mean_query_scores as head_mean_last_query
 
 
 @dataclass(frozen=True)
@@ -35,27 +31,6 @@ class FastVSpec:
 
     layer: int
     keep: int
-
-
-def head_mean_last_query(probs_last: Tensor, start: Tensor, length: Tensor) -> Tensor:
-    """probs_last [B, H, S] (last query's attention) -> [B, Nmax] head-mean over each row's image span."""
-    if _k_head_mean_query_scores is not None:
-        return _k_head_mean_query_scores(probs_last, start, length)
-    mean = probs_last.float().mean(dim=1)
-    n_max = int(length.max())
-    offs = torch.arange(n_max, device=mean.device)
-    idx = (start[:, None] + offs).clamp_max(mean.shape[1] - 1)
-    scores = torch.gather(mean, 1, idx)
-    return scores.masked_fill(offs[None, :] >= length[:, None], float("-inf"))
-
-
-def compact_rows(x: Tensor, keep_idx: Tensor) -> Tensor:
-    """Gather positions ``keep_idx`` [B, L'] along the sequence dim of [B, L, D] or [B, H, L, D]."""
-    if _k_compact_rows is not None:
-        return _k_compact_rows(x, keep_idx)
-    if x.dim() == 3:
-        return torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
-    return torch.gather(x, 2, keep_idx[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
 
 @dataclass

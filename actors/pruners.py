@@ -18,34 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from actors.vision import VisionBatch
-
-try:  # kernels/ (issue 4): identical results to the fallbacks below, Triton on CUDA
-    from kernels.token_scores import cosine_scores as _k_cosine_scores
-    from kernels.topk_select import select_topk as _k_select_topk
-except ImportError:  # pragma: no cover - kernels not landed yet
-    _k_cosine_scores = _k_select_topk = None
+from kernels.token_scores import cosine_scores
+from kernels.topk_select import select_topk
 
 METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")  # accm prunes like prumerge_plus
 VISIONZIP_SPLIT = (54, 10)  # dominant : contextual, VisionZip's 64-token setting (scaled to any budget)
 
 
 # ----------------------------------------------------------------------------------------------------
-# small ops (one line to swap for a kernel)
-
-
-def select_topk(scores: Tensor, k: int) -> Tensor:
-    """[B, N] scores -> [B, k] indices of the k highest, ascending. Ties: lower index wins."""
-    if _k_select_topk is not None:
-        return _k_select_topk(scores, k)
-    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
-    return order.sort(dim=-1).values
-
-
-def cosine_scores(patches: Tensor, text: Tensor) -> Tensor:
-    """[B, N, D] x [B, D] -> [B, N] cosine similarity."""
-    if _k_cosine_scores is not None:
-        return _k_cosine_scores(patches, text)
-    return torch.nn.functional.cosine_similarity(patches.float(), text.float()[:, None, :], dim=-1, eps=1e-8)
+# small ops (scoring and top-k come from kernels/: Triton on CUDA, their PyTorch references on CPU)
 
 
 def gather_rows(x: Tensor, idx: Tensor) -> Tensor:

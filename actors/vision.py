@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from kernels.token_scores import cls_attention_scores
+
 
 @dataclass
 class VisionBatch:
@@ -81,7 +83,7 @@ def encode_images(
     for layer in layers[: n_run - 1]:
         hidden = layer(hidden, None)
     hidden, probs, keys = _attention_with_probs(layers[n_run - 1], hidden)
-    cls_attention = probs[:, :, 0, 1:].float().sum(dim=1)
+    cls_attention = cls_attention_scores(probs[:, :, 0, 1:])  # Triton on CUDA, reference on CPU
     return VisionBatch(
         patch_features=hidden[:, 1:],
         cls_attention=cls_attention,
