@@ -127,8 +127,10 @@ def build_processor(tokenizer=None):
 
 PRESETS: dict[str, dict] = {
     # small tower, larger LLM: tower ~4% of a full-token item's FLOPs (LLaVA-1.5-7B: ~4%)
-    "default": dict(v_hidden=64, v_layers=3, v_heads=4, v_inter=256, hidden=256, layers=4, heads=8, kv_heads=4, inter=768),
-    "small": dict(v_hidden=64, v_layers=3, v_heads=4, v_inter=256, hidden=192, layers=4, heads=6, kv_heads=3, inter=512),
+    # (a 64-d tower with a 256-wide MLP learned per-object shape to only ~46% in stage 0: too little
+    # per-patch capacity to recognise 5-6 px shapes under any colour and offset; hence the wide MLP)
+    "default": dict(v_hidden=96, v_layers=3, v_heads=4, v_inter=768, hidden=256, layers=4, heads=8, kv_heads=4, inter=768),
+    "small": dict(v_hidden=96, v_layers=3, v_heads=4, v_inter=768, hidden=192, layers=4, heads=6, kv_heads=3, inter=512),
     "tiny": dict(v_hidden=32, v_layers=3, v_heads=2, v_inter=64, hidden=48, layers=2, heads=2, kv_heads=1, inter=96),
 }
 
