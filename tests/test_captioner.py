@@ -139,3 +139,22 @@ def test_captioner_flops_match_flop_counter(model):
                                    caption_tokens=out.steps[0] + 1, feature_dim=DV)
     assert out.steps[0] >= 1
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_standardize_input_folds_into_the_linear(tokenizer):
+    """W/sigma, b - W mu/sigma: the mapper's Linear on raw features == the original Linear on standardised ones."""
+    m = build_caption_model(tokenizer, feature_dim=DV, hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2,
+                            mapper_layers=1, mapper_heads=2, seed=3)
+    torch.manual_seed(3)
+    feats = torch.randn(8, 56, DV) * 0.5 + torch.randn(DV) * 20  # a large component shared by all patches
+    before = m.mapper.linear(feats.sub(feats.mean((0, 1))).div(feats.reshape(-1, DV).std(0) + 1e-5))
+    stats = m.mapper.standardize_input(feats)
+    assert stats["feature_mean_norm"] > 50
+    torch.testing.assert_close(m.mapper.linear(feats), before, atol=1e-3, rtol=1e-3)
+
+
+def test_detokenize_matches_the_fact_strings():
+    from actors.captioner import detokenize
+
+    assert detokenize("the cross in row 8 , column 6 is yellow .") == "the cross in row 8, column 6 is yellow."
+    assert detokenize(" there are two triangles .") == "there are two triangles."
