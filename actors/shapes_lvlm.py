@@ -216,6 +216,12 @@ def curriculum_range(progress: float, ramp: float) -> tuple[int, int]:
     return lo, hi
 
 
+def level_range(level: int) -> tuple[int, int]:
+    """Adaptive curriculum level -> object-count range: level 1 = one object, ... level 16 = 10-16."""
+    level = max(1, min(shapes.MAX_OBJECTS, level))
+    return max(1, min(shapes.MIN_OBJECTS, level - 3)), level
+
+
 def patch_labels(objects) -> tuple[np.ndarray, np.ndarray]:
     """Per-patch colour (0 = empty, 1..8) and shape (0 = empty, 1..6) labels for stage 0."""
     color = np.zeros(shapes.GRID * shapes.GRID, np.int64)
@@ -263,6 +269,7 @@ class PackedBatch:
     attention_mask: torch.Tensor  # [B, 1, L, L] additive float mask
     labels: torch.Tensor  # [B, L] next-token targets per position (-100: no loss), already shifted
     label_types: list[list[str]]  # question type per labelled answer position (for logging)
+    first_kind: torch.Tensor | None = None  # [n_labels]: 1 first answer token of a plain image branch, 2 with fact, 3 text-only, 0 other
 
 
 def _ids(tokenizer, text: str) -> list[int]:
@@ -281,6 +288,7 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
         pos = list(range(len(ids)))
         lab = [-100] * len(ids)
         types: list[str] = []
+        kinds: list[int] = []
         for b, br in enumerate(branches):
             after = build_prompt(br.question, br.caption).split(IMAGE_TOKEN)[1]
             q_ids = _ids(tokenizer, after)
@@ -295,14 +303,16 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
                 lab.append(toks[j + 1] if len(q_ids) - 1 <= j < len(toks) - 1 else -100)
                 if len(q_ids) - 1 == j:
                     types.append(br.qtype)
-        rows.append((ids, seg, pos, lab, types))
+                if len(q_ids) - 1 <= j < len(toks) - 1:
+                    kinds.append(0 if j > len(q_ids) - 1 else 3 if not br.use_image else 2 if br.caption else 1)
+        rows.append((ids, seg, pos, lab, types, kinds))
     length = max(len(r[0]) for r in rows)
     bsz = len(rows)
     input_ids = torch.full((bsz, length), tokenizer.pad_token_id, dtype=torch.long)
     segs = torch.full((bsz, length), -1, dtype=torch.long)
     position_ids = torch.zeros((bsz, length), dtype=torch.long)
     labels = torch.full((bsz, length), -100, dtype=torch.long)
-    for i, (ids, seg, pos, lab, _) in enumerate(rows):
+    for i, (ids, seg, pos, lab, _, _) in enumerate(rows):
         n = len(ids)
         input_ids[i, :n] = torch.tensor(ids)
         segs[i, :n] = torch.tensor(seg)
@@ -317,7 +327,8 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
     allowed |= torch.eye(length, dtype=torch.bool)[None]  # padding rows attend to themselves (no NaN)
     mask = torch.zeros((bsz, 1, length, length), dtype=torch.float32)
     mask.masked_fill_(~allowed[:, None], torch.finfo(torch.float32).min)
-    return PackedBatch(input_ids, input_ids == image_id, position_ids, mask, labels, [r[4] for r in rows])
+    kinds = torch.tensor([k for r in rows for k in r[5]], dtype=torch.long)
+    return PackedBatch(input_ids, input_ids == image_id, position_ids, mask, labels, [r[4] for r in rows], kinds)
 
 
 def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: torch.Tensor | None = None):

@@ -237,11 +237,19 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         opt.load_state_dict(state.pop(key))
         start = state.get(f"stage{stage}_step", 0)
     vitems = val_items(args.val_seed, args.val_items)
+    level, ema, at_level = state.get("level", 1), 0.0, 0
     model.config.text_config._attn_implementation = args.train_attn
     t0, seen = time.time(), 0
     for step in range(start, steps):
         progress = step / max(1, steps)
-        n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
+        if args.curriculum == "adaptive":
+            # stay on a level until the plain image questions are answered (EMA of the batch's first-token
+            # accuracy > threshold); a fixed schedule (--ramp) sets the floor so stage 2 ends on full scenes
+            floor = 1 if stage == 1 else int(shapes.MAX_OBJECTS * min(1.0, progress / args.ramp)) if args.ramp > 0 else 16
+            level = max(level, floor)
+            n_range = L.level_range(level)
+        else:
+            n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
         rng = np.random.default_rng([args.seed, stage, step])
         px, pb = vqa_batch(tok, rng, args, n_range)
         for g in opt.param_groups:
@@ -255,11 +263,21 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seen += int((pb.labels != -100).sum().item())
+        with torch.no_grad():
+            img = pb.first_kind == 1
+            acc_img = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
+        ema = 0.9 * ema + 0.1 * acc_img
+        at_level += 1
+        if args.curriculum == "adaptive" and at_level >= 20 and ema > args.level_threshold and level < shapes.MAX_OBJECTS:
+            level, at_level, ema = level + 1, 0, 0.0
+            state["level"] = level
+            log(f"curriculum: level {level} objects {L.level_range(level)} at stage{stage} step {step}")
         last = step == steps - 1
         if step % args.log_every == 0 or last:
             el = time.time() - t0
             log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} "
-                f"{(step - start + 1) * args.batch / max(el, 1e-6):.1f} img/s {seen / max(el, 1e-6):.0f} tok/s")
+                f"{(step - start + 1) * args.batch / max(el, 1e-6):.1f} img/s {seen / max(el, 1e-6):.0f} tok/s "
+                f"train image-question acc (EMA) {ema:.2f}")
         if (step + 1) % args.eval_every == 0 or last:
             model.config.text_config._attn_implementation = "eager"
             acc = evaluate(model, tok, vitems)
@@ -318,7 +336,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-image", type=int, default=6, help="plain image questions per image")
     p.add_argument("--n-fact", type=int, default=2, help="image + fact-as-text questions per image")
     p.add_argument("--n-text", type=int, default=1, help="text-only (fact, no image) questions per image")
-    p.add_argument("--ramp", type=float, default=0.3, help="fraction of stage 2 over which the object count ramps up")
+    p.add_argument("--ramp", type=float, default=0.6, help="fraction of stage 2 by which scenes reach 10-16 objects")
+    p.add_argument("--curriculum", default="adaptive", choices=["adaptive", "linear"],
+                   help="adaptive: one object first, one more when train image accuracy passes --level-threshold")
+    p.add_argument("--level-threshold", type=float, default=0.8, help="adaptive curriculum: EMA accuracy to advance")
     p.add_argument("--train-attn", default="sdpa", choices=["sdpa", "eager"], help="LLM attention kernel in training")
     p.add_argument("--log-every", type=int, default=25, help="log the training loss every N steps")
     p.add_argument("--eval-every", type=int, default=150, help="val accuracy every N steps")
