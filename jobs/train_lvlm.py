@@ -149,12 +149,16 @@ def tower_report(model, heads: TowerHeads, args) -> dict:
 # ----------------------------------------------------------------------------- stages 1-2
 
 
-def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int]):
+def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], stage: int = 2):
+    # stage 1 defaults to image questions only: with fact/text samples present the LLM lowered its loss by
+    # reading text and never started to use the image (runs 5-6, see the model card)
+    n_fact = args.n_fact if stage == 2 else args.stage1_n_fact
+    n_text = args.n_text if stage == 2 else args.stage1_n_text
     images, branches = [], []
     for _ in range(args.batch):
         objs = L.sample_train_scene(rng, *n_range)
         images.append(np.asarray(shapes.render(objs)))
-        branches.append(L.draw_branches(objs, rng, n_image=args.n_image, n_fact=args.n_fact, n_text=args.n_text))
+        branches.append(L.draw_branches(objs, rng, n_image=args.n_image, n_fact=n_fact, n_text=n_text))
     return L.pixel_values(images), L.pack_batch(tok, branches)
 
 
@@ -251,7 +255,7 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         else:
             n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
         rng = np.random.default_rng([args.seed, stage, step])
-        px, pb = vqa_batch(tok, rng, args, n_range)
+        px, pb = vqa_batch(tok, rng, args, n_range, stage)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, lr, args.warmup if stage == 2 else max(1, steps // 10))
         with torch.no_grad():
@@ -327,7 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-standardize-projector", dest="standardize_projector", action="store_false",
                    help="do not fold feature standardisation into the projector before stage 1")
     p.add_argument("--stage1-steps", type=int, default=150, help="stage 1 steps (1-4 object scenes)")
-    p.add_argument("--stage1-lr", type=float, default=2e-3, help="stage 1 peak LR")
+    p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 peak LR")
+    p.add_argument("--stage1-n-fact", type=int, default=0, help="stage 1: image + fact questions per image")
+    p.add_argument("--stage1-n-text", type=int, default=0, help="stage 1: text-only questions per image")
     p.add_argument("--stage1-freeze-llm", action="store_true", help="stage 1 trains the projector only")
     p.add_argument("--stage2-steps", type=int, default=1200, help="stage 2 steps")
     p.add_argument("--lr", type=float, default=2e-3, help="stage 2 peak LR (AdamW, warmup + cosine)")
