@@ -64,6 +64,10 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int) -> 
         "qtypes": [it.question_type for it in items],
         "facts": [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in items],
         "discarded": pruned.discarded,
+        # can the caption model see the object the question names? (count/exist facts: always stated)
+        "target_discarded": [it.question_type in ("count", "exist") or
+                             (it.objects[it.target[0]].row * shapes.GRID + it.objects[it.target[0]].col) not in set(kept)
+                             for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
     }
@@ -98,7 +102,9 @@ class ACCMTrainable(nn.Module):
     def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
                 candidates: list[list[str]] | None = None, best: Tensor | None = None) -> dict[str, Tensor]:
         if stage == "pretrain":
-            loss = self.captioner.caption_loss(batch["discarded"], batch["questions"], batch["facts"]).mean()
+            rows = batch.get("train_rows") or list(range(len(batch["questions"])))
+            loss = self.captioner.caption_loss(batch["discarded"][rows], [batch["questions"][i] for i in rows],
+                                               [batch["facts"][i] for i in rows]).mean()
             return {"loss": loss, "caption_ce": loss.detach()}
         cap = self.captioner.caption_loss(batch["discarded"], batch["questions"], best_captions).mean()
         logits = self.selector(batch["questions"], candidates)
@@ -120,7 +126,9 @@ def caption_val(captioner, batch: dict) -> dict[str, float]:
     for cands, f, qt in zip(beams.captions, batch["facts"], batch["qtypes"], strict=True):
         per.setdefault(qt, []).append((cands[0] == f, f in cands))
     rows = [r for v in per.values() for r in v]
-    out = {"val_exact": sum(a for a, _ in rows) / len(rows), "val_any_beam": sum(b for _, b in rows) / len(rows)}
+    seen = [c[0] == f for c, f, v in zip(beams.captions, batch["facts"], batch["target_discarded"], strict=True) if v]
+    out = {"val_exact": sum(a for a, _ in rows) / len(rows), "val_any_beam": sum(b for _, b in rows) / len(rows),
+           "val_exact_target_discarded": sum(seen) / max(1, len(seen))}
     out.update({f"val_exact_{k}": sum(a for a, _ in v) / len(v) for k, v in sorted(per.items())})
     return {k: round(v, 4) for k, v in out.items()}
 
@@ -217,6 +225,8 @@ def train_loop(config: dict) -> None:
         batch = make_batch(engine, config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
                            keep)
         if stage == "pretrain":
+            if config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
+                batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
             out = ds("pretrain", batch)
             loss = out["loss"]
         else:
@@ -382,6 +392,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=str(REPO / "runs/ray"))
     p.add_argument("--name", default="accm")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
+    p.add_argument("--pretrain-targets", choices=("all", "discarded"), default="discarded",
+                   help="pretrain on every item's fact, or only where the named object is among the discarded "
+                        "patches (the mapper cannot see retained ones; count/exist facts always kept)")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
@@ -421,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
-                weight_scale=args.weight_scale, weight_max=args.weight_max)
+                weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets)
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]
     if args.smoke:
