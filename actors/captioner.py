@@ -122,7 +122,7 @@ class Mapper(nn.Module):
         The tower's penultimate residual stream carries a large component shared by every patch (feature
         norm ~25, per-dimension std ~1.2): mapped as is, the patch tokens are nearly identical and the
         caption model sits on the language-prior plateau (measured: val CE 0.76 after 600 steps at width 40;
-        with this fold it leaves the plateau, see .notes/accm.md). Same architecture, same FLOPs.
+        with this fold it leaves the plateau, see docs/notes/accm.md). Same architecture, same FLOPs.
         """
         feats = features.reshape(-1, features.shape[-1]).float()
         mu, sigma = feats.mean(0), feats.std(0) + 1e-5

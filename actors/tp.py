@@ -9,7 +9,7 @@ returning the answers), calls ``init_rank`` in each, then ``shard_model`` on the
 Status: ``init_rank`` + ``shard_model`` are tested at tp=1 on CPU (gloo), where DeepSpeed injects
 nothing and the outputs must be identical to the plain model. tp > 1 needs several GPUs and NCCL and
 is not tested here; the main job does not yet expose ``--lvlm-tp`` (its LVLM tier is one actor per
-model replica). See .notes/sweep.md.
+model replica). See docs/notes/sweep.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ GPUs, tier resources, ``--limit``, ``--resume``, ...) is accepted and applies to
 
 Settings run one after another on the same Ray cluster through the main job's graph
 (``pipeline.graph.run_job``), so each setting re-runs the vision tower: the encoding is not shared
-across settings (see .notes/sweep.md). Items/s per setting is the main job's (wall time including
+across settings (see docs/notes/sweep.md). Items/s per setting is the main job's (wall time including
 its actor start-up and model loading).
 """
 

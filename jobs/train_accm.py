@@ -354,7 +354,7 @@ def markdown(table: dict) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 
-# Width 64 because narrower caption models did not learn to read the patches (measured, .notes/accm.md): at
+# Width 64 because narrower caption models did not learn to read the patches (measured, docs/notes/accm.md): at
 # widths 32/40/48 the validation caption CE stayed on the language-prior plateau (~0.76) for 600+ steps, with
 # or without input standardisation, P = 4/8/16 or a 2-layer mapper; width 64 left it within ~300 steps.
 # Cost ~10 MFLOPs per item with a 6-token caption (~5% of a 75%-pruned item on the `default` LVLM).

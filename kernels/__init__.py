@@ -10,5 +10,5 @@ Modules (each: ``@triton.jit`` kernel, launcher ``*_triton``, reference ``*_refe
 - ``kernels.compact``: ``compact_rows``, ``compact_kv``, ``compact_cache_``, ``keep_positions``
 
 Dispatch: CUDA tensor + triton -> kernel, else reference; ``ACCM_FORCE_TRITON=1`` or ``use_kernel=True``
-forces the kernel (CPU tensors then need ``TRITON_INTERPRET=1``). Signatures: ``.notes/kernels.md``.
+forces the kernel (CPU tensors then need ``TRITON_INTERPRET=1``). Signatures: ``docs/notes/kernels.md``.
 """
