@@ -182,30 +182,9 @@ def vision_features(model, pixels: torch.Tensor, *, output_attentions: bool = Fa
 
 # ----------------------------------------------------------------------------- data
 
-TRAIN_BUCKETS = range(0, 8)
-
-
 def sample_train_scene(rng: np.random.Generator, n_min: int, n_max: int) -> tuple[shapes.SceneObject, ...]:
-    """Like ``shapes.sample_scene(rng, 'train')`` but with ``n_min..n_max`` objects (curriculum)."""
-    g = shapes.GRID
-    while True:
-        n = int(rng.integers(n_min, n_max + 1))
-        cells = rng.choice(g * g, size=n, replace=False)
-        objects = []
-        for cell in sorted(int(c) for c in cells):
-            size = int(rng.integers(5, 7))
-            objects.append(
-                shapes.SceneObject(
-                    shape=shapes.SHAPES[int(rng.integers(len(shapes.SHAPES)))],
-                    color=shapes.COLOR_NAMES[int(rng.integers(len(shapes.COLOR_NAMES)))],
-                    row=cell // g, col=cell % g,
-                    dx=int(rng.integers(0, shapes.CELL - size + 1)), dy=int(rng.integers(0, shapes.CELL - size + 1)),
-                    size=size,
-                )
-            )
-        objects = tuple(objects)
-        if shapes.scene_hash(objects) % 10 in TRAIN_BUCKETS:
-            return objects
+    """A train-split scene with ``n_min..n_max`` objects (curriculum)."""
+    return shapes.sample_scene(rng, "train", (n_min, n_max))
 
 
 def curriculum_range(progress: float, ramp: float) -> tuple[int, int]:

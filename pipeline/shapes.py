@@ -89,11 +89,14 @@ def scene_hash(objects: tuple[SceneObject, ...]) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
 
 
-def sample_scene(rng: np.random.Generator, split: str) -> tuple[SceneObject, ...]:
-    """Draw objects in distinct cells, redrawing until the scene hashes into ``split``."""
+def sample_scene(
+    rng: np.random.Generator, split: str, n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+) -> tuple[SceneObject, ...]:
+    """Draw ``n_objects[0]..n_objects[1]`` objects in distinct cells, redrawing until the scene hashes
+    into ``split`` (training curricula pass smaller counts; the benchmark uses the default)."""
     buckets = _SPLIT_BUCKETS[split]
     while True:
-        n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+        n = int(rng.integers(n_objects[0], n_objects[1] + 1))
         cells = rng.choice(GRID * GRID, size=n, replace=False)
         objects = []
         for cell in sorted(int(c) for c in cells):
