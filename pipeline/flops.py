@@ -279,6 +279,10 @@ def _slot(spec: dict | None, fn: Any, defaults: dict) -> float:
 # --------------------------------------------------------------------------- one LLaVA item
 
 
+# the per-item components, in report order; ``total`` is their sum
+COMPONENTS = ("vision", "pruner", "projector", "llm_prefill", "llm_decode", "captioner", "selector")
+
+
 def llava_item_flops(
     llava_config: Any,
     *,
@@ -582,25 +586,14 @@ def flops_table(
                     "kept": item["visual_tokens_kept"],
                     "tflops": item["total"] / 1e12,
                     "percent_of_unpruned": 100.0 * item["total"] / item["reference_total"],
-                    **{
-                        k: item[k] / 1e12
-                        for k in (
-                            "vision",
-                            "pruner",
-                            "projector",
-                            "llm_prefill",
-                            "llm_decode",
-                            "captioner",
-                            "selector",
-                        )
-                    },
+                    **{k: item[k] / 1e12 for k in COMPONENTS},
                 }
             )
     return rows
 
 
 def _format_table(rows: list[dict], title: str) -> str:
-    cols = ("vision", "pruner", "projector", "llm_prefill", "llm_decode", "captioner", "selector")
+    cols = COMPONENTS
     head = f"{'method':<14}{'kept':>5}{'TFLOPs':>9}{'% unpr.':>9}" + "".join(f"{c:>12}" for c in cols)
     lines = [title, head, "-" * len(head)]
     for r in rows:
