@@ -425,6 +425,9 @@ CLIP_L14_TEXT = TransformerDims(
 )
 LONGCLIP_L_TEXT = CLIP_L14_TEXT  # same tower, 248 positions
 LONGCLIP_MAX_TOKENS = 248
+# "Question:" + "Supplemental information for questions:" as ~7 BPE tokens + start/end tokens (an estimate:
+# no CLIP tokenizer ships here; one more or less moves the 7B ACCM row by <0.01 points)
+SELECTOR_TEMPLATE_TOKENS = 9
 GPT2_SMALL = TransformerDims(
     hidden=768, intermediate=3072, layers=12, heads=12, kv_heads=12, gated_ffn=False, vocab=50257
 )
@@ -442,10 +445,18 @@ def reference_accm_slots(
     caption_tokens: int = 36,
     beams: int = 3,
     prefix_len: int = 20,
-    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    selector_tokens: int | None = None,
 ) -> tuple[dict, dict]:
     """Captioner (ClipCap mapper + GPT-2 small, beam search) and selector (LongCLIP-L x beams + 4-layer
-    encoder) slots as in the ACCM paper's code; LongCLIP's tokenizer pads every candidate to 248."""
+    encoder) slots as in the ACCM paper's code.
+
+    The selector encodes each candidate at its real length (question + caption + template, as
+    ``actors.selector`` does: padding to the longest candidate only); the paper's LongCLIP code pads every
+    candidate to 248 positions, which ``selector_tokens=248`` reproduces (~2.3x the selector's cost at a
+    64-token question and 36-token caption).
+    """
+    if selector_tokens is None:
+        selector_tokens = selector_real_tokens(question_tokens, caption_tokens)
     captioner = dict(
         mapper_dims=CLIPCAP_MAPPER,
         decoder_dims=GPT2_SMALL,
@@ -462,6 +473,11 @@ def reference_accm_slots(
         projection_dim=768,
     )
     return captioner, selector
+
+
+def selector_real_tokens(question_tokens: int, caption_tokens: int) -> int:
+    """Tokens of one selector candidate at its real length (capped at LongCLIP's 248 positions)."""
+    return min(LONGCLIP_MAX_TOKENS, question_tokens + caption_tokens + SELECTOR_TEMPLATE_TOKENS)
 
 
 def resolve_keep(total: int, keep_tokens: int | None, prune_rate: float | None) -> int:
@@ -484,7 +500,7 @@ def cli_item(
     fastv_layer: int = 2,
     convention: str = "ours",
     question_tokens: int | None = None,
-    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    selector_tokens: int | None = None,
     beams: int = 3,
 ) -> dict[str, float]:
     """Components of one item as the CLI prints them, with the reference ACCM parts for `accm`."""
@@ -558,7 +574,7 @@ def flops_table(
     new_tokens: int = 4,
     caption_tokens: int = 36,
     question_tokens: int | None = None,
-    selector_tokens: int = LONGCLIP_MAX_TOKENS,
+    selector_tokens: int | None = None,
     beams: int = 3,
     keeps: tuple[int, ...] = TABLE_KEEPS,
     methods: tuple[str, ...] = TABLE_METHODS,
@@ -618,7 +634,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--question-tokens", type=int, help="question tokens for the text towers (default min(P, 77))"
     )
-    p.add_argument("--selector-tokens", type=int, default=LONGCLIP_MAX_TOKENS)
+    p.add_argument(
+        "--selector-tokens",
+        type=int,
+        help="tokens per selector candidate (default: real length = question + caption + "
+        f"{SELECTOR_TEMPLATE_TOKENS}; {LONGCLIP_MAX_TOKENS} = LongCLIP padded as in the paper's code)",
+    )
     p.add_argument("--beams", type=int, default=3)
     p.add_argument("--convention", choices=("ours", "fastv"), default="ours")
     p.add_argument("--json", action="store_true", help="print the item's components as JSON")
@@ -644,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{64 if args.prompt_tokens is None else args.prompt_tokens} tokens, "
                 f"{4 if args.new_tokens is None else args.new_tokens} new tokens; accm: caption budget "
                 f"{36 if args.caption_tokens is None else args.caption_tokens} (+{CAPTION_SPLICE_TOKENS} splice) "
-                f"tokens, {args.beams} beams, selector {args.selector_tokens} tokens/candidate"
+                f"tokens, {args.beams} beams, selector "
+                + (f"{args.selector_tokens} tokens/candidate" if args.selector_tokens else "candidates at real length")
             )
             print(_format_table(rows, title))
         return 0

@@ -347,3 +347,19 @@ def test_table_rows_and_accm_cost():
         assert by[("accm", keep)]["tflops"] > by[("prumerge_plus", keep)]["tflops"]
         assert by[("accm", keep)]["captioner"] > 0 and by[("accm", keep)]["selector"] > 0
     assert by[("accm", 72)]["percent_of_unpruned"] < 40.0
+
+
+def test_selector_counts_candidates_at_real_length_by_default():
+    """The selector tokenizes with padding to the longest candidate, so the estimate counts real length;
+    248 (LongCLIP padded, as in the paper's code) stays available and costs more."""
+    config = flops.named_llava_config("llava-1.5-7b")
+    real = flops.cli_item(config, method="accm", keep=72, prompt_tokens=64, new_tokens=4, caption_tokens=36)
+    padded = flops.cli_item(
+        config, method="accm", keep=72, prompt_tokens=64, new_tokens=4, caption_tokens=36, selector_tokens=248
+    )
+    assert flops.selector_real_tokens(64, 36) == 64 + 36 + flops.SELECTOR_TEMPLATE_TOKENS
+    assert flops.selector_real_tokens(200, 100) == flops.LONGCLIP_MAX_TOKENS
+    assert 2.0 < padded["selector"] / real["selector"] < 2.6
+    assert real["total"] < padded["total"]
+    assert real["llm_prefill"] == padded["llm_prefill"]
+
