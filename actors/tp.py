@@ -3,13 +3,20 @@
 DeepSpeed's AutoTP splits every ``nn.Linear`` of the LLaMA decoder column- or row-wise over ``tp``
 ranks and inserts the all-reduces; the CLIP tower and the projector stay replicated (they are small).
 Each rank is one process on one GPU and runs the *same* forward on the *same* inputs: the caller
-starts ``tp`` processes (on Ray: ``tp`` actors of 1 GPU each in one STRICT_PACK placement group, rank 0
-returning the answers), calls ``init_rank`` in each, then ``shard_model`` on the loaded model.
+starts ``tp`` processes, calls ``init_rank`` in each (same address and port, ranks 0..tp-1), then
+``shard_model`` on the loaded model, and feeds every rank the same batches.
+
+In the main job (``--lvlm-tp N``, ``pipeline/stages.py``): each LVLM-tier replica is one Ray Data
+actor holding N GPUs of one node; it is rank 0, picks a free port (``free_port``) and its node's
+address, and starts N-1 helper Ray actors (``LVLMRank``) pinned to its node that see the same GPUs,
+use ``cuda:<rank>``, join the group, shard the same model and run the same ``generate`` on the same
+inputs each batch; rank 0 returns the answers.
 
 Status: ``init_rank`` + ``shard_model`` are tested at tp=1 on CPU (gloo), where DeepSpeed injects
-nothing and the outputs must be identical to the plain model. tp > 1 needs several GPUs and NCCL and
-is not tested here; the main job does not yet expose ``--lvlm-tp`` (its LVLM tier is one actor per
-model replica). See docs/notes/sweep.md.
+nothing and the outputs must be identical to the plain model, both alone (tests/test_infra.py) and
+through the main job with ``--lvlm-tp 1`` (tests/test_job_tp.py: same answers row by row as without
+the flag). tp > 1 needs several GPUs and NCCL and is *not tested* here (no GPUs on the development
+machines); its code path is the one above, kept small. See docs/notes/sweep.md.
 """
 
 from __future__ import annotations
@@ -30,18 +37,24 @@ def init_rank(
 ) -> None:
     """Join (or create) the process group of a tp group; a no-op when one exists already.
 
-    ``backend`` defaults to NCCL on CUDA and gloo otherwise (DeepSpeed's CPU accelerator).
+    ``backend`` defaults to NCCL on CUDA and gloo otherwise, and DeepSpeed's accelerator follows it
+    (the jobs default ``DS_ACCELERATOR`` to ``cpu`` for the CPU-only development machines).
     """
-    import deepspeed
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if "deepspeed" not in sys.modules:  # DeepSpeed picks its accelerator once, at import
+        os.environ["DS_ACCELERATOR"] = "cuda" if backend == "nccl" else "cpu"
+    import deepspeed
+
     os.environ.update(
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )  # fmt: skip
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
@@ -63,6 +76,15 @@ def shard_model(model: torch.nn.Module, tp: int, *, dtype: torch.dtype | None = 
         model, tensor_parallel={"tp_size": tp}, dtype=dtype, replace_with_kernel_inject=False
     )
     return engine.module
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (rank 0 binds it as the process group's store right after)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def tp_plan(params: float, gpu_memory_gib: float, *, bytes_per_param: int = 2, headroom: float = 0.7) -> int:

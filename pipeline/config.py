@@ -59,7 +59,8 @@ class JobConfig:
     captioner_actors: tuple[int, int] = (1, 1)
     lvlm_actors: tuple[int, int] = (1, 1)
     captioner_gpus: float | None = None  # None: 0.5 when the cluster has GPUs, else 0
-    lvlm_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    lvlm_gpus: float | None = None  # None: 1 (tp: lvlm_tp) when the cluster has GPUs, else 0
+    lvlm_tp: int | None = None  # None: plain model; N: DeepSpeed tensor parallelism over N GPUs per replica
     captioner_resource: str = "captioner_tier"
     lvlm_resource: str = "lvlm_tier"
     limit: int | None = None
@@ -88,6 +89,16 @@ class JobConfig:
             raise ValueError("--num-candidates must be >= 1")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must be >= 0")
+        if self.lvlm_tp is not None:
+            if self.lvlm_tp < 1:
+                raise ValueError(f"--lvlm-tp must be >= 1, got {self.lvlm_tp}")
+            if self.lvlm_tp > 1 and self.lvlm_gpus is not None and self.lvlm_gpus != self.lvlm_tp:
+                if not self.lvlm_gpus:
+                    raise ValueError(f"--lvlm-tp {self.lvlm_tp} needs GPUs for the LVLM tier (one per rank), "
+                                     "but --lvlm-gpus is 0: tensor parallelism > 1 cannot run on CPU")
+                raise ValueError(f"--lvlm-tp {self.lvlm_tp}: each LVLM replica takes {self.lvlm_tp} GPUs (one "
+                                 f"per rank); leave --lvlm-gpus out or set it to {self.lvlm_tp}, got "
+                                 f"{self.lvlm_gpus:g}")
         self.captioner_actors = parse_pool(self.captioner_actors)
         self.lvlm_actors = parse_pool(self.lvlm_actors)
         return self
@@ -122,7 +133,11 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--lvlm-actors", "lvlm_actors", str, "LVLM tier actor pool size MIN:MAX (default: 1:1)."),
     ("--captioner-gpus", "captioner_gpus", float, "GPUs per captioner actor (default: 0.5 if the cluster "
      "has GPUs, else 0)."),
-    ("--lvlm-gpus", "lvlm_gpus", float, "GPUs per LVLM actor (default: 1 if the cluster has GPUs, else 0)."),
+    ("--lvlm-gpus", "lvlm_gpus", float, "GPUs per LVLM actor (default: 1 if the cluster has GPUs, else 0; "
+     "with --lvlm-tp N: N)."),
+    ("--lvlm-tp", "lvlm_tp", int, "Run the LVLM tier's model with DeepSpeed inference tensor parallelism over "
+     "N GPUs of one node per replica (models too large for one GPU; N > 1 needs GPUs; each replica then "
+     "requests N GPUs). 1 goes through DeepSpeed without splitting (default: off, the plain model)."),
     ("--captioner-resource", "captioner_resource", str, "Custom Ray resource of the captioner tier, requested "
      "only when the cluster has it (default: captioner_tier)."),
     ("--lvlm-resource", "lvlm_resource", str, "Custom Ray resource of the LVLM tier (default: lvlm_tier)."),

@@ -117,11 +117,24 @@ class Resources:
     lvlm: dict[str, Any]
 
 
-def tier_resources(cfg: JobConfig, cluster: dict[str, float]) -> Resources:
+def tier_resources(cfg: JobConfig, cluster: dict[str, float], node_gpus: list[float] | None = None) -> Resources:
     """Per-actor requests that fit the cluster: fractional CPUs on small machines (a 2-CPU Ray Data graph
-    deadlocks when actors hold every CPU the read task needs), GPUs and tier resources only if present."""
+    deadlocks when actors hold every CPU the read task needs), GPUs and tier resources only if present.
+
+    ``--lvlm-tp N`` (N > 1): an LVLM replica is one actor holding N GPUs (Ray places an actor's resources
+    on one node, so the N ranks share a node); a cluster without GPUs, or whose nodes (``node_gpus``: GPUs
+    per alive node, if known) all have fewer than N, is refused here rather than left pending forever.
+    """
     cpus = float(cluster.get("CPU", 1.0))
     has_gpu = float(cluster.get("GPU", 0.0)) > 0
+    tp = cfg.lvlm_tp or 1
+    if tp > 1:
+        if not has_gpu:
+            raise ValueError(f"--lvlm-tp {tp} needs GPUs for the LVLM tier (one per rank) but the Ray cluster "
+                             "has none; run without --lvlm-tp (or with --lvlm-tp 1) on CPU")
+        if node_gpus and max(node_gpus) < tp:
+            raise ValueError(f"--lvlm-tp {tp} needs {tp} GPUs on one node; the largest node of this cluster "
+                             f"has {max(node_gpus):g}")
     n_actors = cfg.captioner_actors[1] + cfg.lvlm_actors[1]
     actor_cpus = 1.0 if cpus - 1 >= n_actors else max(0.05, round((cpus - 1) / n_actors, 3) or 0.25 / n_actors)
     task_cpus = 1.0 if cpus >= 2 else 0.5
@@ -142,8 +155,13 @@ def tier_resources(cfg: JobConfig, cluster: dict[str, float]) -> Resources:
     return Resources(
         task_cpus=task_cpus,
         captioner=tier(cfg.captioner_gpus, 0.5, cfg.captioner_resource, cfg.captioner_actors[1]),
-        lvlm=tier(cfg.lvlm_gpus, 1.0, cfg.lvlm_resource, cfg.lvlm_actors[1]),
+        lvlm=tier(cfg.lvlm_gpus, float(tp), cfg.lvlm_resource, cfg.lvlm_actors[1]),
     )
+
+
+def node_gpus(ray) -> list[float]:
+    """GPUs of each alive node of the connected cluster."""
+    return [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +279,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         written += 1
     work = [s for s in pending if s.ids]
     if work:
-        res = tier_resources(cfg, ray.cluster_resources())
+        res = tier_resources(cfg, ray.cluster_resources(), node_gpus(ray))
         log.info("resources: tasks %.2f CPU; captioner actors %s x %s; LVLM actors %s x %s", res.task_cpus,
                  cfg.captioner_actors, res.captioner, cfg.lvlm_actors, res.lvlm)
         ds = build_dataset(cfg, fs, work, res)

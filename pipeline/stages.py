@@ -144,17 +144,24 @@ def worker_logging() -> None:
     setup_logging(("accm",), with_time=False)
 
 
-def load_engine(cfg: JobConfig, num_gpus: float, what: str):
+def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = None, device: str | None = None):
+    """The LLaVA engine of a tier; ``tp``: its model split by DeepSpeed over ``tp`` ranks (``init_rank`` first)."""
     from actors.engine import LlavaEngine
 
     worker_logging()
 
-    device, dtype = _device(num_gpus)
+    default_device, dtype = _device(num_gpus)
+    device = device or default_device
     path = fetch_model(cfg.lvlm, cfg, what)
     t0 = time.perf_counter()
     engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype)
-    log.info("%s: LLaVA loaded on %s/%s in %.1fs", what, device, str(dtype).removeprefix("torch."),
-             time.perf_counter() - t0)
+    if tp is not None:  # rebuild the engine around the sharded modules (its decoder loop holds them)
+        from actors.tp import shard_model
+
+        model = shard_model(engine.model, tp)
+        engine = LlavaEngine(model, engine.processor, model_id=engine.model_id, text_guide=engine.text_guide)
+    log.info("%s: LLaVA loaded on %s/%s%s in %.1fs", what, device, str(dtype).removeprefix("torch."),
+             f", DeepSpeed tp={tp}" if tp is not None else "", time.perf_counter() - t0)
     return engine
 
 
@@ -274,40 +281,132 @@ def _maybe_die_once() -> None:
 # LVLM tier: projector + pruned LLM + caption splice
 
 
+def lvlm_inputs(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
+    """One ``generate`` call's inputs (plain Python + numpy: what tp rank 0 sends its helper ranks)."""
+    from pipeline.config import CAPTION_METHODS
+
+    return {
+        "method": method,
+        "keep_tokens": rows[0]["keep_tokens"],
+        "features": [np.frombuffer(r["_retained"], dtype=np.float32).reshape(r["_retained_shape"]) for r in rows],
+        "questions": [r["question"] for r in rows],
+        "captions": [r.get("caption") for r in rows] if method in CAPTION_METHODS else None,
+    }
+
+
+def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
+    """``engine.generate`` on ``lvlm_inputs``: greedy answers + per-item FLOPs."""
+    import torch
+
+    device, dtype = engine.device, engine.dtype
+    feats = [torch.from_numpy(f.copy()) for f in inputs["features"]]
+    same = len({tuple(f.shape) for f in feats}) == 1
+    retained = torch.stack(feats).to(device, dtype) if same else [f.to(device, dtype) for f in feats]
+    return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
+                           keep_tokens=inputs["keep_tokens"], fastv_layer=cfg.fastv_layer,
+                           max_new_tokens=cfg.max_new_tokens)
+
+
+class LVLMRank:
+    """Rank ``rank`` >= 1 of a tensor-parallel LVLM replica: a plain Ray actor that rank 0 starts on its
+    node. Same model, same shard, same ``generate`` on the same inputs as rank 0, answers dropped."""
+
+    def __init__(self, cfg: JobConfig, rank: int, master_addr: str, master_port: int, visible_gpus: str) -> None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus  # rank 0's GPUs, before CUDA starts; ours: cuda:<rank>
+        import torch
+
+        from actors.tp import init_rank
+
+        torch.set_grad_enabled(False)
+        self.cfg = cfg
+        init_rank(rank, cfg.lvlm_tp, master_addr=master_addr, master_port=master_port)
+        self.engine = load_engine(cfg, 1.0, f"LVLM tier (tp rank {rank})", tp=cfg.lvlm_tp, device=f"cuda:{rank}")
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, inputs: dict[str, Any]) -> None:
+        lvlm_generate(self.engine, self.cfg, inputs)
+
+
+def start_tp_replica(cfg: JobConfig, num_gpus: float):
+    """``--lvlm-tp N``: this process becomes rank 0 of a tp group, with N-1 ``LVLMRank`` helpers.
+
+    This actor holds the replica's N GPUs (one Ray actor's resources are always on one node); the helpers
+    ask Ray for nothing, are pinned to this node, see the same GPUs and use ``cuda:<rank>``. They are owned
+    by this actor, so they die with it (Ray Data then restarts the replica, helpers included).
+    Returns (rank 0's engine, helper actor handles).
+    """
+    import ray
+
+    from actors.tp import free_port, init_rank
+
+    tp, helpers, addr = cfg.lvlm_tp, [], "127.0.0.1"
+    if tp > 1:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        if len([g for g in visible.split(",") if g.strip()]) < tp:
+            raise RuntimeError(f"--lvlm-tp {tp}: this LVLM actor sees GPUs {visible!r}, needs {tp}")
+        addr = ray.util.get_node_ip_address()
+        port = free_port(addr)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        rank_actor = ray.remote(LVLMRank).options(num_cpus=0, num_gpus=0, scheduling_strategy=here, max_restarts=0)
+        helpers = [rank_actor.remote(cfg, r, addr, port, visible) for r in range(1, tp)]
+    else:
+        port = free_port(addr)
+    init_rank(0, tp, master_addr=addr, master_port=port)  # waits for the helpers to join
+    engine = load_engine(cfg, num_gpus, "LVLM tier (tp rank 0)", tp=tp)
+    ray.get([h.ready.remote() for h in helpers])
+    log.info("LVLM tier: tensor-parallel replica of %d rank(s) ready", tp)
+    return engine, helpers
+
+
 class LVLMTier:
-    """Actor of the LVLM tier: greedy answer from the retained features (+ caption) and the FLOPs."""
+    """Actor of the LVLM tier: greedy answer from the retained features (+ caption) and the FLOPs.
+
+    Rows are answered in groups of one method and budget (a sweep's rows carry their own ``_method``;
+    the main job's all use ``cfg.method``). With ``--lvlm-tp`` this actor is rank 0 of a tp group.
+    """
 
     def __init__(self, cfg: JobConfig, num_gpus: float = 0.0) -> None:
         import torch
 
         torch.set_grad_enabled(False)
         self.cfg = cfg
-        self.engine = load_engine(cfg, num_gpus, "LVLM tier")
+        self.helpers: list[Any] = []  # tp ranks 1..N-1
+        if cfg.lvlm_tp is None:
+            self.engine = load_engine(cfg, num_gpus, "LVLM tier")
+        else:
+            self.engine, self.helpers = start_tp_replica(cfg, num_gpus)
+
+    def _generate(self, inputs: dict[str, Any]):
+        pending = [h.generate.remote(inputs) for h in self.helpers]  # every rank runs the same forward
+        try:
+            return lvlm_generate(self.engine, self.cfg, inputs)
+        finally:
+            if pending:
+                import ray
+
+                ray.get(pending)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
-        import torch
-
-        cfg, engine = self.cfg, self.engine
-        device, dtype = engine.device, engine.dtype
-        feats = [torch.from_numpy(np.frombuffer(r["_retained"], dtype=np.float32).reshape(r["_retained_shape"]).copy())
-                 for r in rows]
-        same = len({tuple(f.shape) for f in feats}) == 1
-        retained = torch.stack(feats).to(device, dtype) if same else [f.to(device, dtype) for f in feats]
-        captions = [r.get("caption") for r in rows] if cfg.uses_captions else None
-        gen = engine.generate(retained, [r["question"] for r in rows], captions, method=cfg.method,
-                              keep_tokens=rows[0]["keep_tokens"], fastv_layer=cfg.fastv_layer,
-                              max_new_tokens=cfg.max_new_tokens)
-        for i, r in enumerate(rows):
-            f = gen.flops[i]
-            extra = r["flops_captioner"] + r["flops_selector"]
-            counted = float(f.get("captioner", 0.0)) + float(f.get("selector", 0.0))
-            r["prediction"] = gen.texts[i].strip()
-            r["flops_vision"] = float(f.get("vision", 0.0))
-            r["flops_pruner"] = float(f.get("pruner", 0.0))
-            r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
-            r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
-            r["flops_total"] = float(f["total"]) - counted + extra
-            r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
+        groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault((r.get("_method") or self.cfg.method, r["keep_tokens"]), []).append(r)
+        for (method, _), group in groups.items():
+            gen = self._generate(lvlm_inputs(group, method))
+            for i, r in enumerate(group):
+                f = gen.flops[i]
+                extra = r["flops_captioner"] + r["flops_selector"]
+                counted = float(f.get("captioner", 0.0)) + float(f.get("selector", 0.0))
+                r["prediction"] = gen.texts[i].strip()
+                r["flops_vision"] = float(f.get("vision", 0.0))
+                r["flops_pruner"] = float(f.get("pruner", 0.0))
+                r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
+                r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
+                r["flops_total"] = float(f["total"]) - counted + extra
+                r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _maybe_die_once()

@@ -78,3 +78,23 @@ def test_broken_shard_stops_the_job_before_writing(tmp_path) -> None:
     with pytest.raises(SchemaError, match=r"b\.parquet.*not a readable Parquet"):
         run_job(cfg)
     assert not os.path.exists(out)
+
+
+def test_lvlm_tp_is_checked_at_parsing_and_sizes_the_replica() -> None:
+    assert "--lvlm-tp" in build_parser().format_help()
+    assert parse_args([]).lvlm_tp is None  # default: the plain model, no DeepSpeed
+    assert parse_args(["--lvlm-tp", "1", "--lvlm-gpus", "0"]).lvlm_tp == 1  # tp=1 runs on CPU
+    with pytest.raises(ValueError, match="--lvlm-tp must be >= 1"):
+        parse_args(["--lvlm-tp", "0"])
+    with pytest.raises(ValueError, match="needs GPUs"):
+        parse_args(["--lvlm-tp", "2", "--lvlm-gpus", "0"])
+    with pytest.raises(ValueError, match="leave --lvlm-gpus out or set it to 4"):
+        parse_args(["--lvlm-tp", "4", "--lvlm-gpus", "1"])
+    cfg = parse_args(["--lvlm-tp", "4", "--lvlm-actors", "1:2"])
+    big = tier_resources(cfg, {"CPU": 32.0, "GPU": 16.0, "lvlm_tier": 8.0}, node_gpus=[8.0, 8.0])
+    assert big.lvlm["num_gpus"] == 4.0  # one replica = one actor holding tp GPUs of one node
+    assert parse_args(["--lvlm-tp", "4", "--lvlm-gpus", "4"]).lvlm_gpus == 4.0
+    with pytest.raises(ValueError, match="needs GPUs.*has none"):
+        tier_resources(cfg, {"CPU": 2.0})
+    with pytest.raises(ValueError, match="4 GPUs on one node"):
+        tier_resources(cfg, {"CPU": 32.0, "GPU": 6.0}, node_gpus=[2.0, 2.0, 2.0])
