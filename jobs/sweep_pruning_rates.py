@@ -256,7 +256,8 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
             notes=[
                 f"Input: {storage.redact(base.input)}; LVLM: {storage.redact(base.lvlm)}; {len(settings)} settings, "
                 f"sweep wall time {total_wall:.0f} s.",
-                "Accuracy counts rows with an error (and answers) as wrong; FLOPs are means over rows without error.",
+                "Accuracy: mean score over rows with answers and no error (as in each setting's summary.json); "
+                "errored rows are counted apart. FLOPs are means over rows without error.",
                 "Each setting ran the main job's graph on its own (vision tower re-run per setting).",
             ],
         )

@@ -43,22 +43,23 @@ def summarize_rows(
 ) -> dict[str, Any]:
     """One setting's summary row from its per-row output (the columns of ``pipeline.schema``).
 
-    Accuracy is the mean ``score`` over rows that have one; rows with an ``error`` and answers count
-    as wrong (score 0) so that a setting cannot look better by failing on hard items. The pruning
-    rate defaults to ``1 - keep_tokens / visual_tokens_total``.
+    Accuracy is ``pipeline.summary.accuracy`` (the main job's summary.json uses the same function): the
+    mean ``score`` over rows with ground-truth answers and no error; ``errors`` and ``scored`` count the
+    rows beside it. The pruning rate defaults to ``1 - keep_tokens / visual_tokens_total``.
     """
+    from pipeline.summary import accuracy
+
     n = len(rows)
     err = rows["error"].notna() if "error" in rows else pd.Series(False, index=rows.index)
+    errors = rows["error"] if "error" in rows else pd.Series(None, index=rows.index, dtype=object)
     score = rows["score"].astype("float64") if "score" in rows else pd.Series(math.nan, index=rows.index)
-    if "answers" in rows:  # errored rows that had answers are wrong answers
-        has_answers = rows["answers"].map(lambda a: a is not None and len(a) > 0)
-        score = score.mask(err & has_answers & score.isna(), 0.0)
+    acc = accuracy(score.tolist(), errors.tolist())
     out: dict[str, Any] = {
         "method": method if method is not None else _mode(rows.get("method")),
         "items": n,
-        "errors": int(err.sum()),
-        "scored": int(score.notna().sum()),
-        "accuracy": float(score.mean()) if score.notna().any() else math.nan,
+        "errors": acc.errors,
+        "scored": acc.scored,
+        "accuracy": acc.accuracy if acc.accuracy is not None else math.nan,
     }
     keep, total = _mode(rows.get("keep_tokens")), _mode(rows.get("visual_tokens_total"))
     out["keep_tokens"] = keep
@@ -67,8 +68,9 @@ def summarize_rows(
         prune_rate = 1.0 - keep / total if keep is not None and total else math.nan
     out["prune_rate"] = float(prune_rate)
     if "question_type" in rows:
-        for qtype, s in score.groupby(rows["question_type"].fillna("unknown")):
-            out[f"acc_{qtype}"] = float(s.mean()) if s.notna().any() else math.nan
+        for qtype, idx in rows.groupby(rows["question_type"].fillna("unknown")).groups.items():
+            a = accuracy(score[idx].tolist(), errors[idx].tolist()).accuracy
+            out[f"acc_{qtype}"] = a if a is not None else math.nan
     ok = ~err
     for col in FLOPS_SUMMARY:
         if col in rows:
@@ -480,7 +482,8 @@ def cost_table_markdown(table: pd.DataFrame) -> str:
 
 def accuracy_table_markdown(table: pd.DataFrame) -> str:
     qcols = sorted(c for c in table.columns if c.startswith("acc_"))
-    header = ["method", "pruned", "items", "errors", "accuracy %"] + [c.removeprefix("acc_") for c in qcols]
+    header = ["method", "pruned", "items", "errors", "scored", "accuracy %"]
+    header += [c.removeprefix("acc_") for c in qcols]
     header += ["items/s", "wall s"]
     rows = []
     for _, r in table.iterrows():
@@ -490,6 +493,7 @@ def accuracy_table_markdown(table: pd.DataFrame) -> str:
                 f"{100 * r['prune_rate']:.2f}%",
                 str(int(r.get("items", 0) or 0)),
                 str(int(r.get("errors", 0) or 0)),
+                "n/a" if _nan(r.get("scored")) else str(int(r["scored"])),
                 fmt_pct(r["accuracy"]),
             ]
             + [fmt_pct(r[c]) for c in qcols]
@@ -603,7 +607,16 @@ def write_report(
         "",
     ]
     if has_acc:
-        md += ["## Accuracy", "", accuracy_table_markdown(table), ""]
+        md += [
+            "## Accuracy",
+            "",
+            "Accuracy: mean VQA score over the rows that have ground-truth answers and no error (*scored*); "
+            "rows with an error are counted under *errors* and left out, as in the main job's summary.json "
+            "(one definition: `pipeline.summary.accuracy`).",
+            "",
+            accuracy_table_markdown(table),
+            "",
+        ]
     md += ["## FLOPs per item (mean, by component)", "", flops_table_markdown(table), ""]
     md += ["## Plots", ""]
     md += [f"![{name}]({p.name})" for name, p in plots]

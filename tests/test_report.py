@@ -104,11 +104,11 @@ def _rows(n: int, correct: int, *, method: str, keep: int, errors: int = 0) -> p
     )
 
 
-def test_summarize_rows_counts_errors_as_wrong_and_splits_question_types():
+def test_summarize_rows_leaves_errors_out_and_splits_question_types():
     s = summarize_rows(_rows(10, correct=6, method="fastv", keep=16, errors=2), wall_time_s=2.0)
-    assert s["items"] == 10 and s["errors"] == 2 and s["scored"] == 10
-    assert s["accuracy"] == pytest.approx(0.6)
-    assert s["acc_color"] == pytest.approx(0.6) and s["acc_count"] == pytest.approx(0.6)
+    assert s["items"] == 10 and s["errors"] == 2 and s["scored"] == 8
+    assert s["accuracy"] == pytest.approx(6 / 8)  # the 8 rows without error, 6 of them right
+    assert s["acc_color"] == pytest.approx(3 / 4) and s["acc_count"] == pytest.approx(3 / 4)
     assert s["prune_rate"] == pytest.approx(0.75) and s["keep_tokens"] == 16
     assert s["flops_total"] == pytest.approx(27e6) and s["items_per_s"] == pytest.approx(5.0)
 
@@ -189,3 +189,28 @@ def test_write_report_files(tmp_path):
     assert "$/1M (measured)" not in text  # CPU run: no cluster price, no measured column
     text2 = write_report(_sweep(), tmp_path / "m", measured_usd_per_hour=36.0).read_text()
     assert "$/1M (measured)" in text2
+
+
+def test_main_job_summary_and_sweep_summary_share_one_accuracy():
+    """A setting with errored rows, a row without answers and a stale score on an errored row: the main
+    job's summary.json (``summarize`` on the output table) and the sweep's summary (``summarize_rows`` on
+    the same rows) give the same accuracy, scored count and error count."""
+    import pyarrow as pa
+
+    from pipeline.summary import Accuracy, accuracy, summarize
+
+    rows = _rows(12, correct=5, method="accm", keep=8, errors=3)
+    rows.loc[1, "answers"] = None  # no ground truth: no score, not counted
+    rows.loc[1, "score"] = None
+    rows.loc[11, "score"] = 1.0  # an errored row is left out even if it carries a score
+    table = pa.Table.from_pandas(rows, preserve_index=False)
+    job = summarize(table, run={"wall_s": 1.0, "rows_processed": 12})
+    sweep = summarize_rows(rows, wall_time_s=1.0)
+    want = accuracy(rows["score"].tolist(), rows["error"].tolist())
+    assert (want.scored, want.errors) == (8, 3) and want.accuracy == pytest.approx(4 / 8)
+    assert job["accuracy"] == pytest.approx(sweep["accuracy"]) == pytest.approx(want.accuracy)
+    assert job["scored_items"] == sweep["scored"] == 8 and job["errors"] == sweep["errors"] == 3
+    for qtype in ("color", "count"):
+        assert job["accuracy_per_question_type"][qtype] == pytest.approx(sweep[f"acc_{qtype}"])
+    assert accuracy([None, 0.5], ["bad", None]) == Accuracy(0.5, scored=1, errors=1)
+    assert accuracy([], []).accuracy is None
