@@ -195,6 +195,12 @@ def curriculum_range(progress: float, ramp: float) -> tuple[int, int]:
     return lo, hi
 
 
+def mixed_range(progress: float, ramp: float) -> tuple[int, int]:
+    """Stage 2 of the ``mixed`` curriculum: 1-16 objects at the start, the benchmark's 10-16 after ``ramp``."""
+    t = 1.0 if ramp <= 0 else min(1.0, progress / ramp)
+    return int(round(1 + t * (shapes.MIN_OBJECTS - 1))), shapes.MAX_OBJECTS
+
+
 def level_range(level: int) -> tuple[int, int]:
     """Adaptive curriculum level -> object-count range: level 1 = one object, ... level 16 = 10-16."""
     level = max(1, min(shapes.MAX_OBJECTS, level))

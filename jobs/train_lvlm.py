@@ -154,11 +154,12 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     # reading text and never started to use the image (runs 5-6, see the model card)
     n_fact = args.n_fact if stage == 2 else args.stage1_n_fact
     n_text = args.n_text if stage == 2 else args.stage1_n_text
+    n_image = args.n_image if stage == 2 else args.stage1_n_image
     images, branches = [], []
     for _ in range(args.batch):
         objs = L.sample_train_scene(rng, *n_range)
         images.append(np.asarray(shapes.render(objs)))
-        branches.append(L.draw_branches(objs, rng, n_image=args.n_image, n_fact=n_fact, n_text=n_text))
+        branches.append(L.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text))
     return L.pixel_values(images), L.pack_batch(tok, branches)
 
 
@@ -252,12 +253,17 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
             floor = 1 if stage == 1 else int(shapes.MAX_OBJECTS * min(1.0, progress / args.ramp)) if args.ramp > 0 else 16
             level = max(level, floor)
             n_range = L.level_range(level)
+        elif args.curriculum == "mixed":
+            # every object count at once: easy scenes keep the skills' gradients clean while crowded ones
+            # teach selection; stage 2 narrows to the benchmark's 10-16 by --ramp
+            n_range = (1, shapes.MAX_OBJECTS) if stage == 1 else L.mixed_range(progress, args.ramp)
         else:
             n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
         rng = np.random.default_rng([args.seed, stage, step])
         px, pb = vqa_batch(tok, rng, args, n_range, stage)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, args.warmup if stage == 2 else max(1, steps // 10))
+            g["lr"] = lr_at(step, steps, lr, args.warmup if stage == 2 else max(1, min(100, steps // 10)),
+                            floor=0.1 if stage == 2 else args.stage1_lr_floor)
         with torch.no_grad():
             hidden, _ = L.vision_features(model, px)
         logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
@@ -332,6 +338,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="do not fold feature standardisation into the projector before stage 1")
     p.add_argument("--stage1-steps", type=int, default=150, help="stage 1 steps (1-4 object scenes)")
     p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 peak LR")
+    p.add_argument("--stage1-lr-floor", type=float, default=1.0,
+                   help="stage 1 LR at its end as a fraction of the peak (1.0 = constant after warmup: the curriculum "
+                        "must keep advancing; a cosine to 10%% stalled it at one-object scenes)")
+    p.add_argument("--stage1-n-image", type=int, default=10, help="stage 1: plain image questions per image")
     p.add_argument("--stage1-n-fact", type=int, default=0, help="stage 1: image + fact questions per image")
     p.add_argument("--stage1-n-text", type=int, default=0, help="stage 1: text-only questions per image")
     p.add_argument("--stage1-freeze-llm", action="store_true", help="stage 1 trains the projector only")
@@ -343,8 +353,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-fact", type=int, default=2, help="image + fact-as-text questions per image")
     p.add_argument("--n-text", type=int, default=1, help="text-only (fact, no image) questions per image")
     p.add_argument("--ramp", type=float, default=0.6, help="fraction of stage 2 by which scenes reach 10-16 objects")
-    p.add_argument("--curriculum", default="adaptive", choices=["adaptive", "linear"],
-                   help="adaptive: one object first, one more when train image accuracy passes --level-threshold")
+    p.add_argument("--curriculum", default="adaptive", choices=["adaptive", "linear", "mixed"],
+                   help="adaptive: one object first, one more when train image accuracy passes --level-threshold; "
+                        "mixed: stage 1 draws 1-16 objects uniformly, stage 2 narrows to 10-16 by --ramp")
     p.add_argument("--level-threshold", type=float, default=0.8, help="adaptive curriculum: EMA accuracy to advance")
     p.add_argument("--train-attn", default="sdpa", choices=["sdpa", "eager"], help="LLM attention kernel in training")
     p.add_argument("--log-every", type=int, default=25, help="log the training loss every N steps")
