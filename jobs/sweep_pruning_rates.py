@@ -10,13 +10,17 @@ Each setting's rows go to ``<output>/<method>/<rate>/`` (the main job's layout a
 and ``report.md`` with its plots and ``cost_table.csv`` to ``<output>/report/``.
 
 Every option of the main job (``jobs/caption_dataset.py --help``: models, batch size, actor pools,
-GPUs, tier resources, ``--limit``, ``--resume``, ...) is accepted and applies to every setting;
-``--method``, ``--prune-rate`` and ``--keep-tokens`` are set per setting.
+GPUs, tier resources, ``--lvlm-tp``, ``--limit``, ``--resume``, ...) is accepted and applies to every
+setting; ``--method``, ``--prune-rate`` and ``--keep-tokens`` are set per setting.
 
-Settings run one after another on the same Ray cluster through the main job's graph
-(``pipeline.graph.run_job``), so each setting re-runs the vision tower: the encoding is not shared
-across settings (see docs/notes/sweep.md). Items/s per setting is the main job's (wall time including
-its actor start-up and model loading).
+All settings run in ONE Ray Data graph (``pipeline/sweep.py``): each image is decoded and run through
+the vision tower once, and every setting's pruner / ACCM caption / LVLM answer starts from that shared
+encoding (FastV and ``none`` take its full features), so S settings cost one tower pass per item and one
+start-up of each actor pool. Each setting's rows are still written in the main job's layout, schema,
+resume markers and summary.json; a bad input row gives one error row per setting. Items/s per setting
+comes from the sweep's wall time apportioned by each setting's measured stage time (docs/notes/sweep.md).
+``--sequential`` runs the settings one after another through the main job's graph instead (each re-runs
+the tower; kept as the reference the shared graph is tested and benchmarked against).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, any cwd
@@ -45,9 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweep_pruning_rates.py",
         allow_abbrev=False,  # unknown options go to the main job: no prefix matching of ours
-        description="Run every (method, pruning rate) over the same input in one Ray job and write the "
-        "accuracy / FLOPs / $ per 1M items report. Options not listed here go to the main job "
-        "(jobs/caption_dataset.py --help).",
+        description="Run every (method, pruning rate) over the same input in one Ray job, sharing one vision "
+        "encoding per item across the settings, and write the accuracy / FLOPs / $ per 1M items report. "
+        "Options not listed here go to the main job (jobs/caption_dataset.py --help).",
     )
     p.add_argument("--input", help="Input Parquet shards (local, file:// or s3://); default: the main job's.")
     p.add_argument(
@@ -96,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--target-accuracy",
         type=float,
         help="Recommendation: absolute accuracy in percent to reach (overrides --tolerance).",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="Run the settings one after another through the main job's graph (each re-runs the vision "
+        "tower and starts its own actor pools) instead of sharing one vision encoding in one graph.",
     )
     p.add_argument(
         "--measured-usd-per-hour",
@@ -182,7 +191,8 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     from pipeline import storage
     from pipeline.config import METHODS, parse_args
     from pipeline.graph import run_job
-    from pipeline.report import rate_label, summary_from_outputs, write_report
+    from pipeline.report import summary_from_outputs, write_report
+    from pipeline.sweep import Setting, run_shared_sweep, setting_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -193,7 +203,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
         raise SystemExit("--prune-rates must lie in (0, 1)")
     base = parse_args(job_argv + (["--input", args.input] if args.input else []))
     output = (args.output or "out/sweep").rstrip("/")
-    settings = settings_for(methods, rates)
+    settings = [Setting(m, r) for m, r in settings_for(methods, rates)]
     log.info(
         "sweep: %d settings over %s -> %s", len(settings), storage.redact(base.input), storage.redact(output)
     )
@@ -212,29 +222,25 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
             },
         )
         started = True
-    walls: dict[tuple[str, float], float] = {}
+    walls: dict[tuple[str, float], float | None] = {}
     t0 = time.perf_counter()
     sweep_id = base.run_id or time.strftime("%Y%m%dT%H%M%S")
     try:
-        for method, rate in settings:
-            cfg = replace(
-                base,
-                method=method,
-                prune_rate=None if method == "none" else rate,
-                keep_tokens=None,
-                output=f"{output}/{method}/{rate_label(rate)}",
-                run_id=f"{sweep_id}-{method}-{rate_label(rate)}",
-                accm_fallback=False,  # an explicit accm setting must not silently become prumerge_plus
-            )
-            log.info("sweep: setting %s @ %s", method, rate_label(rate))
-            s = run_job(cfg)
-            walls[(method, rate)] = float(s.get("wall_s") or 0.0)
+        if args.sequential:
+            summaries = {}
+            for setting in settings:
+                log.info("sweep: setting %s (sequential)", setting.label)
+                summaries[setting] = run_job(setting_config(base, setting, output, sweep_id))
+        else:
+            summaries = run_shared_sweep(base, settings, output, sweep_id)
+        for setting, s in summaries.items():  # no throughput for a setting this run did not process (--resume)
+            walls[(setting.method, setting.rate)] = float(s["wall_s"]) if s.get("rows_processed") else None
     finally:
         if started:
             ray.shutdown()
     total_wall = time.perf_counter() - t0
 
-    summary = summary_from_outputs(output, settings, walls)
+    summary = summary_from_outputs(output, [(s.method, s.rate) for s in settings], walls)
     sink = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
     sink.close()
     summary.to_parquet(sink.name, index=False)
@@ -258,7 +264,10 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
                 f"sweep wall time {total_wall:.0f} s.",
                 "Accuracy: mean score over rows with answers and no error (as in each setting's summary.json); "
                 "errored rows are counted apart. FLOPs are means over rows without error.",
-                "Each setting ran the main job's graph on its own (vision tower re-run per setting).",
+                "Each setting ran the main job's graph on its own (vision tower re-run per setting)."
+                if args.sequential
+                else "All settings ran in one graph sharing one vision encoding per item; a setting's wall time "
+                "(and items/s) is its share of the sweep's wall time by measured stage time.",
             ],
         )
         where = str(path) if local else publish_report(out_dir, output, base.s3_endpoint)

@@ -168,8 +168,12 @@ def node_gpus(ray) -> list[float]:
 # the graph
 
 
-def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources):
-    """Ray Data graph over ``shards`` (lazy): rows with ``_shard``, ``id`` and the output columns."""
+def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, *, captioner: type = CaptionerTier,
+                  captioner_kwargs: dict[str, Any] | None = None):
+    """Ray Data graph over ``shards`` (lazy): rows with ``_shard``, ``id`` and the output columns.
+
+    ``captioner``: the captioner-tier actor class (the shared-encoding sweep passes ``SweepCaptionerTier``
+    and its extra constructor arguments in ``captioner_kwargs``)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -186,9 +190,9 @@ def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources):
     )
     cap_gpus = res.captioner.get("num_gpus", 0.0)
     ds = ds.map_batches(
-        CaptionerTier, batch_format="pyarrow", batch_size=cfg.batch_size,
+        captioner, batch_format="pyarrow", batch_size=cfg.batch_size,
         compute=ActorPoolStrategy(min_size=cfg.captioner_actors[0], max_size=cfg.captioner_actors[1]),
-        fn_constructor_kwargs={"cfg": cfg, "num_gpus": cap_gpus}, **res.captioner,
+        fn_constructor_kwargs={"cfg": cfg, "num_gpus": cap_gpus, **(captioner_kwargs or {})}, **res.captioner,
     )
     lvlm_gpus = res.lvlm.get("num_gpus", 0.0)
     ds = ds.map_batches(
@@ -259,9 +263,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
                                 "models are built by jobs/train_lvlm.py into models/shapes/)")
     cfg = replace(effective_method(cfg), run_id=run_id)
     fs, shards = plan_shards(cfg)
-    const = {"method": cfg.method, "run_id": run_id, "lvlm_model": storage.redact(cfg.lvlm),
-             "captioner_model": storage.redact(cfg.captioner) if cfg.uses_captions else None,
-             "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None}
+    const = output_constants(cfg)
 
     pending = []
     for shard in shards:
@@ -309,6 +311,18 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     run = {"run_id": run_id, "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
            "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall}
+    return write_summary(cfg, shards, run)
+
+
+def output_constants(cfg: JobConfig) -> dict[str, Any]:
+    """Columns with one value per run (``cfg.run_id`` set)."""
+    return {"method": cfg.method, "run_id": cfg.run_id, "lvlm_model": storage.redact(cfg.lvlm),
+            "captioner_model": storage.redact(cfg.captioner) if cfg.uses_captions else None,
+            "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None}
+
+
+def write_summary(cfg: JobConfig, shards: list[Shard], run: dict[str, Any]) -> dict[str, Any]:
+    """``<output>/summary.json`` from the output files of all ``shards`` (resumed ones too); printed too."""
     table = read_outputs(cfg, shards)
     kept = [k for k in table.column("keep_tokens").to_pylist() if k is not None]
     run["keep_tokens"] = kept[0] if kept else cfg.keep_tokens

@@ -3,7 +3,8 @@
 Every stage takes and returns a ``pyarrow.Table`` with explicit types, so that a batch of all-null
 values never turns a column into Arrow's ``null`` type, and carries only what the next stage needs
 (SPEC §4): the image leaves after the captioner tier, the retained features after the LVLM tier.
-A row whose ``error`` is set passes through every later stage untouched: one input row, one output row.
+A row whose ``error`` is set passes through every later stage untouched: one input row, one output row
+(the sweep's ``SweepCaptionerTier``: one output row per input row and setting, ``pipeline/sweep.py``).
 
 Internal columns start with ``_``; the driver (``pipeline.graph``) joins the passthrough input
 columns back by ``id`` when it writes a shard, so they never travel through the actors.
@@ -45,6 +46,7 @@ CAPTIONED_SCHEMA = pa.schema([
     ("visual_tokens_total", pa.int32()), ("keep_tokens", pa.int32()),
     ("caption", pa.string()), ("caption_candidates", _LIST_STR), ("selector_probs", _LIST_F32),
     ("flops_captioner", pa.float64()), ("flops_selector", pa.float64()), ("latency_captioner_s", pa.float64()),
+    ("_method", pa.string()), ("_setting", pa.string()),  # a sweep's rows: their setting (main job: null)
 ])
 _FLOPS = ("flops_vision", "flops_pruner", "flops_llm_prefill", "flops_llm_decode", "flops_total",
           "flops_reference_total")
@@ -169,6 +171,66 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
 # captioner tier: vision tower once -> pruner -> (accm) caption model + selector
 
 
+def encode_rows(engine, rows: list[dict[str, Any]]):
+    """The vision tower once over decoded rows -> ``VisionBatch`` (features, CLS attention, keys)."""
+    return engine.encode_images(engine.preprocess([_image(r) for r in rows]))
+
+
+def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: str, keep_tokens: int | None,
+                      prune_rate: float | None) -> list[dict[str, Any]]:
+    """One setting from an encoded batch: the pruner's retained features, the budget and (accm) the caption,
+    as per-row output fields. ``vision`` is read, never changed, so several settings can share it."""
+    import torch
+
+    from actors.engine import resolve_keep_tokens
+    from pipeline.config import CAPTION_METHODS
+
+    ids, questions = [r["id"] for r in rows], [r["question"] for r in rows]
+    total = int(vision.patch_features.shape[1])
+    keep = total if method == "none" else resolve_keep_tokens(total, keep_tokens, prune_rate)
+    if method in ("none", "fastv"):  # fastv prunes inside the LLM (LVLM tier)
+        retained, discarded = vision.patch_features, None
+    else:
+        pruned = engine.prune(vision, "prumerge_plus" if method == "accm" else method, keep, ids, questions)
+        retained, discarded = pruned.retained, pruned.discarded
+    caps = None
+    if method in CAPTION_METHODS:
+        if accm is None:
+            raise RuntimeError("accm unavailable")
+        caps = accm.caption(discarded, questions)
+    retained = retained.detach().to("cpu", torch.float32).numpy()
+    out = []
+    for i in range(len(rows)):
+        feats = np.ascontiguousarray(retained[i])
+        o: dict[str, Any] = {"_retained": feats.tobytes(), "_retained_shape": list(feats.shape),
+                             "visual_tokens_total": total, "keep_tokens": keep,
+                             "flops_captioner": 0.0, "flops_selector": 0.0}
+        if caps is not None:
+            o["caption"] = caps.selected[i]
+            o["caption_candidates"] = list(caps.candidates[i])
+            o["selector_probs"] = [float(p) for p in caps.probs[i]]
+            o["flops_captioner"] = float(caps.flops_captioner[i])
+            o["flops_selector"] = float(caps.flops_selector[i])
+        out.append(o)
+    return out
+
+
+def _load_accm(cfg: JobConfig, engine) -> tuple[Any, str | None]:
+    """(ACCM caption model + selector, None) or (None, why not): a missing model is a per-row error."""
+    try:
+        from actors.accm import ACCMCaptioner
+
+        cap = fetch_model(cfg.captioner, cfg, "captioner tier (caption model)")
+        sel = fetch_model(cfg.selector, cfg, "captioner tier (selector)")
+        accm = ACCMCaptioner.from_pretrained(cap, sel, device=engine.device)
+        log.info("captioner tier: ACCM caption model + selector ready")
+        return accm, None
+    except Exception as exc:  # noqa: BLE001 - reported in every row, the job goes on
+        error = f"accm unavailable: {_short(exc)}"
+        log.error("captioner tier: %s", error)
+        return None, error
+
+
 class CaptionerTier:
     """Actor of the captioner tier. Emits the retained patch features, the selected caption and FLOPs."""
 
@@ -178,54 +240,14 @@ class CaptionerTier:
         torch.set_grad_enabled(False)
         self.cfg = cfg
         self.engine = load_engine(cfg, num_gpus, "captioner tier")
-        self.accm = None
-        self.accm_error: str | None = None
-        if cfg.uses_captions:
-            try:
-                from actors.accm import ACCMCaptioner
-
-                cap = fetch_model(cfg.captioner, cfg, "captioner tier (caption model)")
-                sel = fetch_model(cfg.selector, cfg, "captioner tier (selector)")
-                self.accm = ACCMCaptioner.from_pretrained(cap, sel, device=self.engine.device)
-                log.info("captioner tier: ACCM caption model + selector ready")
-            except Exception as exc:  # noqa: BLE001 - reported in every row, the job goes on
-                self.accm_error = f"accm unavailable: {_short(exc)}"
-                log.error("captioner tier: %s", self.accm_error)
+        self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
-        import torch
-
-        from actors.engine import resolve_keep_tokens
-
-        cfg, engine = self.cfg, self.engine
-        ids, questions = [r["id"] for r in rows], [r["question"] for r in rows]
-        pixel_values = engine.preprocess([_image(r) for r in rows])
-        vision = engine.encode_images(pixel_values)
-        total = int(vision.patch_features.shape[1])
-        keep = total if cfg.method == "none" else resolve_keep_tokens(total, cfg.keep_tokens, cfg.prune_rate)
-        if cfg.method in ("none", "fastv"):  # fastv prunes inside the LLM (LVLM tier)
-            retained, discarded = vision.patch_features, None
-        else:
-            pruned = engine.prune(vision, "prumerge_plus" if cfg.method == "accm" else cfg.method, keep,
-                                  ids, questions)
-            retained, discarded = pruned.retained, pruned.discarded
-        caps = None
-        if cfg.uses_captions:
-            if self.accm is None:
-                raise RuntimeError(self.accm_error or "accm unavailable")
-            caps = self.accm.caption(discarded, questions)
-        retained = retained.detach().to("cpu", torch.float32).numpy()
-        for i, r in enumerate(rows):
-            feats = np.ascontiguousarray(retained[i])
-            r["_retained"], r["_retained_shape"] = feats.tobytes(), list(feats.shape)
-            r["visual_tokens_total"], r["keep_tokens"] = total, keep
-            r["flops_captioner"] = r["flops_selector"] = 0.0
-            if caps is not None:
-                r["caption"] = caps.selected[i]
-                r["caption_candidates"] = list(caps.candidates[i])
-                r["selector_probs"] = [float(p) for p in caps.probs[i]]
-                r["flops_captioner"] = float(caps.flops_captioner[i])
-                r["flops_selector"] = float(caps.flops_selector[i])
+        cfg = self.cfg
+        vision = encode_rows(self.engine, rows)
+        outs = prune_and_caption(self.engine, self.accm, vision, rows, cfg.method, cfg.keep_tokens, cfg.prune_rate)
+        for r, o in zip(rows, outs, strict=True):
+            r.update(o)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -241,6 +263,101 @@ class CaptionerTier:
         for r in good:
             r["latency_captioner_s"] = dt
         return _table(rows, CAPTIONED_SCHEMA)
+
+
+def _cat_vision(parts: list[Any]):
+    import torch
+
+    from actors.vision import VisionBatch
+
+    names = ("patch_features", "cls_attention", "keys", "cls_feature")
+    return VisionBatch(*(None if getattr(parts[0], n) is None else torch.cat([getattr(p, n) for p in parts])
+                         for n in names))
+
+
+class SweepCaptionerTier:
+    """Captioner tier of the shared-encoding sweep (``pipeline/sweep.py``): the vision tower ONCE per item,
+    then every setting's pruner (+ ACCM caption) from that one encoding (FastV and ``none`` take the full
+    features). Emits one row per (item, setting), grouped by setting, with ``_method`` / ``_setting``.
+
+    ``settings``: (label, method, prune_rate) triples; ``todo``: shard -> labels still to do (``--resume``),
+    None = all. A row that failed decoding or encoding yields one error row per setting; a setting that
+    fails on a row (or has no ACCM models) errors that row in that setting only.
+    Per-row ``latency_captioner_s``: this setting's pruning/caption time per item plus an equal share
+    (1/number of settings) of the shared vision time, so that the latencies add up to the time spent.
+    """
+
+    def __init__(self, cfg: JobConfig, settings: list[tuple[str, str, float | None]],
+                 todo: dict[str, set[str]] | None = None, num_gpus: float = 0.0) -> None:
+        import torch
+
+        from pipeline.config import CAPTION_METHODS
+
+        torch.set_grad_enabled(False)
+        self.cfg, self.settings, self.todo = cfg, list(settings), todo
+        self.engine = load_engine(cfg, num_gpus, "captioner tier (sweep)")
+        needs_accm = any(method in CAPTION_METHODS for _, method, _ in self.settings)
+        self.accm, self.accm_error = _load_accm(cfg, self.engine) if needs_accm else (None, None)
+
+    def _encode(self, rows: list[dict[str, Any]]):
+        """(VisionBatch, the rows it holds in order); a failing batch is retried row by row."""
+        try:
+            return (encode_rows(self.engine, rows), rows) if rows else (None, [])
+        except Exception as exc:  # noqa: BLE001
+            if len(rows) == 1:
+                rows[0]["error"] = f"captioner: {_short(exc)}"
+                return None, []
+            log.warning("captioner: batch of %d failed (%s); retrying row by row", len(rows), _short(exc))
+        parts, kept = [], []
+        for r in rows:
+            try:
+                parts.append(encode_rows(self.engine, [r]))
+                kept.append(r)
+            except Exception as exc:  # noqa: BLE001
+                r["error"] = f"captioner: {_short(exc)}"
+        return (_cat_vision(parts), kept) if parts else (None, [])
+
+    def _one_setting(self, vision, good: list[tuple[int, dict[str, Any]]], method: str,
+                     prune_rate: float | None) -> None:
+        """Prune (+ caption) encoded rows ``(vision row, output row)`` for one setting; a failing batch
+        is retried row by row, so one bad row errors only itself."""
+        index = {id(c): i for i, c in good}
+
+        def run(rs: list[dict[str, Any]]) -> None:
+            idx = [index[id(c)] for c in rs]
+            part = vision if idx == list(range(len(vision))) else vision.select(idx)
+            for c, o in zip(rs, prune_and_caption(self.engine, self.accm, part, rs, method, None, prune_rate),
+                            strict=True):
+                c.update(o)
+
+        run_rows(run, [c for _, c in good], "captioner")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from pipeline.config import CAPTION_METHODS
+
+        rows = batch.to_pylist()
+        t0 = time.perf_counter()
+        vision, encoded = self._encode([r for r in rows if r["error"] is None])
+        vision_share = (time.perf_counter() - t0) / max(len(encoded), 1) / len(self.settings)
+        where = {id(r): i for i, r in enumerate(encoded)}
+        out: list[dict[str, Any]] = []
+        for label, method, prune_rate in self.settings:
+            mine = [r for r in rows if self.todo is None or label in self.todo.get(r[SHARD], ())]
+            copies = [dict(r, _method=method, _setting=label) for r in mine]
+            good = [(where[id(r)], c) for r, c in zip(mine, copies, strict=True) if id(r) in where]
+            t1 = time.perf_counter()
+            if good and method in CAPTION_METHODS and self.accm is None:
+                for _, c in good:
+                    c["error"] = self.accm_error
+                good = []
+            if good:
+                self._one_setting(vision, good, method, prune_rate)
+            dt = (time.perf_counter() - t1) / max(len(good), 1)
+            for _, c in good:
+                if c["error"] is None:
+                    c["latency_captioner_s"] = dt + vision_share
+            out.extend(copies)
+        return _table(out, CAPTIONED_SCHEMA)
 
 
 def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:

@@ -118,3 +118,88 @@ def test_sweep_on_ray_to_s3(tmp_path, s3_server, tmp_bucket, monkeypatch, capsys
     md = s3_server.client.get_object(Bucket=tmp_bucket, Key="sweep/report/report.md")["Body"].read().decode()
     assert "| prumerge_plus | 87.50% | 8 |" in md and "## Recommendation" in md
     assert "report:" in capsys.readouterr().out
+
+
+def _stable_error(error: str | None) -> str | None:
+    """PIL's decode errors name a BytesIO object by its address: the same error, a different text."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-f]+", "", error) if error else None
+
+
+@pytest.mark.slow
+def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, monkeypatch):
+    """One graph, one vision encoding per item, four settings (full tokens, FastV inside the LLM, VisionZip,
+    ACCM with captions) over two shards with a corrupt image: the same answers per (item, setting) as the
+    main job run once per setting (``--sequential``), in the same layout, and an exact ``--resume``."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    from actors.captioner import build_caption_model
+    from actors.selector import build_selector
+    from actors.tiny import build_tiny_llava, build_tokenizer
+    from pipeline import shapes
+    from pipeline.schema import INPUT_SCHEMA, output_schema
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    build_tiny_llava(tmp_path / "lvlm", vision_layers=2, text_layers=2)
+    build_caption_model(build_tokenizer(), feature_dim=64, hidden=32, decoder_layers=1, mapper_layers=1,
+                        max_caption_tokens=4).save_pretrained(tmp_path / "captioner")
+    build_selector(text_hidden=32, text_layers=1, projection_dim=32, layers=1).save_pretrained(tmp_path / "selector")
+    rows = [shapes.item_row(shapes.make_item(5, "test", i)) for i in range(7)]
+    rows[5] = dict(rows[5], image=b"not an image")
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows[:4], schema=INPUT_SCHEMA), src / "a.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[4:], schema=INPUT_SCHEMA), src / "b.parquet")
+    settings = [("none", "0"), ("fastv", "0.75"), ("visionzip", "0.75"), ("accm", "0.75")]
+    common = ["--input", str(src), "--methods", "none,fastv,visionzip,accm", "--prune-rates", "0.75",
+              "--lvlm", str(tmp_path / "lvlm"), "--captioner", str(tmp_path / "captioner"),
+              "--selector", str(tmp_path / "selector"), "--fastv-layer", "1", "--batch-size", "3",
+              "--model-cache", str(tmp_path / "cache")]  # fmt: skip
+    sweep = _sweep_module()
+    shared, sequential = tmp_path / "shared", tmp_path / "sequential"
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        assert sweep.main([*common, "--output", str(shared)]) == 0
+        first = pd.read_parquet(shared / "summary.parquet")
+        sweep_wall = json.loads((shared / "none" / "0" / "summary.json").read_text())["sweep_wall_s"]
+        assert sweep.main([*common, "--output", str(sequential), "--sequential"]) == 0
+        before = {p: p.stat().st_mtime_ns for p in shared.glob("*/*/*.parquet")}
+        assert sweep.main([*common, "--output", str(shared), "--resume"]) == 0  # all marked: nothing redone
+    finally:
+        ray.shutdown()
+
+    columns = ["id", "prediction", "error", "score", "keep_tokens", "caption", "flops_total", "method"]
+    want_schema = output_schema(INPUT_SCHEMA)
+    summary = pd.read_parquet(shared / "summary.parquet").set_index("method")
+    for method, rate in settings:
+        for name in ("a.parquet", "b.parquet"):
+            got_table = pq.read_table(shared / method / rate / name)
+            assert got_table.schema.equals(want_schema, check_metadata=False)
+            assert (shared / method / rate / "_done" / f"{name}.json").exists()
+            got = got_table.select(columns).to_pylist()
+            ref = pq.read_table(sequential / method / rate / name, columns=columns).to_pylist()
+            assert [r["id"] for r in got] == [r["id"] for r in ref]
+            for g, r in zip(got, ref, strict=True):
+                g["error"], r["error"] = _stable_error(g["error"]), _stable_error(r["error"])
+                assert g == pytest.approx(r), (method, rate, g, r)
+        out = pq.read_table(shared / method / rate / "b.parquet").to_pylist()
+        assert sum(r["error"] is not None for r in out) == 1  # the corrupt image: one error row per setting
+        assert all(isinstance(r["prediction"], str) for r in out if r["error"] is None)
+        job = json.loads((shared / method / rate / "summary.json").read_text())
+        assert job["rows_processed"] == 0 and job["shards_skipped"] == 2  # from the --resume run
+        assert job["items"] == 7 and job["errors"] == 1 and job["scored_items"] == 6
+        line = summary.loc[method]
+        assert (line["items"], line["errors"], line["scored"]) == (7, 1, 6)
+        assert line["accuracy"] == pytest.approx(job["accuracy"])  # one accuracy definition
+    accm = pq.read_table(shared / "accm" / "0.75" / "a.parquet").to_pylist()
+    assert all(r["caption"] for r in accm)
+    assert len(before) == 8 and {p: p.stat().st_mtime_ns for p in before} == before
+    assert (first["items_per_s"] > 0).all() and (shared / "report" / "report.md").exists()
+    assert first["wall_time_s"].sum() == pytest.approx(sweep_wall)  # the settings' shares of one wall time
+    assert summary["items_per_s"].isna().all()  # the --resume run processed nothing: no throughput claimed
