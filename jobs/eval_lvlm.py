@@ -46,6 +46,56 @@ def score(pred: str, answer: str) -> float:
         return float(pred.strip().lower() == answer)
 
 
+def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int]) -> list[shapes.Item]:
+    """Test-split items whose scenes hold ``n_range`` objects (the benchmark's own are 10-16)."""
+    import numpy as np
+
+    items = []
+    for t, qtype in enumerate(shapes.QUESTION_TYPES):
+        rng = np.random.default_rng([seed, 99, n_range[0], n_range[1], t])
+        while sum(it.question_type == qtype for it in items) < per_type:
+            objects = shapes.sample_scene(rng, "test", n_range)
+            asked = shapes.ask(objects, qtype, rng)
+            if asked is not None:
+                q, a, target = asked
+                items.append(shapes.Item(f"diag-{n_range[0]}-{n_range[1]}-{len(items)}", objects, q, qtype, a, target))
+    return items
+
+
+def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int, int]], batch: int = 50) -> list[dict]:
+    """Full-token accuracy per question type against the number of objects in the scene.
+
+    The diagnostic that located the proving-ground LVLM's failure: a model that reads the one object of a
+    one-object scene but answers at chance with two has not learned to *select* the object a question
+    names (content matching), which no amount of crowding curriculum fixes by itself.
+    """
+    from actors.engine import LlavaEngine
+
+    engine = LlavaEngine.from_pretrained(model_dir)
+    rows = []
+    for lo, hi in ranges:
+        row = run_setting(engine, items_with_objects(seed, per_type, (lo, hi)), method="none", rate=None,
+                          captions=False, batch=batch)
+        rows.append({"objects": f"{lo}" if lo == hi else f"{lo}-{hi}", **row})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def by_objects_markdown(rows: list[dict]) -> str:
+    cols = list(shapes.QUESTION_TYPES) + ["all"]
+    lines = ["| objects | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    lines += [f"| {r['objects']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _ranges(text: str) -> list[tuple[int, int]]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.append((int(lo), int(hi or lo)))
+    return out
+
+
 def run_setting(engine, items, *, method: str, rate: float | None, captions: bool, batch: int) -> dict:
     per: dict[str, list[float]] = {}
     flops: list[float] = []
@@ -111,9 +161,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="write rows here")
     p.add_argument("--markdown", default="", help="write the markdown table here")
+    p.add_argument("--by-objects", default="", metavar="RANGES",
+                   help="diagnostic instead of the table: full-token accuracy per question type for scenes of "
+                        "these object counts, e.g. 1,2,4,10-16")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.by_objects:
+        rows = by_objects(args.model, args.seed, args.per_type, _ranges(args.by_objects), args.batch)
+        print(by_objects_markdown(rows))
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(by_objects_markdown(rows) + "\n")
+        return rows
     rows = evaluate(args.model, args.seed, args.per_type, args.batch)
     table = markdown(rows)
     print(table)

@@ -85,3 +85,22 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path):
     # resume from the checkpoint runs no further steps and keeps the weights
     again = main(["--smoke", "--output", str(out), "--ckpt", str(tmp_path / "ckpt.pt"), "--resume"])
     assert again["parameters"] == summary["parameters"]
+    # the object-count diagnostic runs through the engine on the saved model
+    from jobs.eval_lvlm import main as eval_main
+
+    rows = eval_main(["--model", str(out), "--by-objects", "1,3-4", "--per-type", "2", "--threads", "1"])
+    assert [r["objects"] for r in rows] == ["1", "3-4"]
+    assert all(0.0 <= r["all"] <= 100.0 and r["mflops"] > 0 for r in rows)
+
+
+def test_diagnostic_items_have_the_requested_object_counts():
+    from jobs.eval_lvlm import _ranges, items_with_objects
+
+    assert _ranges("1,2,10-16") == [(1, 1), (2, 2), (10, 16)]
+    items = items_with_objects(7, 3, (2, 3))
+    assert len(items) == 3 * len(shapes.QUESTION_TYPES)
+    for it in items:
+        assert 2 <= len(it.objects) <= 3
+        assert shapes.scene_hash(it.objects) % 10 == 9  # test split
+        assert it.answer in {a for a in [o.color for o in it.objects] + [o.shape for o in it.objects]} | {
+            "yes", "no"} | {str(i) for i in range(4)}
