@@ -159,7 +159,8 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     for _ in range(args.batch):
         objs = L.sample_train_scene(rng, *n_range)
         images.append(np.asarray(shapes.render(objs)))
-        branches.append(L.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text))
+        qtypes = tuple(args.stage1_qtypes.split(",")) if stage == 1 and args.stage1_qtypes else shapes.QUESTION_TYPES
+        branches.append(L.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text, qtypes=qtypes))
     return L.pixel_values(images), L.pack_batch(tok, branches)
 
 
@@ -259,6 +260,9 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
             n_range = (1, shapes.MAX_OBJECTS) if stage == 1 else L.mixed_range(progress, args.ramp)
         else:
             n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
+        if stage == 1 and args.stage1_objects:
+            lo, _, hi = args.stage1_objects.partition("-")
+            n_range = (int(lo), int(hi or lo))
         rng = np.random.default_rng([args.seed, stage, step])
         px, pb = vqa_batch(tok, rng, args, n_range, stage)
         for g in opt.param_groups:
@@ -344,6 +348,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage1-n-image", type=int, default=10, help="stage 1: plain image questions per image")
     p.add_argument("--stage1-n-fact", type=int, default=0, help="stage 1: image + fact questions per image")
     p.add_argument("--stage1-n-text", type=int, default=0, help="stage 1: text-only questions per image")
+    p.add_argument("--stage1-objects", default="", metavar="LO-HI",
+                   help="stage 1: a fixed object-count range (e.g. 2-4) instead of the curriculum's")
+    p.add_argument("--stage1-qtypes", default="",
+                   help="stage 1: only these question types (comma-separated; include spatial, count or exist: "
+                        "colour/shape questions cannot always be asked of a small scene)")
     p.add_argument("--stage1-freeze-llm", action="store_true", help="stage 1 trains the projector only")
     p.add_argument("--stage2-steps", type=int, default=1200, help="stage 2 steps")
     p.add_argument("--lr", type=float, default=2e-3, help="stage 2 peak LR (AdamW, warmup + cosine)")
@@ -363,6 +372,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=150, help="checkpoint + HF save every N steps")
     p.add_argument("--smoke", action="store_true", help="tiny config, a few steps (CI)")
     args = p.parse_args(argv)
+    qtypes = [q for q in args.stage1_qtypes.split(",") if q]
+    if qtypes and (set(qtypes) - set(shapes.QUESTION_TYPES) or not set(qtypes) & {"spatial", "count", "exist"}):
+        p.error(f"--stage1-qtypes: known types are {shapes.QUESTION_TYPES}, and one of spatial/count/exist is needed")
     if args.smoke:
         args.preset = "tiny"
         args.stage0_steps, args.stage0_batch, args.stage1_steps, args.stage2_steps = 3, 8, 2, 4

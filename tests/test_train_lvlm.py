@@ -104,3 +104,12 @@ def test_diagnostic_items_have_the_requested_object_counts():
         assert shapes.scene_hash(it.objects) % 10 == 9  # test split
         assert it.answer in {a for a in [o.color for o in it.objects] + [o.shape for o in it.objects]} | {
             "yes", "no"} | {str(i) for i in range(4)}
+
+
+def test_stage1_question_types_must_include_an_always_askable_type():
+    from jobs.train_lvlm import parse_args
+
+    assert parse_args(["--stage1-qtypes", "color,shape,spatial"]).stage1_qtypes == "color,shape,spatial"
+    for bad in ("color,shape", "colour,spatial"):  # colour/shape alone can loop forever; unknown type
+        with pytest.raises(SystemExit):
+            parse_args(["--stage1-qtypes", bad])
