@@ -79,30 +79,43 @@ class LlavaEngine:
         dtype: torch.dtype = torch.float32,
         cache_dir: str | None = None,
         clip_text_url: str | None = None,
+        vision_only: bool = False,
     ) -> LlavaEngine:
         """Load from a local dir, ``file://`` or ``s3://`` (copied once per process into ``cache_dir``).
 
         ``clip_text_url``: optional CLIPModel checkpoint for PruMerge+'s text-guided picks.
+        ``vision_only``: load only the vision tower and projector (the captioner tier's needs); the LLM stays
+        on the meta device and ``generate`` refuses to run.
         """
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         path = local_model_dir(url, cache_dir)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        if vision_only:
+            from actors.loading import load_llava_vision_only
+
+            model = load_llava_vision_only(path, dtype=dtype, device=device)
+        else:
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
         processor = AutoProcessor.from_pretrained(path)
         guide = None
         if clip_text_url is not None:
             guide = TextGuide.from_pretrained(local_model_dir(clip_text_url, cache_dir), dtype=dtype).to(
                 device
             )
-        return cls(model.to(device), processor, model_id=str(url), text_guide=guide)
+        return cls(model if vision_only else model.to(device), processor, model_id=str(url), text_guide=guide)
+
+    @property
+    def vision_only(self) -> bool:
+        """True when the LLM's weights were never loaded (``from_pretrained(vision_only=True)``)."""
+        return self.model.lm_head.weight.is_meta
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return next(self.model.model.multi_modal_projector.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return next(self.model.model.multi_modal_projector.parameters()).dtype
 
     # -- vision + pruning (captioner tier) ---------------------------------------------------------
 
@@ -166,6 +179,8 @@ class LlavaEngine:
         """
         from pipeline.flops import llava_item_flops
 
+        if self.vision_only:
+            raise RuntimeError("this engine was loaded with vision_only=True (captioner tier): no LLM weights")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
         items = list(retained.unbind(0)) if isinstance(retained, Tensor) else list(retained)

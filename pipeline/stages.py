@@ -146,8 +146,11 @@ def worker_logging() -> None:
     setup_logging(("accm",), with_time=False)
 
 
-def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = None, device: str | None = None):
-    """The LLaVA engine of a tier; ``tp``: its model split by DeepSpeed over ``tp`` ranks (``init_rank`` first)."""
+def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = None, device: str | None = None,
+                vision_only: bool = False):
+    """The LLaVA engine of a tier; ``tp``: its model split by DeepSpeed over ``tp`` ranks (``init_rank`` first);
+    ``vision_only``: the tower and projector only (the captioner tier never runs the LLM: on LLaVA-1.5-7B that
+    is ~0.6 GB instead of ~14 GB on its GPU)."""
     from actors.engine import LlavaEngine
 
     worker_logging()
@@ -156,14 +159,15 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
     device = device or default_device
     path = fetch_model(cfg.lvlm, cfg, what)
     t0 = time.perf_counter()
-    engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype)
+    engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype, vision_only=vision_only)
     if tp is not None:  # rebuild the engine around the sharded modules (its decoder loop holds them)
         from actors.tp import shard_model
 
         model = shard_model(engine.model, tp)
         engine = LlavaEngine(model, engine.processor, model_id=engine.model_id, text_guide=engine.text_guide)
-    log.info("%s: LLaVA loaded on %s/%s%s in %.1fs", what, device, str(dtype).removeprefix("torch."),
-             f", DeepSpeed tp={tp}" if tp is not None else "", time.perf_counter() - t0)
+    log.info("%s: LLaVA%s loaded on %s/%s%s in %.1fs", what, " vision tower + projector" if vision_only else "",
+             device, str(dtype).removeprefix("torch."), f", DeepSpeed tp={tp}" if tp is not None else "",
+             time.perf_counter() - t0)
     return engine
 
 
@@ -239,7 +243,7 @@ class CaptionerTier:
 
         torch.set_grad_enabled(False)
         self.cfg = cfg
-        self.engine = load_engine(cfg, num_gpus, "captioner tier")
+        self.engine = load_engine(cfg, num_gpus, "captioner tier", vision_only=True)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
@@ -295,7 +299,7 @@ class SweepCaptionerTier:
 
         torch.set_grad_enabled(False)
         self.cfg, self.settings, self.todo = cfg, list(settings), todo
-        self.engine = load_engine(cfg, num_gpus, "captioner tier (sweep)")
+        self.engine = load_engine(cfg, num_gpus, "captioner tier (sweep)", vision_only=True)
         needs_accm = any(method in CAPTION_METHODS for _, method, _ in self.settings)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if needs_accm else (None, None)
 

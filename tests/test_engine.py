@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -197,3 +198,42 @@ def test_load_from_file_url_and_s3(
         assert got.token_ids == want.token_ids
     with pytest.raises(FileNotFoundError):
         LlavaEngine.from_pretrained(str(tmp_path / "missing"))
+
+
+def test_vision_only_engine_encodes_and_prunes_like_the_full_one(model_dir: str, engine: LlavaEngine, images):
+    """The captioner tier's engine: tower + projector from the checkpoint, the LLM never loaded."""
+    vis = LlavaEngine.from_pretrained(model_dir, vision_only=True)
+    assert vis.vision_only and not engine.vision_only
+    assert all(p.is_meta for p in vis.model.model.language_model.parameters())
+    assert not any(p.is_meta for p in vis.model.model.vision_tower.parameters())
+    pixels = engine.preprocess(images[:4])
+    a, b = engine.encode_images(pixels), vis.encode_images(pixels)
+    assert torch.equal(a.patch_features, b.patch_features)
+    for method in ("random", "visionzip", "prumerge_plus"):
+        pa = engine.prune(a, method, 8, IDS[:4], QUESTIONS[:4])
+        pb = vis.prune(b, method, 8, IDS[:4], QUESTIONS[:4])
+        assert all(torch.equal(x, y) for x, y in zip(pa.retained, pb.retained, strict=True))
+    assert torch.equal(engine.project(a.patch_features), vis.project(b.patch_features))
+    with pytest.raises(RuntimeError, match="vision_only"):
+        vis.generate(b.patch_features, QUESTIONS[:4])
+
+
+def test_vision_only_key_names_across_checkpoint_layouts(model_dir: str, tmp_path):
+    from actors.loading import _model_key, load_llava_vision_only
+
+    patch, proj = "model.vision_tower.embeddings.patch_embedding.weight", "model.multi_modal_projector.linear_1.weight"
+    wanted = {patch, proj}
+    # transformers v5 saves llava-hf's names; older llava-hf checkpoints nest the tower under vision_model
+    assert _model_key("vision_tower.embeddings.patch_embedding.weight", wanted) == patch
+    assert _model_key("vision_tower.vision_model.embeddings.patch_embedding.weight", wanted) == patch
+    assert _model_key("multi_modal_projector.linear_1.weight", wanted) == proj
+    assert _model_key("language_model.model.layers.0.mlp.up_proj.weight", wanted) is None
+    # a checkpoint without the tower is refused with a clear error, not loaded half-random
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "no_tower"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(str(broken / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, str(broken / "model.safetensors"))
+    with pytest.raises(ValueError, match="lacks"):
+        load_llava_vision_only(str(broken), dtype=torch.float32)
