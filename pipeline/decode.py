@@ -8,6 +8,7 @@ or ``error``, with errors phrased as ``"<column>: <what is wrong>"``.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Callable
 
@@ -93,7 +94,13 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, f"{column}: decompression bomb refused ({exc})"
     except Exception as exc:  # noqa: BLE001 - undecodable, truncated, unsupported mode, ...
-        return None, redact(f"{column}: cannot decode: {type(exc).__name__}: {exc}")
+        # PIL names the in-memory file by its address ("<_io.BytesIO object at 0x7f...>"): drop it, so that
+        # the same bad row gives the same error text in every run (reruns, sweeps, comparisons)
+        text = _OBJECT_ADDRESS.sub(">", str(exc))
+        return None, redact(f"{column}: cannot decode: {type(exc).__name__}: {text}")
+
+
+_OBJECT_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+>")
 
 
 def validate_question(question: object, *, max_chars: int = MAX_QUESTION_CHARS) -> str | None:

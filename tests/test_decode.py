@@ -178,3 +178,10 @@ def test_image_uri_on_s3(s3_server, tmp_bucket):
 )
 def test_validate_question(question, expected):
     assert validate_question(question) == expected
+
+
+def test_decode_error_text_is_the_same_in_every_run():
+    """PIL's message names the in-memory file by address; the row's error must not (reruns compare equal)."""
+    first = decode_image(b"definitely not an image")[1]
+    again = decode_image(bytearray(b"definitely not an image"))[1]
+    assert first == again and "0x" not in first and "UnidentifiedImageError" in first
