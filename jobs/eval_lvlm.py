@@ -48,18 +48,8 @@ def score(pred: str, answer: str) -> float:
 
 def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int]) -> list[shapes.Item]:
     """Test-split items whose scenes hold ``n_range`` objects (the benchmark's own are 10-16)."""
-    import numpy as np
-
-    items = []
-    for t, qtype in enumerate(shapes.QUESTION_TYPES):
-        rng = np.random.default_rng([seed, 99, n_range[0], n_range[1], t])
-        while sum(it.question_type == qtype for it in items) < per_type:
-            objects = shapes.sample_scene(rng, "test", n_range)
-            asked = shapes.ask(objects, qtype, rng)
-            if asked is not None:
-                q, a, target = asked
-                items.append(shapes.Item(f"diag-{n_range[0]}-{n_range[1]}-{len(items)}", objects, q, qtype, a, target))
-    return items
+    return [shapes.make_item(seed, "test", i, qtype, n_objects=n_range)
+            for qtype in shapes.QUESTION_TYPES for i in range(per_type)]
 
 
 def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int, int]], batch: int = 50) -> list[dict]:

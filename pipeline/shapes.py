@@ -214,10 +214,14 @@ def fact(objects: tuple[SceneObject, ...], qtype: str, question: str, target: tu
     return f"the {o.shape} is {o.color}."
 
 
-def make_item(seed: int, split: str, index: int, qtype: str | None = None) -> Item:
+def make_item(
+    seed: int, split: str, index: int, qtype: str | None = None,
+    n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+) -> Item:
+    """Item ``index`` of ``split`` under ``seed`` (``n_objects``: other scene sizes, for diagnostics)."""
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     while True:
-        objects = sample_scene(rng, split)
+        objects = sample_scene(rng, split, n_objects)
         q_type = qtype or QUESTION_TYPES[index % len(QUESTION_TYPES)]
         # exist questions alternate yes/no: exactly balanced over any run of consecutive items
         nth_of_type = index if qtype else index // len(QUESTION_TYPES)
