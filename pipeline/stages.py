@@ -304,22 +304,15 @@ class SweepCaptionerTier:
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if needs_accm else (None, None)
 
     def _encode(self, rows: list[dict[str, Any]]):
-        """(VisionBatch, the rows it holds in order); a failing batch is retried row by row."""
-        try:
-            return (encode_rows(self.engine, rows), rows) if rows else (None, [])
-        except Exception as exc:  # noqa: BLE001
-            if len(rows) == 1:
-                rows[0]["error"] = f"captioner: {_short(exc)}"
-                return None, []
-            log.warning("captioner: batch of %d failed (%s); retrying row by row", len(rows), _short(exc))
-        parts, kept = [], []
-        for r in rows:
-            try:
-                parts.append(encode_rows(self.engine, [r]))
-                kept.append(r)
-            except Exception as exc:  # noqa: BLE001
-                r["error"] = f"captioner: {_short(exc)}"
-        return (_cat_vision(parts), kept) if parts else (None, [])
+        """(VisionBatch, the rows it holds in order); a failing batch is retried row by row (``run_rows``)."""
+        if not rows:
+            return None, []
+        parts: list[tuple[Any, list[dict[str, Any]]]] = []
+        run_rows(lambda rs: parts.append((encode_rows(self.engine, rs), rs)), rows, "captioner")
+        if not parts:
+            return None, []
+        vision = parts[0][0] if len(parts) == 1 else _cat_vision([v for v, _ in parts])
+        return vision, [r for _, rs in parts for r in rs]
 
     def _one_setting(self, vision, good: list[tuple[int, dict[str, Any]]], method: str,
                      prune_rate: float | None) -> None:
