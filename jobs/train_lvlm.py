@@ -244,7 +244,9 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         start = state.get(f"stage{stage}_step", 0)
     vitems = val_items(args.val_seed, args.val_items)
     level, ema, at_level = state.get("level", 1), 0.0, 0
-    model.config.text_config._attn_implementation = args.train_attn
+    # the attention-supervision loss needs the attention maps, which only eager attention returns
+    train_attn = "eager" if args.attn_sup > 0 else args.train_attn
+    model.config.text_config._attn_implementation = train_attn
     t0, seen = time.time(), 0
     for step in range(start, steps):
         progress = step / max(1, steps)
@@ -270,10 +272,16 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
                             floor=0.1 if stage == 2 else args.stage1_lr_floor)
         with torch.no_grad():
             hidden, _ = L.vision_features(model, px)
-        logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
+        if args.attn_sup > 0:
+            logits, labels, attn = L.packed_logits(model, px, pb, features=hidden[:, 1:], output_attentions=True)
+            word_loss = L.attention_target_loss(attn[args.word_layer], pb.word_targets, args.attn_sup_heads)
+            hop_loss = L.attention_target_loss(attn[args.hop_layer], pb.hop_targets, args.attn_sup_heads)
+        else:
+            logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
+            word_loss = hop_loss = torch.zeros(())
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.attn_sup * (word_loss + hop_loss)).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         seen += int((pb.labels != -100).sum().item())
@@ -289,7 +297,8 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         last = step == steps - 1
         if step % args.log_every == 0 or last:
             el = time.time() - t0
-            log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} "
+            log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word_loss.item():.3f} "
+                f"hop-attn {hop_loss.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} "
                 f"{(step - start + 1) * args.batch / max(el, 1e-6):.1f} img/s {seen / max(el, 1e-6):.0f} tok/s "
                 f"train image-question acc (EMA) {ema:.2f}")
         if (step + 1) % args.eval_every == 0 or last:
@@ -297,7 +306,7 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
             acc = evaluate(model, tok, vitems)
             fact = evaluate(model, tok, vitems[: args.val_items // 2], with_fact=True)
             text = evaluate(model, tok, vitems[: args.val_items // 2], text_only=True)
-            model.config.text_config._attn_implementation = args.train_attn
+            model.config.text_config._attn_implementation = train_attn
             log(f"EVAL stage{stage} step {step + 1} val {json.dumps(acc)} | +fact {fact['all']} | text-only {text['all']}")
             state.setdefault("evals", []).append({"stage": stage, "step": step + 1, "val": acc, "fact": fact, "text": text,
                                                   "minutes": round((time.time() - state["t_start"]) / 60, 2)})
@@ -306,7 +315,7 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
             save_ckpt(model, opt, state, args, stage)
             model.config.text_config._attn_implementation = "eager"
             save_hf(model, tok, proc, Path(args.output))
-            model.config.text_config._attn_implementation = args.train_attn
+            model.config.text_config._attn_implementation = train_attn
     state.pop(f"stage{stage}_opt", None)
     state[f"stage{stage}_done"] = True
     model.config.text_config._attn_implementation = "eager"
@@ -366,6 +375,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="adaptive: one object first, one more when train image accuracy passes --level-threshold; "
                         "mixed: stage 1 draws 1-16 objects uniformly, stage 2 narrows to 10-16 by --ramp")
     p.add_argument("--level-threshold", type=float, default=0.8, help="adaptive curriculum: EMA accuracy to advance")
+    p.add_argument("--attn-sup", type=float, default=1.0,
+                   help="weight of the attention-supervision losses (stages 1-2; 0 = off): naming words attend to "
+                        "the objects they select, the answer position to the decisive word (see "
+                        "actors.shapes_lvlm.attention_target_loss)")
+    p.add_argument("--attn-sup-heads", type=int, default=0,
+                   help="how many heads (the first N) each supervised layer gives (0 = half of them)")
+    p.add_argument("--word-layer", type=int, default=0, help="LLM layer whose heads learn word -> object attention")
+    p.add_argument("--hop-layer", type=int, default=1, help="LLM layer whose heads learn answer -> word attention")
     p.add_argument("--train-attn", default="sdpa", choices=["sdpa", "eager"], help="LLM attention kernel in training")
     p.add_argument("--log-every", type=int, default=25, help="log the training loss every N steps")
     p.add_argument("--eval-every", type=int, default=150, help="val accuracy every N steps")
@@ -379,6 +396,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset = "tiny"
         args.stage0_steps, args.stage0_batch, args.stage1_steps, args.stage2_steps = 3, 8, 2, 4
         args.batch, args.val_items, args.eval_every, args.ckpt_every, args.log_every, args.warmup = 4, 10, 4, 2, 1, 2
+    preset = L.PRESETS[args.preset]
+    args.attn_sup_heads = args.attn_sup_heads or max(1, preset["heads"] // 2)
+    if args.attn_sup > 0 and (max(args.word_layer, args.hop_layer) >= preset["layers"]
+                              or not 0 < args.attn_sup_heads <= preset["heads"]):
+        p.error(f"--word-layer/--hop-layer must be < {preset['layers']} and --attn-sup-heads in 1..{preset['heads']} "
+                f"for preset {args.preset!r}")
     return args
 
 

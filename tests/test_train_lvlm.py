@@ -113,3 +113,91 @@ def test_stage1_question_types_must_include_an_always_askable_type():
     for bad in ("color,shape", "colour,spatial"):  # colour/shape alone can loop forever; unknown type
         with pytest.raises(SystemExit):
             parse_args(["--stage1-qtypes", bad])
+
+
+def _obj(shape, color, row, col):
+    return shapes.SceneObject(shape=shape, color=color, row=row, col=col, dx=0, dy=0, size=5)
+
+
+def test_word_attention_targets_select_the_named_objects():
+    scene = (_obj("triangle", "red", 0, 1), _obj("circle", "red", 2, 3), _obj("triangle", "blue", 2, 5))
+    p = shapes.patch_index
+    words = "What color is the circle ?".split()
+    assert L._word_attention_targets("color", words, scene) == ([(4, [p(scene[1])])], 4)
+    words = "What shape is the blue object ?".split()
+    assert L._word_attention_targets("shape", words, scene) == ([(4, [p(scene[2])])], 4)
+    words = "How many triangles are there ?".split()
+    assert L._word_attention_targets("count", words, scene) == ([(2, [p(scene[0]), p(scene[2])])], 2)
+    words = "How many squares are there ?".split()  # none: attend to the <s> sink only
+    assert L._word_attention_targets("count", words, scene) == ([(2, [])], 2)
+    words = "Is there a red triangle ?".split()  # the colour word: all red; the shape word: red AND triangle
+    assert L._word_attention_targets("exist", words, scene) == ([(3, [p(scene[0]), p(scene[1])]), (4, [p(scene[0])])], 4)
+    words = "Is there a blue circle ?".split()
+    assert L._word_attention_targets("exist", words, scene)[0][1] == (4, [])
+    words = "What shape is in row 3 , column 6 ?".split()
+    assert L._word_attention_targets("spatial", words, scene) == ([(5, [p(scene[1]), p(scene[2])]), (8, [p(scene[2])])], 8)
+
+
+def test_packed_attention_targets_point_at_the_right_tokens(tok):
+    rng = np.random.default_rng(5)
+    objs = shapes.sample_scene(rng, "train")
+    branches = L.draw_branches(objs, rng, n_image=4, n_fact=2, n_text=1)
+    pb = L.pack_batch(tok, [branches])
+    toks = tok.convert_ids_to_tokens(pb.input_ids[0].tolist())
+    n_prefix = int(pb.image_mask[0].int().argmax())
+    # every plain image branch has exactly one hop: from its last prompt token to one naming word
+    assert len(pb.hop_targets) == 4
+    label_positions = set((pb.labels[0] != -100).nonzero().flatten().tolist())
+    for row, query, (word,) in pb.hop_targets:
+        assert row == 0 and toks[query] == ":" and query in label_positions and word < query
+        assert toks[word] in shapes.COLORS or toks[word].isdigit() or toks[word].rstrip("es") in shapes.SHAPES \
+            or toks[word][:-1] in shapes.SHAPES
+    for _, query, keys in pb.word_targets:
+        assert keys[0] == 0  # the <s> sink
+        assert all(pb.image_mask[0, k] for k in keys[1:]) and query > max(keys)
+        # each key is the visual token of an object the word names
+        names = {toks[query], toks[query][:-1], toks[query][:-2]}
+        for k in keys[1:]:
+            o = next(o for o in objs if n_prefix + shapes.patch_index(o) == k)
+            assert names & {o.color, o.shape} or toks[query].isdigit()
+    # fact and text-only branches get no targets: their answer is in the text
+    assert len({q for _, q, _ in pb.word_targets}) == len(pb.word_targets)
+
+
+def test_attention_target_loss_is_lowest_on_uniform_target_attention():
+    targets = [(0, 3, [0, 1]), (1, 2, [2])]
+    uniform = torch.full((2, 2, 4, 4), 0.25)
+    on_target = torch.zeros(2, 2, 4, 4)
+    on_target[0, :, 3, [0, 1]] = 0.5
+    on_target[1, :, 2, 2] = 1.0
+    elsewhere = torch.zeros(2, 2, 4, 4)
+    elsewhere[:, :, :, 3] = 1.0
+    loss = {name: L.attention_target_loss(a, targets, heads=2).item()
+            for name, a in (("uniform", uniform), ("on", on_target), ("off", elsewhere))}
+    assert loss["on"] < loss["uniform"] < loss["off"]
+    assert loss["on"] == pytest.approx((np.log(2) + 0.0) / 2, abs=1e-5)
+    # only the first `heads` heads are supervised
+    half = on_target.clone()
+    half[:, 1] = elsewhere[:, 1]
+    assert L.attention_target_loss(half, targets, heads=1).item() == pytest.approx(loss["on"], abs=1e-5)
+    assert L.attention_target_loss(uniform, [], heads=2).item() == 0.0
+
+
+def test_attention_supervision_trains_the_named_heads(tok):
+    """A few steps of the auxiliary loss alone move layer 0's first head toward the named objects."""
+    model = L.build_model("tiny", tokenizer=tok)
+    model.config.text_config._attn_implementation = "eager"
+    rng = np.random.default_rng(2)
+    scenes = [shapes.sample_scene(rng, "train") for _ in range(4)]
+    pb = L.pack_batch(tok, [L.draw_branches(s, rng, n_image=3, n_fact=0, n_text=0) for s in scenes])
+    px = L.pixel_values([np.asarray(shapes.render(s)) for s in scenes])
+    opt = torch.optim.Adam(model.model.language_model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        _, _, attn = L.packed_logits(model, px, pb, output_attentions=True)
+        loss = L.attention_target_loss(attn[0], pb.word_targets, heads=1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
