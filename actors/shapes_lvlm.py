@@ -257,8 +257,10 @@ class PackedBatch:
     label_types: list[list[str]]  # question type per labelled answer position (for logging)
     first_kind: torch.Tensor | None = None  # [n_labels]: 1 first answer token of a plain image branch, 2 with fact, 3 text-only, 0 other
     # (row, position of a naming word in a plain image question, [0 (the <s> sink)] + positions of the
-    # visual tokens that word selects); see _word_attention_targets
+    # visual tokens that word selects); see _word_attention_targets. word_targets depend on the word
+    # alone (learnable in the first layer), context_targets on the words before it too
     word_targets: list[tuple[int, int, list[int]]] | None = None
+    context_targets: list[tuple[int, int, list[int]]] | None = None
     # (row, position that predicts the answer, [position of the question's decisive naming word])
     hop_targets: list[tuple[int, int, list[int]]] | None = None
 
@@ -282,6 +284,7 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
         kinds: list[int] = []
         words: list[tuple[int, list[int]]] = []
         hops: list[tuple[int, list[int]]] = []
+        contexts: list[tuple[int, list[int]]] = []
         for b, br in enumerate(branches):
             after = build_prompt(br.question, br.caption).split(IMAGE_TOKEN)[1]
             q_ids = _ids(tokenizer, after)
@@ -289,11 +292,12 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
             toks = q_ids + a_ids
             start = len(prefix) + (n_visual if br.use_image else 0)
             if br.use_image and br.caption is None and br.objects:
-                per_word, decisive = _word_attention_targets(
+                own, in_context, decisive = _word_attention_targets(
                     br.qtype, tokenizer.convert_ids_to_tokens(q_ids), br.objects)
                 base = len(ids)
-                for j, keys in per_word:
-                    words.append((base + j, [0] + [len(prefix) + k for k in keys]))
+                for out_list, targets in ((words, own), (contexts, in_context)):
+                    for j, keys in targets:
+                        out_list.append((base + j, [0] + [len(prefix) + k for k in keys]))
                 if decisive is not None:
                     hops.append((base + len(q_ids) - 1, [base + decisive]))
             for j, t in enumerate(toks):
@@ -306,7 +310,7 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
                     types.append(br.qtype)
                 if len(q_ids) - 1 <= j < len(toks) - 1:
                     kinds.append(0 if j > len(q_ids) - 1 else 3 if not br.use_image else 2 if br.caption else 1)
-        rows.append((ids, seg, pos, lab, types, kinds, words, hops))
+        rows.append((ids, seg, pos, lab, types, kinds, words, hops, contexts))
     length = max(len(r[0]) for r in rows)
     bsz = len(rows)
     input_ids = torch.full((bsz, length), tokenizer.pad_token_id, dtype=torch.long)
@@ -331,48 +335,59 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
     kinds = torch.tensor([k for r in rows for k in r[5]], dtype=torch.long)
     word_targets = [(i, q, keys) for i, r in enumerate(rows) for q, keys in r[6]]
     hop_targets = [(i, q, keys) for i, r in enumerate(rows) for q, keys in r[7]]
+    context_targets = [(i, q, keys) for i, r in enumerate(rows) for q, keys in r[8]]
     return PackedBatch(input_ids, input_ids == image_id, position_ids, mask, labels, [r[4] for r in rows], kinds,
-                       word_targets, hop_targets)
+                       word_targets, context_targets, hop_targets)
 
 
 _PLURAL_TO_SHAPE = {shapes.plural(s): s for s in shapes.SHAPES}
 
 
-def _word_attention_targets(qtype: str, words: list[str], objects) -> tuple[list[tuple[int, list[int]]], int | None]:
+def _word_attention_targets(
+    qtype: str, words: list[str], objects
+) -> tuple[list[tuple[int, list[int]]], list[tuple[int, list[int]]], int | None]:
     """Which visual tokens each naming word of a question selects, and which word decides the answer.
 
-    Returns ``([(word index, patch indices)], decisive word index)``. Colour question: the shape word
-    selects the objects of that shape; shape question: the colour word, objects of that colour; count:
-    the plural, objects of that shape (possibly none); exist: the colour word selects that colour, the
-    shape word the objects of that colour *and* shape (none when the answer is no); spatial: the row
-    number selects that row's objects, the column number the object in that cell. An empty selection is
-    a real target too: the word should then attend to the ``<s>`` sink only.
+    Returns ``(own, in_context, decisive)``, lists of ``(word index, patch indices)``:
+
+    * ``own``: what the word means by itself, the same in every question (so a first layer, which sees
+      only the word, can learn it): a colour word selects the objects of that colour, a shape word
+      (singular or plural) the objects of that shape.
+    * ``in_context``: what needs the words before it: in an exist question the shape word selects the
+      objects of the named colour *and* shape (none when the answer is no); in a spatial question the
+      row number selects that row's objects and the column number the object in that cell.
+    * ``decisive``: the word whose selection answers the question (the answer position should read it).
+
+    An empty selection is a real target too: the word should then attend to the ``<s>`` sink only.
+    (A first version gave the exist shape word its conjunction as an ``own`` target: a first layer
+    cannot tell it from the same word in a colour question, and colour questions stayed at chance.)
     """
-    sel: list[tuple[int, list[int]]] = []
+    own: list[tuple[int, list[int]]] = []
+    in_context: list[tuple[int, list[int]]] = []
     decisive = None
     patch = shapes.patch_index
-    color = None
+    color = row = None
     for j, w in enumerate(words):
         shape = _PLURAL_TO_SHAPE.get(w, w)
-        if qtype == "color" and shape in shapes.SHAPES:
-            sel.append((j, [patch(o) for o in objects if o.shape == shape])); decisive = j
-        elif qtype == "shape" and w in shapes.COLORS:
-            sel.append((j, [patch(o) for o in objects if o.color == w])); decisive = j
-        elif qtype == "count" and w in _PLURAL_TO_SHAPE:
-            sel.append((j, [patch(o) for o in objects if o.shape == shape])); decisive = j
-        elif qtype == "exist" and w in shapes.COLORS:
+        if w in shapes.COLORS:
+            own.append((j, [patch(o) for o in objects if o.color == w]))
             color = w
-            sel.append((j, [patch(o) for o in objects if o.color == w]))
-        elif qtype == "exist" and shape in shapes.SHAPES:
-            sel.append((j, [patch(o) for o in objects if o.color == color and o.shape == shape])); decisive = j
-        elif qtype == "spatial" and j > 0 and words[j - 1] in ("row", "column") and w.isdigit():
-            if words[j - 1] == "row":
-                row = int(w) - 1
-                sel.append((j, [patch(o) for o in objects if o.row == row]))
-            else:
-                col = int(w) - 1
-                sel.append((j, [patch(o) for o in objects if o.row == row and o.col == col])); decisive = j
-    return sel, decisive
+            if qtype == "shape":
+                decisive = j
+        elif shape in shapes.SHAPES:
+            own.append((j, [patch(o) for o in objects if o.shape == shape]))
+            if qtype == "exist":
+                in_context.append((j, [patch(o) for o in objects if o.color == color and o.shape == shape]))
+            if qtype in ("color", "count", "exist"):
+                decisive = j
+        elif qtype == "spatial" and j > 0 and words[j - 1] == "row" and w.isdigit():
+            row = int(w) - 1
+            in_context.append((j, [patch(o) for o in objects if o.row == row]))
+        elif qtype == "spatial" and j > 0 and words[j - 1] == "column" and w.isdigit():
+            col = int(w) - 1
+            in_context.append((j, [patch(o) for o in objects if o.row == row and o.col == col]))
+            decisive = j
+    return own, in_context, decisive
 
 
 def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: torch.Tensor | None = None,

@@ -275,6 +275,8 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         if args.attn_sup > 0:
             logits, labels, attn = L.packed_logits(model, px, pb, features=hidden[:, 1:], output_attentions=True)
             word_loss = L.attention_target_loss(attn[args.word_layer], pb.word_targets, args.attn_sup_heads)
+            word_loss = word_loss + L.attention_target_loss(attn[args.context_layer], pb.context_targets,
+                                                            args.attn_sup_heads)
             hop_loss = L.attention_target_loss(attn[args.hop_layer], pb.hop_targets, args.attn_sup_heads)
         else:
             logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
@@ -381,8 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "actors.shapes_lvlm.attention_target_loss)")
     p.add_argument("--attn-sup-heads", type=int, default=0,
                    help="how many heads (the first N) each supervised layer gives (0 = half of them)")
-    p.add_argument("--word-layer", type=int, default=0, help="LLM layer whose heads learn word -> object attention")
-    p.add_argument("--hop-layer", type=int, default=1, help="LLM layer whose heads learn answer -> word attention")
+    p.add_argument("--word-layer", type=int, default=0,
+                   help="LLM layer whose heads learn word -> object attention (what a word means by itself)")
+    p.add_argument("--context-layer", type=int, default=1,
+                   help="LLM layer whose heads learn word -> object attention that needs the words before it")
+    p.add_argument("--hop-layer", type=int, default=2, help="LLM layer whose heads learn answer -> word attention")
     p.add_argument("--train-attn", default="sdpa", choices=["sdpa", "eager"], help="LLM attention kernel in training")
     p.add_argument("--log-every", type=int, default=25, help="log the training loss every N steps")
     p.add_argument("--eval-every", type=int, default=150, help="val accuracy every N steps")
@@ -396,11 +401,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.preset = "tiny"
         args.stage0_steps, args.stage0_batch, args.stage1_steps, args.stage2_steps = 3, 8, 2, 4
         args.batch, args.val_items, args.eval_every, args.ckpt_every, args.log_every, args.warmup = 4, 10, 4, 2, 1, 2
+        args.word_layer, args.context_layer, args.hop_layer = 0, 1, 1  # the tiny LLM has 2 layers
     preset = L.PRESETS[args.preset]
     args.attn_sup_heads = args.attn_sup_heads or max(1, preset["heads"] // 2)
-    if args.attn_sup > 0 and (max(args.word_layer, args.hop_layer) >= preset["layers"]
+    if args.attn_sup > 0 and (max(args.word_layer, args.context_layer, args.hop_layer) >= preset["layers"]
                               or not 0 < args.attn_sup_heads <= preset["heads"]):
-        p.error(f"--word-layer/--hop-layer must be < {preset['layers']} and --attn-sup-heads in 1..{preset['heads']} "
+        p.error(f"--word-layer/--context-layer/--hop-layer must be < {preset['layers']} and --attn-sup-heads in 1..{preset['heads']} "
                 f"for preset {args.preset!r}")
     return args
 

@@ -122,20 +122,17 @@ def _obj(shape, color, row, col):
 def test_word_attention_targets_select_the_named_objects():
     scene = (_obj("triangle", "red", 0, 1), _obj("circle", "red", 2, 3), _obj("triangle", "blue", 2, 5))
     p = shapes.patch_index
-    words = "What color is the circle ?".split()
-    assert L._word_attention_targets("color", words, scene) == ([(4, [p(scene[1])])], 4)
-    words = "What shape is the blue object ?".split()
-    assert L._word_attention_targets("shape", words, scene) == ([(4, [p(scene[2])])], 4)
-    words = "How many triangles are there ?".split()
-    assert L._word_attention_targets("count", words, scene) == ([(2, [p(scene[0]), p(scene[2])])], 2)
-    words = "How many squares are there ?".split()  # none: attend to the <s> sink only
-    assert L._word_attention_targets("count", words, scene) == ([(2, [])], 2)
-    words = "Is there a red triangle ?".split()  # the colour word: all red; the shape word: red AND triangle
-    assert L._word_attention_targets("exist", words, scene) == ([(3, [p(scene[0]), p(scene[1])]), (4, [p(scene[0])])], 4)
-    words = "Is there a blue circle ?".split()
-    assert L._word_attention_targets("exist", words, scene)[0][1] == (4, [])
-    words = "What shape is in row 3 , column 6 ?".split()
-    assert L._word_attention_targets("spatial", words, scene) == ([(5, [p(scene[1]), p(scene[2])]), (8, [p(scene[2])])], 8)
+    tri, red = [p(scene[0]), p(scene[2])], [p(scene[0]), p(scene[1])]
+    t = L._word_attention_targets
+    assert t("color", "What color is the circle ?".split(), scene) == ([(4, [p(scene[1])])], [], 4)
+    assert t("shape", "What shape is the blue object ?".split(), scene) == ([(4, [p(scene[2])])], [], 4)
+    assert t("count", "How many triangles are there ?".split(), scene) == ([(2, tri)], [], 2)
+    assert t("count", "How many squares are there ?".split(), scene) == ([(2, [])], [], 2)  # none: the sink only
+    # a word's own target is the same in every question; the exist conjunction is a context target
+    assert t("exist", "Is there a red triangle ?".split(), scene) == ([(3, red), (4, tri)], [(4, [p(scene[0])])], 4)
+    assert t("exist", "Is there a blue circle ?".split(), scene)[1] == [(4, [])]
+    assert t("spatial", "What shape is in row 3 , column 6 ?".split(), scene) == (
+        [], [(5, [p(scene[1]), p(scene[2])]), (8, [p(scene[2])])], 8)
 
 
 def test_packed_attention_targets_point_at_the_right_tokens(tok):
@@ -152,7 +149,7 @@ def test_packed_attention_targets_point_at_the_right_tokens(tok):
         assert row == 0 and toks[query] == ":" and query in label_positions and word < query
         assert toks[word] in shapes.COLORS or toks[word].isdigit() or toks[word].rstrip("es") in shapes.SHAPES \
             or toks[word][:-1] in shapes.SHAPES
-    for _, query, keys in pb.word_targets:
+    for _, query, keys in pb.word_targets + pb.context_targets:
         assert keys[0] == 0  # the <s> sink
         assert all(pb.image_mask[0, k] for k in keys[1:]) and query > max(keys)
         # each key is the visual token of an object the word names
