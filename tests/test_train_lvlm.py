@@ -74,6 +74,9 @@ def test_smoke_training_saves_a_loadable_llava(tmp_path):
     out = tmp_path / "lvlm"
     summary = main(["--smoke", "--output", str(out), "--ckpt", str(tmp_path / "ckpt.pt")])
     assert summary["evals"] and set(summary["evals"][-1]["val"]) >= set(shapes.QUESTION_TYPES)
+    # stage 0 reports the tower's held-out per-patch row/column accuracy beside colour and shape
+    assert {"patch_color", "object_shape", "patch_row", "patch_col"} <= set(summary["stage0"])
+    assert all(0.0 <= summary["stage0"][k] <= 1.0 for k in ("patch_row", "patch_col"))
     assert json.loads((out / "training_log.json").read_text())["parameters"] == summary["parameters"]
     model = AutoModelForImageTextToText.from_pretrained(out, attn_implementation="eager")
     proc = AutoProcessor.from_pretrained(out)
