@@ -3,12 +3,16 @@
 LLaVA's staging, adapted to a from-scratch model (see models/shapes/lvlm/MODEL_CARD.md for what each stage did):
 
 * stage 0 -- vision tower pre-training: dense heads on the penultimate layer (per-patch colour / shape /
-  empty, exact labels since one object sits in one patch) and a CLS object-count head (which also puts
-  the CLS attention on objects, what the CLS-attention pruners rely on).
-* stage 1 -- projector alignment on easy scenes (1-4 objects), tower frozen (LLM frozen with
-  ``--stage1-freeze-llm``).
+  empty, exact labels since one object sits in one patch; per-patch row / column, so the features keep
+  each patch's place) and a CLS object-count head.
+* stage 1 -- image questions only on scenes of 1-16 objects (``--curriculum mixed``), tower frozen,
+  projector + LLM trained with the answer loss plus *attention supervision*
+  (``actors.shapes_lvlm.attention_target_loss``): in LLM layer 0 every colour/shape word attends to the
+  objects it names, in layer 1 the words whose selection needs context (exist's colour+shape, row+column)
+  do, in layer 2 the answer position attends to the question's decisive word. Without it the LLM never
+  learned to select the object a question names (chance at >= 2 objects, even with ideal visual tokens).
 * stage 2 -- instruction tuning, tower frozen: packed multi-question samples (every question type),
-  image + fact samples and text-only fact samples; object-count curriculum ramping to full scenes.
+  image + fact samples and text-only fact samples; scenes narrow to the benchmark's 10-16 objects.
 
 Fresh training data is generated in-process (train split only); validation uses the val split.
 Checkpoints (``--ckpt``) allow ``--resume``; the HF layout is written to ``--output`` at every
@@ -363,7 +367,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default="0,1,2", help="comma-separated stages to run")
     p.add_argument("--seed", type=int, default=0, help="model init + training data seed")
     p.add_argument("--val-seed", type=int, default=1234, help="seed of the val-split items used for evaluation")
-    p.add_argument("--val-items", type=int, default=500, help="val items per evaluation")
+    p.add_argument("--val-items", type=int, default=250, help="val items per evaluation")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--stage0-steps", type=int, default=400, help="stage 0 (tower) steps")
     p.add_argument("--stage0-batch", type=int, default=128, help="stage 0 images per step")
@@ -371,7 +375,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-tower", default="", help="take the vision tower from this checkpoint (skips stage 0's compute)")
     p.add_argument("--no-standardize-projector", dest="standardize_projector", action="store_false",
                    help="do not fold feature standardisation into the projector before stage 1")
-    p.add_argument("--stage1-steps", type=int, default=150, help="stage 1 steps (1-4 object scenes)")
+    p.add_argument("--stage1-steps", type=int, default=1200, help="stage 1 steps (image questions only)")
     p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage 1 peak LR")
     p.add_argument("--stage1-lr-floor", type=float, default=1.0,
                    help="stage 1 LR at its end as a fraction of the peak (1.0 = constant after warmup: the curriculum "
@@ -385,15 +389,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="stage 1: only these question types (comma-separated; include spatial, count or exist: "
                         "colour/shape questions cannot always be asked of a small scene)")
     p.add_argument("--stage1-freeze-llm", action="store_true", help="stage 1 trains the projector only")
-    p.add_argument("--stage2-steps", type=int, default=1200, help="stage 2 steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="stage 2 peak LR (AdamW, warmup + cosine)")
+    p.add_argument("--stage2-steps", type=int, default=1500, help="stage 2 steps")
+    p.add_argument("--lr", type=float, default=1e-3, help="stage 2 peak LR (AdamW, warmup + cosine)")
     p.add_argument("--warmup", type=int, default=100, help="stage 2 warmup steps")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
     p.add_argument("--n-image", type=int, default=6, help="plain image questions per image")
     p.add_argument("--n-fact", type=int, default=2, help="image + fact-as-text questions per image")
     p.add_argument("--n-text", type=int, default=1, help="text-only (fact, no image) questions per image")
-    p.add_argument("--ramp", type=float, default=0.6, help="fraction of stage 2 by which scenes reach 10-16 objects")
-    p.add_argument("--curriculum", default="adaptive", choices=["adaptive", "linear", "mixed"],
+    p.add_argument("--ramp", type=float, default=0.3, help="fraction of stage 2 by which scenes reach 10-16 objects")
+    p.add_argument("--curriculum", default="mixed", choices=["adaptive", "linear", "mixed"],
                    help="adaptive: one object first, one more when train image accuracy passes --level-threshold; "
                         "mixed: stage 1 draws 1-16 objects uniformly, stage 2 narrows to 10-16 by --ramp")
     p.add_argument("--level-threshold", type=float, default=0.8, help="adaptive curriculum: EMA accuracy to advance")
