@@ -228,6 +228,7 @@ class Branch:
     caption: str | None
     use_image: bool
     objects: tuple = ()  # the scene (for the per-word attention targets of training)
+    target: tuple[int, ...] = ()  # indices (into ``objects``) of the objects the answer depends on
 
 
 def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,
@@ -242,7 +243,7 @@ def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: in
                 continue
             q, a, target = asked
             cap = None if kind == "image" else shapes.fact(objects, qtype, q, target)
-            out.append(Branch(q, a, qtype, cap, kind != "text", tuple(objects)))
+            out.append(Branch(q, a, qtype, cap, kind != "text", tuple(objects), tuple(target)))
             n -= 1
     return out
 

@@ -180,10 +180,20 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     n_text = args.n_text if stage == 2 else args.stage1_n_text
     n_image = args.n_image if stage == 2 else args.stage1_n_image
     images, branches = [], []
+    qtypes = tuple(args.stage1_qtypes.split(",")) if stage == 1 and args.stage1_qtypes else shapes.QUESTION_TYPES
     for _ in range(args.batch):
         objs = L.sample_train_scene(rng, *n_range)
+        if stage == 2 and n_fact and rng.random() < args.hide_fact_objects:
+            # the facts are about objects the image does not show: the fact is the only source of the answer
+            # (a complete image of another scene, not a pruned one); the plain questions ask about what is shown
+            facts = L.draw_branches(objs, rng, n_image=0, n_fact=n_fact, n_text=n_text, qtypes=qtypes)
+            hidden = {i for br in facts if br.use_image for i in br.target}
+            shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
+            if shown:
+                images.append(np.asarray(shapes.render(shown)))
+                branches.append(L.draw_branches(shown, rng, n_image=n_image, n_fact=0, n_text=0, qtypes=qtypes) + facts)
+                continue
         images.append(np.asarray(shapes.render(objs)))
-        qtypes = tuple(args.stage1_qtypes.split(",")) if stage == 1 and args.stage1_qtypes else shapes.QUESTION_TYPES
         branches.append(L.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text, qtypes=qtypes))
     return L.pixel_values(images), L.pack_batch(tok, branches)
 
@@ -396,6 +406,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-image", type=int, default=6, help="plain image questions per image")
     p.add_argument("--n-fact", type=int, default=2, help="image + fact-as-text questions per image")
     p.add_argument("--n-text", type=int, default=1, help="text-only (fact, no image) questions per image")
+    p.add_argument("--hide-fact-objects", type=float, default=0.0,
+                   help="stage 2: fraction of images rendered without the objects their fact questions are about, "
+                        "so the spliced fact is the only source of the answer (the model otherwise ignores a fact "
+                        "once pruning has removed the object)")
     p.add_argument("--ramp", type=float, default=0.3, help="fraction of stage 2 by which scenes reach 10-16 objects")
     p.add_argument("--curriculum", default="mixed", choices=["adaptive", "linear", "mixed"],
                    help="adaptive: one object first, one more when train image accuracy passes --level-threshold; "

@@ -201,3 +201,33 @@ def test_attention_supervision_trains_the_named_heads(tok):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_hidden_fact_objects_are_not_in_the_image(tok):
+    from jobs.train_lvlm import parse_args, vqa_batch
+
+    args = parse_args(["--smoke", "--hide-fact-objects", "1.0"])
+    args.batch, args.n_image, args.n_fact, args.n_text = 3, 2, 2, 1
+    rng = np.random.default_rng(11)
+    px, pb = vqa_batch(tok, rng, args, (10, 16), stage=2)
+    assert px.shape[0] == 3 and pb.input_ids.shape[0] == 3
+    # replay the same draws to see the scenes: every fact branch's named objects are missing from the image
+    # that the plain branches (and the pixels) show, and the facts still state the full scene's answer
+    rng = np.random.default_rng(11)
+    checked = 0
+    for image in range(3):
+        objs = L.sample_train_scene(rng, 10, 16)
+        assert rng.random() < 1.0
+        facts = L.draw_branches(objs, rng, n_image=0, n_fact=2, n_text=1)
+        hidden = {i for br in facts if br.use_image for i in br.target}
+        shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
+        plain = L.draw_branches(shown, rng, n_image=2, n_fact=0, n_text=0)
+        assert all(br.objects == shown for br in plain) and len(shown) < len(objs)
+        # the batch's pixels are the scene without the hidden objects
+        torch.testing.assert_close(px[image], L.pixel_values([np.asarray(shapes.render(shown))])[0])
+        for br in facts:
+            assert br.caption and br.objects == objs
+            if br.use_image:
+                assert not any(objs[i] in shown for i in br.target)
+                checked += 1
+    assert checked == 6
