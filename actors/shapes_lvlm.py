@@ -413,7 +413,7 @@ def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: 
 def attention_target_loss(attention: torch.Tensor, targets: list[tuple[int, int, list[int]]], heads: int) -> torch.Tensor:
     """Auxiliary training loss that teaches the LLM to *select*: the first ``heads`` heads of one layer
     should spread their attention at each query position uniformly over its target keys
-    (``PackedBatch.word_targets`` or ``hop_targets``): cross-entropy against that uniform distribution,
+    (``PackedBatch.word_targets``, ``context_targets`` or ``hop_targets``): cross-entropy against that uniform distribution,
     averaged over heads and queries. ``attention`` is the layer's softmaxed map ``[B, H, L, L]``.
 
     Why: without it the LLM sat at chance on multi-object scenes for thousands of steps, even with ideal
