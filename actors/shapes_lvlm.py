@@ -130,6 +130,8 @@ PRESETS: dict[str, dict] = {
     # (a 64-d tower with a 256-wide MLP learned per-object shape to only ~46% in stage 0: too little
     # per-patch capacity to recognise 5-6 px shapes under any colour and offset; hence the wide MLP)
     "default": dict(v_hidden=96, v_layers=3, v_heads=4, v_inter=768, hidden=256, layers=4, heads=8, kv_heads=4, inter=768),
+    # 6 layers: the attention-supervised lookups sit in layers 2-4, after FastV's K=2 as in a 32-layer LLM
+    "deep": dict(v_hidden=96, v_layers=3, v_heads=4, v_inter=768, hidden=256, layers=6, heads=8, kv_heads=4, inter=768),
     "small": dict(v_hidden=96, v_layers=3, v_heads=4, v_inter=768, hidden=192, layers=4, heads=6, kv_heads=3, inter=512),
     "tiny": dict(v_hidden=32, v_layers=3, v_heads=2, v_inter=64, hidden=48, layers=2, heads=2, kv_heads=1, inter=96),
 }
@@ -164,6 +166,38 @@ def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model
+
+
+@torch.no_grad()
+def grow_llm_front(trained, grown) -> int:
+    """Copy a trained LLaVA into `grown`, whose LLM has more layers, the extra ones in front (block expansion).
+
+    Why: FastV prunes after layer K=2. In LLaVA-1.5-7B that is 2 of 32 layers, before the LLM has found what
+    the question needs; in a 4-layer LLM whose lookups sit in layers 0-2 it is after. Putting new layers in
+    front moves the trained lookups to layers N.. without retraining them. Each new layer is a copy of the
+    trained first layer with its output projections (attention o_proj, MLP down_proj) zeroed, so it starts
+    as the identity on the residual stream (LLaMA Pro's block expansion) and the grown model computes
+    exactly what the trained one did until fine-tuning changes it. Returns the number of layers added.
+    """
+    src, dst = trained.model.language_model, grown.model.language_model
+    added = len(dst.layers) - len(src.layers)
+    if added < 0:
+        raise ValueError(f"cannot grow a {len(src.layers)}-layer LLM into {len(dst.layers)} layers")
+    own = grown.state_dict()
+    for name, value in trained.state_dict().items():
+        key = name
+        if ".language_model.layers." in name:
+            head, rest = name.split(".language_model.layers.", 1)
+            idx, tail = rest.split(".", 1)
+            key = f"{head}.language_model.layers.{int(idx) + added}.{tail}"
+        if key not in own or own[key].shape != value.shape:
+            raise ValueError(f"{name}: no matching parameter {key} in the grown model (differently sized?)")
+        own[key].copy_(value)
+    for layer in dst.layers[:added]:
+        layer.load_state_dict(dst.layers[added].state_dict())
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    return added
 
 
 def pixel_values(images: list[np.ndarray]) -> torch.Tensor:

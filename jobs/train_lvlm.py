@@ -382,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage0-steps", type=int, default=400, help="stage 0 (tower) steps")
     p.add_argument("--stage0-batch", type=int, default=128, help="stage 0 images per step")
     p.add_argument("--stage0-lr", type=float, default=1.5e-3, help="stage 0 peak LR (2e-3 diverged)")
+    p.add_argument("--grow-from", default="",
+                   help="initialise from this trained HF model whose LLM has fewer layers than --preset's: its layers "
+                        "go on top, the new front layers start as the identity (see actors.shapes_lvlm.grow_llm_front)")
     p.add_argument("--init-tower", default="", help="take the vision tower from this checkpoint (skips stage 0's compute)")
     p.add_argument("--no-standardize-projector", dest="standardize_projector", action="store_false",
                    help="do not fold feature standardisation into the projector before stage 1")
@@ -467,6 +470,15 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import LlavaForConditionalGeneration
         model = LlavaForConditionalGeneration.from_pretrained(args.output, attn_implementation="eager")
         log(f"initialised from {args.output}")
+    if args.grow_from and not (args.resume and args.ckpt and Path(args.ckpt).exists()):
+        from transformers import LlavaForConditionalGeneration
+        trained = LlavaForConditionalGeneration.from_pretrained(args.grow_from, attn_implementation="eager")
+        added = L.grow_llm_front(trained, model)
+        state["stage0_done"] = state["stage1_done"] = True
+        state["projector_standardized"] = "inherited"
+        log(f"grown from {args.grow_from}: {added} identity layers in front of its "
+            f"{trained.config.text_config.num_hidden_layers}")
+        del trained
     if args.init_tower:
         blob = torch.load(args.init_tower, weights_only=False)
         sd = {k[len("model.vision_tower."):]: v for k, v in blob["model"].items() if k.startswith("model.vision_tower.")}

@@ -231,3 +231,34 @@ def test_hidden_fact_objects_are_not_in_the_image(tok):
                 assert not any(objs[i] in shown for i in br.target)
                 checked += 1
     assert checked == 6
+
+
+def test_grown_llm_computes_what_the_trained_one_did_until_fine_tuned(tok):
+    """Block expansion: the new front layers start as the identity, the trained layers move up by the same count."""
+    from copy import deepcopy
+
+    from transformers import LlavaForConditionalGeneration
+
+    trained = L.build_model("tiny", tokenizer=tok, seed=1).eval()
+    with torch.no_grad():  # give every weight a non-trivial value (zero-init output projections would hide a bug)
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = deepcopy(trained.config)
+    config.text_config.num_hidden_layers = trained.config.text_config.num_hidden_layers + 2
+    grown = LlavaForConditionalGeneration(config).eval()
+    assert L.grow_llm_front(trained, grown) == 2
+    ids = torch.randint(5, len(tok), (2, 72))
+    ids[:, 1:65] = trained.config.image_token_id
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = trained(input_ids=ids, pixel_values=pixels).logits
+        got = grown(input_ids=ids, pixel_values=pixels).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grown.model.language_model.layers[2].self_attn.q_proj.weight,
+                               trained.model.language_model.layers[0].self_attn.q_proj.weight)
+    # the front layers are trainable: their zeroed output projections get a gradient
+    grown.train()
+    grown(input_ids=ids, pixel_values=pixels).logits.square().mean().backward()
+    assert grown.model.language_model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cannot grow"):
+        L.grow_llm_front(grown, trained)
