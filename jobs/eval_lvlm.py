@@ -79,11 +79,7 @@ def by_objects_markdown(rows: list[dict]) -> str:
 
 
 def _ranges(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        out.append((int(lo), int(hi or lo)))
-    return out
+    return [shapes.parse_object_range(part) for part in text.split(",")]
 
 
 def run_setting(engine, items, *, method: str, rate: float | None, captions: bool, batch: int) -> dict:

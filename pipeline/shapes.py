@@ -214,6 +214,12 @@ def fact(objects: tuple[SceneObject, ...], qtype: str, question: str, target: tu
     return f"the {o.shape} is {o.color}."
 
 
+def parse_object_range(text: str) -> tuple[int, int]:
+    """``"LO-HI"`` or ``"N"`` -> (lo, hi) object counts, as the jobs' command lines write them."""
+    lo, _, hi = text.strip().partition("-")
+    return int(lo), int(hi or lo)
+
+
 def make_item(
     seed: int, split: str, index: int, qtype: str | None = None,
     n_objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
