@@ -79,7 +79,7 @@ def by_objects_markdown(rows: list[dict]) -> str:
 
 
 def _ranges(text: str) -> list[tuple[int, int]]:
-    return [shapes.parse_object_range(part) for part in text.split(",")]
+    return [shapes.parse_lo_hi(part) for part in text.split(",")]
 
 
 def run_setting(engine, items, *, method: str, rate: float | None, captions: bool, batch: int) -> dict:

@@ -40,18 +40,23 @@ if str(REPO) not in sys.path:
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+from pipeline import shapes  # noqa: E402
+
 # ------------------------------------------------------------------------------------------------ data
 
 
-def make_batch(engine, seed: int, split: str, indices: list[int], keep: int) -> dict:
-    """Shapes-VQA items -> frozen tower -> base pruner: everything a training/eval step needs."""
-    from pipeline import shapes
+def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
+               n_objects: tuple[int, int] | None = None) -> dict:
+    """Shapes-VQA items -> frozen tower -> base pruner: everything a training/eval step needs.
 
-    items = [shapes.make_item(seed, split, i) for i in indices]
+    ``n_objects``: scene sizes other than the benchmark's (pre-training's curriculum)."""
+    sizes = n_objects or (shapes.MIN_OBJECTS, shapes.MAX_OBJECTS)
+    items = [shapes.make_item(seed, split, i, n_objects=sizes) for i in indices]
     questions = [it.question for it in items]
     ids = [it.id for it in items]
     with torch.no_grad():
@@ -222,8 +227,13 @@ def train_loop(config: dict) -> None:
     for step in range(start, steps):
         # item indices are a function of (stage, step): a resumed run sees the batches it has not seen yet
         offset = 0 if stage == "pretrain" else 10_000_000
+        step_keep, sizes = keep, None
+        if stage == "pretrain":  # optional curriculum: smaller scenes, smaller budgets (more of the scene visible)
+            rng = np.random.default_rng([config["seed"], step])
+            lo, hi = config.get("pretrain_keep") or (keep, keep)
+            step_keep, sizes = int(rng.integers(lo, hi + 1)), config.get("pretrain_objects")
         batch = make_batch(engine, config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
-                           keep)
+                           step_keep, sizes)
         if stage == "pretrain":
             if config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
@@ -303,7 +313,6 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             r["n"] += 1
             r["flops"] += res.flops[i]["total"]
 
-    from pipeline import shapes
 
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
@@ -395,6 +404,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-targets", choices=("all", "discarded"), default="discarded",
                    help="pretrain on every item's fact, or only where the named object is among the discarded "
                         "patches (the mapper cannot see retained ones; count/exist facts always kept)")
+    p.add_argument("--pretrain-objects", default="", metavar="LO-HI",
+                   help="pretrain on scenes of LO-HI objects (default: the benchmark's 10-16)")
+    p.add_argument("--pretrain-keep", default="", metavar="LO-HI",
+                   help="pretrain with a base-pruner budget drawn per step from LO-HI (default: --keep); a small "
+                        "budget shows the mapper more of the scene")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
@@ -434,7 +448,9 @@ def main(argv: list[str] | None = None) -> dict:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
-                weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets)
+                weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
+                pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
+                pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None)
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]
     if args.smoke:

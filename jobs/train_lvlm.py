@@ -297,7 +297,7 @@ def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:
         else:
             n_range = (1, 4) if stage == 1 else L.curriculum_range(progress, args.ramp)
         if stage == 1 and args.stage1_objects:
-            n_range = shapes.parse_object_range(args.stage1_objects)
+            n_range = shapes.parse_lo_hi(args.stage1_objects)
         rng = np.random.default_rng([args.seed, stage, step])
         px, pb = vqa_batch(tok, rng, args, n_range, stage)
         for g in opt.param_groups:

@@ -214,8 +214,8 @@ def fact(objects: tuple[SceneObject, ...], qtype: str, question: str, target: tu
     return f"the {o.shape} is {o.color}."
 
 
-def parse_object_range(text: str) -> tuple[int, int]:
-    """``"LO-HI"`` or ``"N"`` -> (lo, hi) object counts, as the jobs' command lines write them."""
+def parse_lo_hi(text: str) -> tuple[int, int]:
+    """``"LO-HI"`` or ``"N"`` -> (lo, hi), as the jobs' command lines write ranges (object counts, budgets)."""
     lo, _, hi = text.strip().partition("-")
     return int(lo), int(hi or lo)
 

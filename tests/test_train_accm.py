@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_train_accm_smoke_runs_resumes_and_evaluates(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "jobs/train_accm.py", "--smoke", "--workdir", str(tmp_path)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "jobs/train_accm.py", "--smoke", "--workdir", str(tmp_path),
+                           "--pretrain-objects", "1-4", "--pretrain-keep", "2-8"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
     (work,) = tmp_path.glob("accm-smoke-*")
@@ -42,3 +43,25 @@ def test_train_accm_smoke_runs_resumes_and_evaluates(tmp_path):
 
     accm = ACCMCaptioner.from_pretrained(str(work / "captioner"), str(work / "selector"))
     assert accm.captioner.config.beams == 3
+
+
+def test_pretrain_batches_follow_the_scene_size_and_budget_curriculum(tmp_path):
+    """--pretrain-objects / --pretrain-keep: the items have the asked object counts, the mapper gets 64 - keep patches."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from actors.engine import LlavaEngine
+    from actors.tiny import build_tiny_llava
+    from jobs.train_accm import make_batch, parse_args
+    from pipeline import shapes
+
+    build_tiny_llava(tmp_path / "lvlm", vision_hidden=32, text_hidden=32, heads=2, kv_heads=1)
+    engine = LlavaEngine.from_pretrained(str(tmp_path / "lvlm"))
+    small = make_batch(engine, 0, "train", list(range(6)), 2, n_objects=(1, 1))
+    assert small["discarded"].shape[:2] == (6, shapes.GRID * shapes.GRID - 2)
+    want = [shapes.make_item(0, "train", i, n_objects=(1, 1)) for i in range(6)]
+    assert small["questions"] == [it.question for it in want]
+    assert small["facts"] == [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in want]
+    default = make_batch(engine, 0, "train", list(range(6)), 8)
+    assert default["discarded"].shape[1] == shapes.GRID * shapes.GRID - 8
+    assert default["questions"] == [shapes.make_item(0, "train", i).question for i in range(6)] != small["questions"]
+    args = parse_args(["--pretrain-objects", "1-4", "--pretrain-keep", "1-8"])
+    assert shapes.parse_lo_hi(args.pretrain_objects) == (1, 4) and shapes.parse_lo_hi(args.pretrain_keep) == (1, 8)
