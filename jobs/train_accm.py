@@ -228,14 +228,19 @@ def train_loop(config: dict) -> None:
         # item indices are a function of (stage, step): a resumed run sees the batches it has not seen yet
         offset = 0 if stage == "pretrain" else 10_000_000
         step_keep, sizes = keep, None
-        if stage == "pretrain":  # optional curriculum: smaller scenes, smaller budgets (more of the scene visible)
+        reading = stage == "pretrain" and step < config.get("pretrain_read_steps", 0)
+        if reading:
+            sizes = config.get("pretrain_read_objects") or (1, 4)
+        elif stage == "pretrain":  # optional curriculum: smaller scenes, smaller budgets (more of the scene visible)
             rng = np.random.default_rng([config["seed"], step])
             lo, hi = config.get("pretrain_keep") or (keep, keep)
             step_keep, sizes = int(rng.integers(lo, hi + 1)), config.get("pretrain_objects")
         batch = make_batch(engine, config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
                            step_keep, sizes)
         if stage == "pretrain":
-            if config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
+            if reading:  # warm-up: every patch to the mapper, every fact a target -- learn to read before finding
+                batch["discarded"] = torch.stack(batch["full"])
+            elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
             out = ds("pretrain", batch)
             loss = out["loss"]
@@ -409,6 +414,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pretrain-keep", default="", metavar="LO-HI",
                    help="pretrain with a base-pruner budget drawn per step from LO-HI (default: --keep); a small "
                         "budget shows the mapper more of the scene")
+    p.add_argument("--pretrain-read-steps", type=int, default=0,
+                   help="first N pre-training steps: a reading warm-up on small scenes (--pretrain-read-objects) with "
+                        "every patch given to the mapper and every fact a target (a fresh caption model learns to read "
+                        "one object in ~500 such steps, and does not learn it from 10-16 object scenes)")
+    p.add_argument("--pretrain-read-objects", default="1-4", metavar="LO-HI", help="scene sizes of the warm-up")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
@@ -450,7 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
-                pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None)
+                pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
+                pretrain_read_steps=args.pretrain_read_steps,
+                pretrain_read_objects=shapes.parse_lo_hi(args.pretrain_read_objects))
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]
     if args.smoke:
