@@ -318,7 +318,6 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             r["n"] += 1
             r["flops"] += res.flops[i]["total"]
 
-
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         batch = make_batch(engine, seed, "test", idx, keeps[0])
