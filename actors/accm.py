@@ -69,7 +69,7 @@ class ACCMCaptioner:
         return float(caption_model_flops(mapper, decoder, discarded_tokens=discarded_tokens,
                                          prefix_len=c.prefix_len, question_tokens=question_tokens,
                                          beams=c.beams, caption_tokens=caption_tokens,
-                                         feature_dim=c.feature_dim))
+                                         feature_dim=c.feature_dim, patch_prefix=c.patch_prefix))
 
     def selector_flops(self, candidates: int, tokens_per_candidate: int) -> float:
         from pipeline.flops import selector_flops

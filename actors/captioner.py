@@ -92,6 +92,11 @@ class CaptionConfig:
     feature_dim: int  # Dv of the vision tower's patch features
     hidden: int  # mapper width = decoder embedding width (ClipCap)
     prefix_len: int = 8  # P
+    # False: ClipCap's prefix, the last P mapper outputs (a summary that does not depend on the question).
+    # True: every mapper output (one slot per discarded patch, then the P constants), so the decoder's own
+    # attention, which sees the question, can pick out the patch the question names (docs/notes/accm.md,
+    # Session 5). Costs M more decoder-prefill tokens.
+    patch_prefix: bool = False
     mapper_layers: int = 2
     mapper_heads: int = 4
     mapper_intermediate: int = 0  # 0 -> 2 * hidden
@@ -111,6 +116,7 @@ class Mapper(nn.Module):
     def __init__(self, config: CaptionConfig) -> None:
         super().__init__()
         self.prefix_len = config.prefix_len
+        self.patch_prefix = config.patch_prefix
         self.linear = nn.Linear(config.feature_dim, config.hidden)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_len, config.hidden) * 0.02)
         self.encoder = Encoder(config.hidden, config.mapper_layers, config.mapper_heads, config.mapper_intermediate)
@@ -132,10 +138,11 @@ class Mapper(nn.Module):
         return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
 
     def forward(self, discarded: Tensor) -> Tensor:
-        """[B, M, Dv] -> prefix [B, P, d]."""
+        """[B, M, Dv] -> prefix [B, P, d] (``patch_prefix``: [B, M + P, d])."""
         x = self.linear(discarded)
         x = torch.cat([x, self.prefix_const.expand(x.shape[0], -1, -1).to(x.dtype)], dim=1)
-        return self.encoder(x)[:, -self.prefix_len :]
+        out = self.encoder(x)
+        return out if self.patch_prefix else out[:, -self.prefix_len :]
 
 
 @dataclass
@@ -206,14 +213,15 @@ class CaptionModel(nn.Module):
         ids = self.question_ids(questions)
         lq = max(len(i) for i in ids)
         b = len(ids)
+        q_emb_layer = self.decoder.get_input_embeddings()
+        prefix = self.mapper(discarded.to(self.device, q_emb_layer.weight.dtype))
         padded = torch.full((b, lq), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(b, lq + self.config.prefix_len, dtype=torch.long)
+        mask = torch.zeros(b, lq + prefix.shape[1], dtype=torch.long)
         for r, row in enumerate(ids):
             padded[r, lq - len(row):] = torch.tensor(row)
             mask[r, lq - len(row):] = 1
         mask = mask.to(self.device)
-        q_emb = self.decoder.get_input_embeddings()(padded.to(self.device))
-        prefix = self.mapper(discarded.to(self.device, q_emb.dtype))
+        q_emb = q_emb_layer(padded.to(self.device))
         return torch.cat([q_emb, prefix], dim=1), mask, [len(i) for i in ids]
 
     @staticmethod
@@ -318,6 +326,7 @@ def build_caption_model(
     decoder_heads: int = 4,
     decoder_intermediate: int | None = None,
     prefix_len: int = 8,
+    patch_prefix: bool = False,
     mapper_layers: int = 2,
     mapper_heads: int = 4,
     mapper_intermediate: int = 0,
@@ -341,7 +350,7 @@ def build_caption_model(
         attn_implementation="eager",
     )
     config = CaptionConfig(feature_dim=feature_dim, hidden=hidden, prefix_len=prefix_len,
-                           mapper_layers=mapper_layers, mapper_heads=mapper_heads,
+                           patch_prefix=patch_prefix, mapper_layers=mapper_layers, mapper_heads=mapper_heads,
                            mapper_intermediate=mapper_intermediate, beams=beams,
                            max_caption_tokens=max_caption_tokens)
     with torch.random.fork_rng():

@@ -232,6 +232,7 @@ def caption_model_flops(
     feature_dim: int | None = None,
     prefill_copies: int = 1,
     lm_head_positions: int = 1,
+    patch_prefix: bool = False,
 ) -> float:
     """ACCM caption model: mapper + decoder prefill + beam-search decode with a KV cache.
 
@@ -239,11 +240,12 @@ def caption_model_flops(
     [discarded ; learned prefix constants]. Decoder: prefill over [question ; prefix] (prefill_copies = 1
     when the prefix is computed once and the cache replicated to the beams, = beams for HF generate,
     which expands inputs first), then caption_tokens - 1 steps, each = beams x decode_step.
+    ``patch_prefix``: the decoder's prefix is every mapper output (discarded_tokens + prefix_len slots).
     """
     feature_dim = feature_dim or mapper_dims.hidden
     mapper = 2.0 * discarded_tokens * feature_dim * mapper_dims.hidden
     mapper += encoder_flops(mapper_dims, discarded_tokens + prefix_len)
-    n0 = question_tokens + prefix_len
+    n0 = question_tokens + prefix_len + (discarded_tokens if patch_prefix else 0)
     prefill = prefill_copies * prefill_flops(decoder_dims, n0, lm_head_positions=lm_head_positions)
     decode = beams * decode_flops(decoder_dims, n0, caption_tokens)
     return mapper + prefill + decode

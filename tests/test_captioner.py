@@ -121,13 +121,18 @@ def test_stock_gpt2_folder_loads_through_the_same_code(tmp_path):
     assert all(len(c) == 3 for c in out.captions)
 
 
-def test_captioner_flops_match_flop_counter(model):
-    """pipeline.flops.caption_model_flops == FlopCounterMode over one item's mapper + prefill + beam decode."""
+@pytest.mark.parametrize("patch_prefix", [False, True])
+def test_captioner_flops_match_flop_counter(tokenizer, patch_prefix):
+    """pipeline.flops.caption_model_flops == FlopCounterMode over one item's mapper + prefill + beam decode,
+    for ClipCap's P-slot prefix and for the patch prefix (M + P slots)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from actors.accm import caption_model_dims
     from pipeline.flops import caption_model_flops
 
+    model = build_caption_model(tokenizer, feature_dim=DV, hidden=32, decoder_layers=2, decoder_heads=2,
+                                prefix_len=4, patch_prefix=patch_prefix, mapper_layers=1, mapper_heads=2,
+                                max_caption_tokens=8, seed=1)
     torch.manual_seed(5)
     x = torch.randn(1, 56, DV)
     q = ["What color is the triangle?"]
@@ -136,7 +141,7 @@ def test_captioner_flops_match_flop_counter(model):
     mapper, decoder = caption_model_dims(model)
     analytic = caption_model_flops(mapper, decoder, discarded_tokens=56, prefix_len=model.config.prefix_len,
                                    question_tokens=out.question_tokens[0], beams=3,
-                                   caption_tokens=out.steps[0] + 1, feature_dim=DV)
+                                   caption_tokens=out.steps[0] + 1, feature_dim=DV, patch_prefix=patch_prefix)
     assert out.steps[0] >= 1
     assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
 
