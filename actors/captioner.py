@@ -231,6 +231,20 @@ class CaptionModel(nn.Module):
     # ---- training -------------------------------------------------------------------------------------
     def caption_loss(self, discarded: Tensor, questions: list[str], captions: list[str]) -> Tensor:
         """Per-item mean cross-entropy of ``captions`` given (discarded patches, question): [B]."""
+        return self.caption_losses(discarded, questions, captions)[0]
+
+    def caption_losses(
+        self, discarded: Tensor, questions: list[str], captions: list[str], *,
+        target_slots: list[list[int]] | None = None, attention_layer: int = -1, attention_heads: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """(per-item caption cross-entropy [B], attention-supervision loss []) in one teacher-forced pass.
+
+        ``target_slots`` (pre-training only, ``patch_prefix`` models): per item, the discarded-patch slots of
+        the objects its caption is about (``[]``: none seen, no supervision). The first ``attention_heads``
+        heads (0: half) of decoder layer ``attention_layer``, at every position that predicts a caption token,
+        should spread their attention over those slots (``actors.shapes_lvlm.attention_target_loss``, the
+        LVLM's lesson: without it a small model does not learn to pick the object a question names).
+        """
         embeds, mask, _ = self._prefix_inputs(discarded, questions)
         cap = self.caption_ids(captions)
         lc = max(len(c) for c in cap)
@@ -242,12 +256,25 @@ class CaptionModel(nn.Module):
             cap_mask[r, : len(row)] = 1
         embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(cap_ids)], dim=1)
         full_mask = torch.cat([mask, cap_mask], dim=1)
-        out = self.decoder(inputs_embeds=embeds, attention_mask=full_mask,
-                           position_ids=self._positions(full_mask), use_cache=False)
+        supervise = target_slots is not None and any(target_slots)
+        if supervise and not self.config.patch_prefix:
+            raise ValueError("attention supervision needs patch_prefix=True (one prefix slot per patch)")
+        out = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self._positions(full_mask),
+                           use_cache=False, output_attentions=supervise)
         logits = out.logits[:, lp - 1 : lp - 1 + lc]  # position t predicts caption token t
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), cap_ids.reshape(-1), reduction="none")
         nll = nll.view(b, lc) * cap_mask
-        return nll.sum(1) / cap_mask.sum(1).clamp(min=1)
+        nll = nll.sum(1) / cap_mask.sum(1).clamp(min=1)
+        if not supervise:
+            return nll, nll.new_zeros(())
+        from actors.shapes_lvlm import attention_target_loss
+
+        first_slot = lp - discarded.shape[1] - self.config.prefix_len  # the prefix starts after the question
+        targets = [(r, lp - 1 + t, [first_slot + s for s in slots])
+                   for r, slots in enumerate(target_slots) if slots for t in range(len(cap[r]))]
+        attention = out.attentions[attention_layer]
+        heads = attention_heads or max(1, attention.shape[1] // 2)
+        return nll, attention_target_loss(attention.float(), targets, heads)
 
     # ---- inference ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -332,6 +359,7 @@ def build_caption_model(
     mapper_intermediate: int = 0,
     beams: int = 3,
     max_caption_tokens: int = 16,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> CaptionModel:
     """A random-init caption model with a small ``GPT2LMHeadModel`` decoder over ``tokenizer``'s vocabulary."""
@@ -347,6 +375,9 @@ def build_caption_model(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         attn_implementation="eager",
     )
     config = CaptionConfig(feature_dim=feature_dim, hidden=hidden, prefix_len=prefix_len,

@@ -73,9 +73,20 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "target_discarded": [it.question_type in ("count", "exist") or
                              (it.objects[it.target[0]].row * shapes.GRID + it.objects[it.target[0]].col) not in set(kept)
                              for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
+        "target_slots": [target_slots(it, slots) for it, slots in zip(items, pruned.discarded_indices.tolist(),
+                                                                      strict=True)],
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
     }
+
+
+def target_slots(item, discarded_indices: list[int]) -> list[int]:
+    """Slots (positions in the discarded-patch list) of the objects an item's fact is about: every object a
+    count question counts, else the one object the fact names; objects the base pruner kept are not there."""
+    slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
+    objects = item.target if item.question_type == "count" else item.target[:1]
+    cells = (item.objects[o].row * shapes.GRID + item.objects[o].col for o in objects)
+    return [slot_of[c] for c in cells if c in slot_of]
 
 
 def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
@@ -105,12 +116,15 @@ class ACCMTrainable(nn.Module):
         self.selector = selector
 
     def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
-                candidates: list[list[str]] | None = None, best: Tensor | None = None) -> dict[str, Tensor]:
+                candidates: list[list[str]] | None = None, best: Tensor | None = None,
+                attention_weight: float = 0.0) -> dict[str, Tensor]:
         if stage == "pretrain":
             rows = batch.get("train_rows") or list(range(len(batch["questions"])))
-            loss = self.captioner.caption_loss(batch["discarded"][rows], [batch["questions"][i] for i in rows],
-                                               [batch["facts"][i] for i in rows]).mean()
-            return {"loss": loss, "caption_ce": loss.detach()}
+            slots = [batch["target_slots"][i] for i in rows] if attention_weight > 0 else None
+            nll, attn = self.captioner.caption_losses(batch["discarded"][rows], [batch["questions"][i] for i in rows],
+                                                      [batch["facts"][i] for i in rows], target_slots=slots)
+            ce = nll.mean()
+            return {"loss": ce + attention_weight * attn, "caption_ce": ce.detach(), "attention_loss": attn.detach()}
         cap = self.captioner.caption_loss(batch["discarded"], batch["questions"], best_captions).mean()
         logits = self.selector(batch["questions"], candidates)
         sel = F.cross_entropy(logits.float(), best)  # = KL(one-hot(best) || softmax)
@@ -242,7 +256,8 @@ def train_loop(config: dict) -> None:
                 batch["discarded"] = torch.stack(batch["full"])
             elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
-            out = ds("pretrain", batch)
+            # the warm-up feeds every patch: slots index the discarded list, so no supervision there
+            out = ds("pretrain", batch, attention_weight=0.0 if reading else config.get("attn_sup", 0.0))
             loss = out["loss"]
         else:
             ds.module.captioner.eval()
@@ -374,7 +389,7 @@ def markdown(table: dict) -> str:
 DEFAULT_CAPTIONER = dict(hidden=64, decoder_layers=2, decoder_heads=4, decoder_intermediate=128, prefix_len=4,
                          mapper_layers=1, mapper_heads=4, beams=3, max_caption_tokens=14)
 DEFAULT_SELECTOR = dict(text_hidden=24, text_layers=1, text_heads=2, projection_dim=24, layers=1, heads=2)
-SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, mapper_layers=1,
+SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, patch_prefix=True, mapper_layers=1,
                        mapper_heads=2, beams=3, max_caption_tokens=6)
 SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
 
@@ -418,6 +433,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "every patch given to the mapper and every fact a target (a fresh caption model learns to read "
                         "one object in ~500 such steps, and does not learn it from 10-16 object scenes)")
     p.add_argument("--pretrain-read-objects", default="1-4", metavar="LO-HI", help="scene sizes of the warm-up")
+    p.add_argument("--attn-sup", type=float, default=0.0,
+                   help="pre-training: weight of the attention supervision (patch_prefix caption models only): half "
+                        "the heads of the decoder's last layer, at each caption position, attend to the slots of "
+                        "the objects the fact is about (CaptionModel.caption_losses)")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
@@ -453,6 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.storage, args.batch_size, args.accm_batch_size = str(work / "ray"), 4, 2
         args.pretrain_steps, args.accm_steps, args.ckpt_every, args.eval_n = 2, 2, 1, 4
         arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
+        args.attn_sup = args.attn_sup or 1.0  # the smoke caption model has a patch prefix: exercise both losses
     if args.captioner_arch:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
@@ -460,7 +480,7 @@ def main(argv: list[str] | None = None) -> dict:
                 weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
-                pretrain_read_steps=args.pretrain_read_steps,
+                pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,
                 pretrain_read_objects=shapes.parse_lo_hi(args.pretrain_read_objects))
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]

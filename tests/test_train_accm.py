@@ -65,3 +65,33 @@ def test_pretrain_batches_follow_the_scene_size_and_budget_curriculum(tmp_path):
     assert default["questions"] == [shapes.make_item(0, "train", i).question for i in range(6)] != small["questions"]
     args = parse_args(["--pretrain-objects", "1-4", "--pretrain-keep", "1-8"])
     assert shapes.parse_lo_hi(args.pretrain_objects) == (1, 4) and shapes.parse_lo_hi(args.pretrain_keep) == (1, 8)
+
+
+def test_target_slots_point_at_the_named_objects_discarded_patches(tmp_path):
+    """make_batch's target_slots: the slot of the fact's object in the discarded list (all counted objects for
+    count questions); a slot's patch is that object's cell; objects the base pruner kept have no slot."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from actors.engine import LlavaEngine
+    from actors.tiny import build_tiny_llava
+    from jobs.train_accm import make_batch, target_slots
+    from pipeline import shapes
+
+    build_tiny_llava(tmp_path / "lvlm", vision_hidden=32, text_hidden=32, heads=2, kv_heads=1)
+    engine = LlavaEngine.from_pretrained(str(tmp_path / "lvlm"))
+    items = [shapes.make_item(0, "train", i) for i in range(10)]
+    batch = make_batch(engine, 0, "train", list(range(10)), 8)
+    seen_count = False
+    for item, slots, visible in zip(items, batch["target_slots"], batch["target_discarded"], strict=True):
+        counted = item.target if item.question_type == "count" else item.target[:1]
+        cells = {item.objects[o].row * shapes.GRID + item.objects[o].col for o in counted}
+        assert len(slots) <= len(cells)
+        if item.question_type in ("color", "shape", "spatial"):
+            assert bool(slots) == visible
+        seen_count |= item.question_type == "count" and len(slots) > 1
+    assert seen_count
+    # a slot indexes the discarded list: the patch it stands for is the object's cell
+    discarded = list(range(64))[8:]  # patches 8..63 discarded, 0..7 kept
+    item = next(it for it in items if it.question_type == "color")
+    o = item.objects[item.target[0]]
+    cell = o.row * shapes.GRID + o.col
+    assert target_slots(item, discarded) == ([cell - 8] if cell >= 8 else [])
