@@ -231,19 +231,23 @@ class CaptionModel(nn.Module):
     # ---- training -------------------------------------------------------------------------------------
     def caption_loss(self, discarded: Tensor, questions: list[str], captions: list[str]) -> Tensor:
         """Per-item mean cross-entropy of ``captions`` given (discarded patches, question): [B]."""
-        return self.caption_losses(discarded, questions, captions)[0]
+        return self.caption_losses(discarded, questions, captions)["caption_ce"]
 
     def caption_losses(
         self, discarded: Tensor, questions: list[str], captions: list[str], *,
         target_slots: list[list[int]] | None = None, attention_layer: int = -1, attention_heads: int = 0,
-    ) -> tuple[Tensor, Tensor]:
-        """(per-item caption cross-entropy [B], attention-supervision loss []) in one teacher-forced pass.
+        slot_hidden: bool = False,
+    ) -> dict[str, Tensor]:
+        """One teacher-forced pass -> ``caption_ce`` (per item [B]), ``attention`` (scalar) and, with
+        ``slot_hidden``, the patch slots' hidden states entering layer ``attention_layer`` ([B, M, d]).
 
         ``target_slots`` (pre-training only, ``patch_prefix`` models): per item, the discarded-patch slots of
         the objects its caption is about (``[]``: none seen, no supervision). The first ``attention_heads``
         heads (0: half) of decoder layer ``attention_layer``, at every position that predicts a caption token,
         should spread their attention over those slots (``actors.shapes_lvlm.attention_target_loss``, the
         LVLM's lesson: without it a small model does not learn to pick the object a question names).
+        ``slot_hidden`` is what those heads read from: a training job can ask it to keep each patch's
+        attributes (measured: without that, the earlier layer mixes them away, docs/notes/accm.md Session 5).
         """
         embeds, mask, _ = self._prefix_inputs(discarded, questions)
         cap = self.caption_ids(captions)
@@ -257,24 +261,27 @@ class CaptionModel(nn.Module):
         embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(cap_ids)], dim=1)
         full_mask = torch.cat([mask, cap_mask], dim=1)
         supervise = target_slots is not None and any(target_slots)
-        if supervise and not self.config.patch_prefix:
+        if (supervise or slot_hidden) and not self.config.patch_prefix:
             raise ValueError("attention supervision needs patch_prefix=True (one prefix slot per patch)")
         out = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self._positions(full_mask),
-                           use_cache=False, output_attentions=supervise)
+                           use_cache=False, output_attentions=supervise, output_hidden_states=slot_hidden)
         logits = out.logits[:, lp - 1 : lp - 1 + lc]  # position t predicts caption token t
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), cap_ids.reshape(-1), reduction="none")
         nll = nll.view(b, lc) * cap_mask
-        nll = nll.sum(1) / cap_mask.sum(1).clamp(min=1)
-        if not supervise:
-            return nll, nll.new_zeros(())
-        from actors.shapes_lvlm import attention_target_loss
-
+        result = {"caption_ce": nll.sum(1) / cap_mask.sum(1).clamp(min=1), "attention": nll.new_zeros(())}
         first_slot = lp - discarded.shape[1] - self.config.prefix_len  # the prefix starts after the question
-        targets = [(r, lp - 1 + t, [first_slot + s for s in slots])
-                   for r, slots in enumerate(target_slots) if slots for t in range(len(cap[r]))]
-        attention = out.attentions[attention_layer]
-        heads = attention_heads or max(1, attention.shape[1] // 2)
-        return nll, attention_target_loss(attention.float(), targets, heads)
+        if slot_hidden:
+            layer = attention_layer % self.decoder.config.num_hidden_layers
+            result["slot_hidden"] = out.hidden_states[layer][:, first_slot : first_slot + discarded.shape[1]]
+        if supervise:
+            from actors.shapes_lvlm import attention_target_loss
+
+            targets = [(r, lp - 1 + t, [first_slot + s for s in slots])
+                       for r, slots in enumerate(target_slots) if slots for t in range(len(cap[r]))]
+            attention = out.attentions[attention_layer]
+            heads = attention_heads or max(1, attention.shape[1] // 2)
+            result["attention"] = attention_target_loss(attention.float(), targets, heads)
+        return result
 
     # ---- inference ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -75,6 +75,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
                              for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
         "target_slots": [target_slots(it, slots) for it, slots in zip(items, pruned.discarded_indices.tolist(),
                                                                       strict=True)],
+        "slot_labels": slot_labels(items, pruned.discarded_indices),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
     }
@@ -87,6 +88,18 @@ def target_slots(item, discarded_indices: list[int]) -> list[int]:
     objects = item.target if item.question_type == "count" else item.target[:1]
     cells = (item.objects[o].row * shapes.GRID + item.objects[o].col for o in objects)
     return [slot_of[c] for c in cells if c in slot_of]
+
+
+def slot_labels(items, discarded_indices: Tensor) -> Tensor:
+    """[B, M, 2] (colour, shape) class of the object in each discarded-patch slot; -100 where no object is."""
+    labels = torch.full((*discarded_indices.shape, 2), -100, dtype=torch.long)
+    for r, (item, patches) in enumerate(zip(items, discarded_indices.tolist(), strict=True)):
+        slot_of = {patch: slot for slot, patch in enumerate(patches)}
+        for o in item.objects:
+            slot = slot_of.get(o.row * shapes.GRID + o.col)
+            if slot is not None:
+                labels[r, slot] = torch.tensor([shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape)])
+    return labels
 
 
 def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
@@ -110,21 +123,36 @@ def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
 class ACCMTrainable(nn.Module):
     """Caption model + selector as one module so that DeepSpeed wraps (and checkpoints) both."""
 
-    def __init__(self, captioner, selector) -> None:
+    def __init__(self, captioner, selector, slot_reader: bool = False) -> None:
         super().__init__()
         self.captioner = captioner
         self.selector = selector
+        # pre-training only (not saved with the caption model): a linear read-out of each patch slot's colour and
+        # shape from the hidden state the supervised attention heads read, so that it keeps them (--slot-read)
+        self.slot_reader = (nn.Linear(captioner.config.hidden, len(shapes.COLOR_NAMES) + len(shapes.SHAPES))
+                            if slot_reader else None)
 
     def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
                 candidates: list[list[str]] | None = None, best: Tensor | None = None,
-                attention_weight: float = 0.0) -> dict[str, Tensor]:
+                attention_weight: float = 0.0, read_weight: float = 0.0) -> dict[str, Tensor]:
         if stage == "pretrain":
             rows = batch.get("train_rows") or list(range(len(batch["questions"])))
             slots = [batch["target_slots"][i] for i in rows] if attention_weight > 0 else None
-            nll, attn = self.captioner.caption_losses(batch["discarded"][rows], [batch["questions"][i] for i in rows],
-                                                      [batch["facts"][i] for i in rows], target_slots=slots)
-            ce = nll.mean()
-            return {"loss": ce + attention_weight * attn, "caption_ce": ce.detach(), "attention_loss": attn.detach()}
+            read = read_weight > 0 and self.slot_reader is not None
+            out = self.captioner.caption_losses(batch["discarded"][rows], [batch["questions"][i] for i in rows],
+                                                [batch["facts"][i] for i in rows], target_slots=slots,
+                                                slot_hidden=read)
+            ce, attn = out["caption_ce"].mean(), out["attention"]
+            loss, logs = ce + attention_weight * attn, {"caption_ce": ce.detach(), "attention_loss": attn.detach()}
+            if read:
+                logits = self.slot_reader(out["slot_hidden"]).float()
+                labels = batch["slot_labels"][rows].to(logits.device)
+                n_colours = len(shapes.COLOR_NAMES)
+                read_loss = (F.cross_entropy(logits[..., :n_colours].flatten(0, 1), labels[..., 0].flatten())
+                             + F.cross_entropy(logits[..., n_colours:].flatten(0, 1), labels[..., 1].flatten()))
+                loss = loss + read_weight * read_loss
+                logs["slot_read_loss"] = read_loss.detach()
+            return {"loss": loss, **logs}
         cap = self.captioner.caption_loss(batch["discarded"], batch["questions"], best_captions).mean()
         logits = self.selector(batch["questions"], candidates)
         sel = F.cross_entropy(logits.float(), best)  # = KL(one-hot(best) || softmax)
@@ -194,11 +222,13 @@ def train_loop(config: dict) -> None:
     engine = LlavaEngine.from_pretrained(config["lvlm"])
     engine.model.requires_grad_(False)
     captioner, selector = build_or_load(config, engine)
-    module = ACCMTrainable(captioner, selector).train()
+    module = ACCMTrainable(captioner, selector, slot_reader=stage == "pretrain" and config.get("slot_read", 0) > 0).train()
     module.requires_grad_(False)
     if stage == "pretrain":
         groups = [{"params": list(captioner.mapper.parameters()), "lr": config["lr_mapper"]},
                   {"params": list(captioner.decoder.parameters()), "lr": config["lr_decoder"]}]
+        if module.slot_reader is not None:
+            groups.append({"params": list(module.slot_reader.parameters()), "lr": config["lr_decoder"]})
     else:  # mapper frozen (SPEC §1.5); decoder + selector classifier train; the text encoder stays frozen
         groups = [{"params": list(captioner.decoder.parameters()), "lr": config["lr_decoder"]},
                   {"params": [*selector.classifier.parameters(), *selector.head.parameters()],
@@ -257,7 +287,8 @@ def train_loop(config: dict) -> None:
             elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
             # the warm-up feeds every patch: slots index the discarded list, so no supervision there
-            out = ds("pretrain", batch, attention_weight=0.0 if reading else config.get("attn_sup", 0.0))
+            out = ds("pretrain", batch, attention_weight=0.0 if reading else config.get("attn_sup", 0.0),
+                     read_weight=0.0 if reading else config.get("slot_read", 0.0))
             loss = out["loss"]
         else:
             ds.module.captioner.eval()
@@ -437,6 +468,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pre-training: weight of the attention supervision (patch_prefix caption models only): half "
                         "the heads of the decoder's last layer, at each caption position, attend to the slots of "
                         "the objects the fact is about (CaptionModel.caption_losses)")
+    p.add_argument("--slot-read", type=float, default=0.0,
+                   help="pre-training: weight of a linear read-out of each patch slot's colour and shape from the "
+                        "hidden state the supervised heads read (patch_prefix only; the read-out is not shipped)")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
@@ -472,7 +506,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.storage, args.batch_size, args.accm_batch_size = str(work / "ray"), 4, 2
         args.pretrain_steps, args.accm_steps, args.ckpt_every, args.eval_n = 2, 2, 1, 4
         arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
-        args.attn_sup = args.attn_sup or 1.0  # the smoke caption model has a patch prefix: exercise both losses
+        # the smoke caption model has a patch prefix: exercise the attention and slot-reading losses too
+        args.attn_sup, args.slot_read = args.attn_sup or 1.0, args.slot_read or 1.0
     if args.captioner_arch:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
@@ -481,6 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
                 pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,
+                slot_read=args.slot_read,
                 pretrain_read_objects=shapes.parse_lo_hi(args.pretrain_read_objects))
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]

@@ -190,14 +190,15 @@ def test_attention_supervision_moves_caption_attention_onto_the_named_slot(token
         lq = embeds.shape[1] - 10 - 2
         return att[0, 0, mask.shape[1] - 1:, lq + 3].mean().item()
 
-    nll, attn = model.caption_losses(x, questions, captions, target_slots=slots)
-    assert nll.shape == (4,) and attn.item() > 0
-    _, none = model.caption_losses(x, questions, captions, target_slots=[[], [], [], []])
+    out = model.caption_losses(x, questions, captions, target_slots=slots, slot_hidden=True)
+    assert out["caption_ce"].shape == (4,) and out["attention"].item() > 0
+    assert out["slot_hidden"].shape == (4, 10, 32)  # the 10 patch slots entering the last layer
+    none = model.caption_losses(x, questions, captions, target_slots=[[], [], [], []])["attention"]
     assert none.item() == 0.0
     before = attention_on_target()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(30):
-        _, attn = model.caption_losses(x, questions, captions, target_slots=slots)
+        attn = model.caption_losses(x, questions, captions, target_slots=slots)["attention"]
         opt.zero_grad()
         attn.backward()
         opt.step()
