@@ -90,15 +90,20 @@ def target_slots(item, discarded_indices: list[int]) -> list[int]:
     return [slot_of[c] for c in cells if c in slot_of]
 
 
+SLOT_ATTRIBUTES = (len(shapes.COLOR_NAMES), len(shapes.SHAPES), shapes.GRID, shapes.GRID)  # colour, shape, row, col
+
+
 def slot_labels(items, discarded_indices: Tensor) -> Tensor:
-    """[B, M, 2] (colour, shape) class of the object in each discarded-patch slot; -100 where no object is."""
-    labels = torch.full((*discarded_indices.shape, 2), -100, dtype=torch.long)
+    """[B, M, 4] (colour, shape, row, column) classes of the object in each discarded-patch slot; -100 where no
+    object is. What a fact can ask about a patch: its attributes, and where it is (spatial questions)."""
+    labels = torch.full((*discarded_indices.shape, len(SLOT_ATTRIBUTES)), -100, dtype=torch.long)
     for r, (item, patches) in enumerate(zip(items, discarded_indices.tolist(), strict=True)):
         slot_of = {patch: slot for slot, patch in enumerate(patches)}
         for o in item.objects:
             slot = slot_of.get(o.row * shapes.GRID + o.col)
             if slot is not None:
-                labels[r, slot] = torch.tensor([shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape)])
+                labels[r, slot] = torch.tensor([shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape),
+                                                o.row, o.col])
     return labels
 
 
@@ -127,10 +132,10 @@ class ACCMTrainable(nn.Module):
         super().__init__()
         self.captioner = captioner
         self.selector = selector
-        # pre-training only (not saved with the caption model): a linear read-out of each patch slot's colour and
-        # shape from the hidden state the supervised attention heads read, so that it keeps them (--slot-read)
-        self.slot_reader = (nn.Linear(captioner.config.hidden, len(shapes.COLOR_NAMES) + len(shapes.SHAPES))
-                            if slot_reader else None)
+        # pre-training only (not saved with the caption model): a linear read-out of each patch slot's colour,
+        # shape, row and column from the hidden state the supervised attention heads read, so that it keeps
+        # them (--slot-read)
+        self.slot_reader = nn.Linear(captioner.config.hidden, sum(SLOT_ATTRIBUTES)) if slot_reader else None
 
     def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
                 candidates: list[list[str]] | None = None, best: Tensor | None = None,
@@ -145,11 +150,10 @@ class ACCMTrainable(nn.Module):
             ce, attn = out["caption_ce"].mean(), out["attention"]
             loss, logs = ce + attention_weight * attn, {"caption_ce": ce.detach(), "attention_loss": attn.detach()}
             if read:
-                logits = self.slot_reader(out["slot_hidden"]).float()
-                labels = batch["slot_labels"][rows].to(logits.device)
-                n_colours = len(shapes.COLOR_NAMES)
-                read_loss = (F.cross_entropy(logits[..., :n_colours].flatten(0, 1), labels[..., 0].flatten())
-                             + F.cross_entropy(logits[..., n_colours:].flatten(0, 1), labels[..., 1].flatten()))
+                logits = self.slot_reader(out["slot_hidden"]).float().split(SLOT_ATTRIBUTES, dim=-1)
+                labels = batch["slot_labels"][rows].to(logits[0].device)
+                read_loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., a].flatten())
+                                for a, lg in enumerate(logits))
                 loss = loss + read_weight * read_loss
                 logs["slot_read_loss"] = read_loss.detach()
             return {"loss": loss, **logs}
@@ -469,8 +473,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the heads of the decoder's last layer, at each caption position, attend to the slots of "
                         "the objects the fact is about (CaptionModel.caption_losses)")
     p.add_argument("--slot-read", type=float, default=0.0,
-                   help="pre-training: weight of a linear read-out of each patch slot's colour and shape from the "
-                        "hidden state the supervised heads read (patch_prefix only; the read-out is not shipped)")
+                   help="pre-training: weight of a linear read-out of each patch slot's colour, shape, row and "
+                        "column from the hidden state the supervised heads read (patch_prefix only; not shipped)")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")

@@ -89,14 +89,15 @@ def test_target_slots_point_at_the_named_objects_discarded_patches(tmp_path):
             assert bool(slots) == visible
         seen_count |= item.question_type == "count" and len(slots) > 1
     assert seen_count
-    # slot_labels: the (colour, shape) of the object in each discarded slot, -100 on background
+    # slot_labels: the (colour, shape, row, column) of the object in each discarded slot, -100 on background
     labels = batch["slot_labels"]
-    assert labels.shape == (10, 64 - 8, 2)
+    assert labels.shape == (10, 64 - 8, 4)
     for item, slots, row in zip(items, batch["target_slots"], labels, strict=True):
         assert int((row[:, 0] >= 0).sum()) <= len(item.objects)
         if item.question_type == "color" and slots:
             o = item.objects[item.target[0]]
-            assert row[slots[0]].tolist() == [shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape)]
+            assert row[slots[0]].tolist() == [shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape),
+                                              o.row, o.col]
     assert int((labels[..., 0] >= 0).sum()) > 50  # most objects are discarded at keep 8
     # a slot indexes the discarded list: the patch it stands for is the object's cell
     discarded = list(range(64))[8:]  # patches 8..63 discarded, 0..7 kept
