@@ -226,6 +226,9 @@ def train_loop(config: dict) -> None:
     engine = LlavaEngine.from_pretrained(config["lvlm"])
     engine.model.requires_grad_(False)
     captioner, selector = build_or_load(config, engine)
+    if stage == "pretrain" and not captioner.config.patch_prefix and (config.get("attn_sup") or config.get("slot_read")):
+        raise ValueError("--attn-sup / --slot-read supervise patch slots: they need a patch_prefix caption model "
+                         "(or pass --attn-sup 0 --slot-read 0)")
     module = ACCMTrainable(captioner, selector, slot_reader=stage == "pretrain" and config.get("slot_read", 0) > 0).train()
     module.requires_grad_(False)
     if stage == "pretrain":
@@ -418,11 +421,14 @@ def markdown(table: dict) -> str:
 # ------------------------------------------------------------------------------------------------ main
 
 # Width 64 because narrower caption models did not learn to read the patches (measured, docs/notes/accm.md): at
-# widths 32/40/48 the validation caption CE stayed on the language-prior plateau (~0.76) for 600+ steps, with
-# or without input standardisation, P = 4/8/16 or a 2-layer mapper; width 64 left it within ~300 steps.
-# Cost ~10 MFLOPs per item with a 6-token caption (~5% of a 75%-pruned item on the `default` LVLM).
+# widths 32/40/48 the validation caption CE stayed on the language-prior plateau (~0.76) for 600+ steps.
+# patch_prefix: the decoder sees one slot per discarded patch and picks the named one with its own attention
+# (with --attn-sup / --slot-read in pre-training; session 5: val first-beam exact 0.30 -> 0.80 on items whose
+# named object the mapper sees). Dropout 0: the data are generated afresh every step, and dropout on the
+# supervised attention maps would zero the target entries.
 DEFAULT_CAPTIONER = dict(hidden=64, decoder_layers=2, decoder_heads=4, decoder_intermediate=128, prefix_len=4,
-                         mapper_layers=1, mapper_heads=4, beams=3, max_caption_tokens=14)
+                         patch_prefix=True, mapper_layers=2, mapper_heads=4, beams=3, max_caption_tokens=14,
+                         dropout=0.0)
 DEFAULT_SELECTOR = dict(text_hidden=24, text_layers=1, text_heads=2, projection_dim=24, layers=1, heads=2)
 SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, patch_prefix=True, mapper_layers=1,
                        mapper_heads=2, beams=3, max_caption_tokens=6)
@@ -436,14 +442,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--captioner", default=str(REPO / "models/shapes/captioner"),
                    help="init (accm/eval) and output folder of the caption model")
     p.add_argument("--selector", default=str(REPO / "models/shapes/selector"))
-    p.add_argument("--pretrain-steps", type=int, default=1500)
+    p.add_argument("--pretrain-steps", type=int, default=4500)
     p.add_argument("--accm-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--accm-batch-size", type=int, default=16)
     p.add_argument("--keep", type=int, default=8, help="retained tokens during training (base pruner budget)")
     p.add_argument("--lr-mapper", type=float, default=2e-3)
     p.add_argument("--lr-decoder", type=float, default=2e-3)
-    p.add_argument("--lr-decoder-accm", type=float, default=1e-4)
+    p.add_argument("--lr-decoder-accm", type=float, default=1e-6,
+                   help="ACCM stage decoder lr: the authors' 1e-6 (1e-4 moved the captions away from the facts: val "
+                        "first-beam exact 0.61 -> 0.42, docs/notes/accm.md Session 5)")
     p.add_argument("--lr-selector", type=float, default=1e-3)
     p.add_argument("--weight-scale", type=float, default=1.0)
     p.add_argument("--weight-max", type=float, default=5.0)
@@ -460,19 +468,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "patches (the mapper cannot see retained ones; count/exist facts always kept)")
     p.add_argument("--pretrain-objects", default="", metavar="LO-HI",
                    help="pretrain on scenes of LO-HI objects (default: the benchmark's 10-16)")
-    p.add_argument("--pretrain-keep", default="", metavar="LO-HI",
-                   help="pretrain with a base-pruner budget drawn per step from LO-HI (default: --keep); a small "
+    p.add_argument("--pretrain-keep", default="4-8", metavar="LO-HI",
+                   help="pretrain with a base-pruner budget drawn per step from LO-HI ('': --keep); a small "
                         "budget shows the mapper more of the scene")
     p.add_argument("--pretrain-read-steps", type=int, default=0,
                    help="first N pre-training steps: a reading warm-up on small scenes (--pretrain-read-objects) with "
                         "every patch given to the mapper and every fact a target (a fresh caption model learns to read "
                         "one object in ~500 such steps, and does not learn it from 10-16 object scenes)")
     p.add_argument("--pretrain-read-objects", default="1-4", metavar="LO-HI", help="scene sizes of the warm-up")
-    p.add_argument("--attn-sup", type=float, default=0.0,
+    p.add_argument("--attn-sup", type=float, default=1.0,
                    help="pre-training: weight of the attention supervision (patch_prefix caption models only): half "
                         "the heads of the decoder's last layer, at each caption position, attend to the slots of "
                         "the objects the fact is about (CaptionModel.caption_losses)")
-    p.add_argument("--slot-read", type=float, default=0.0,
+    p.add_argument("--slot-read", type=float, default=1.0,
                    help="pre-training: weight of a linear read-out of each patch slot's colour, shape, row and "
                         "column from the hidden state the supervised heads read (patch_prefix only; not shipped)")
     p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
@@ -510,8 +518,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.storage, args.batch_size, args.accm_batch_size = str(work / "ray"), 4, 2
         args.pretrain_steps, args.accm_steps, args.ckpt_every, args.eval_n = 2, 2, 1, 4
         arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
-        # the smoke caption model has a patch prefix: exercise the attention and slot-reading losses too
-        args.attn_sup, args.slot_read = args.attn_sup or 1.0, args.slot_read or 1.0
     if args.captioner_arch:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
