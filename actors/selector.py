@@ -2,9 +2,12 @@
 
 Each candidate caption becomes ``"Question: {q} Supplemental information for questions: {caption}"``; the
 text encoder (``CLIPTextModelWithProjection``; LongCLIP-L in the reference) gives its EOS feature projected
-to ``projection_dim``. The N vectors of one item form a sequence through a pre-norm encoder (no position
-embedding: the selector should not care in which order the beams came), a Linear gives one logit per
-candidate, softmax over candidates, argmax picks. Text only: it never sees the image.
+to ``projection_dim``. The N vectors of one item form a sequence through a pre-norm encoder, a Linear gives
+one logit per candidate, softmax over candidates, argmax picks. Text only: it never sees the image.
+``rank_embedding``: a learned vector per beam rank is added to each candidate's feature (zero-initialised,
+so an untrained selector is still order-blind). It is the one prior a text-only selector can learn when the
+candidates differ only in what the image decides: how often the caption model's first beam is the best one
+(docs/notes/accm.md, Session 5).
 
 On disk::
 
@@ -44,6 +47,8 @@ class SelectorConfig:
     heads: int = 4
     intermediate: int = 0  # 0 -> 2 * hidden
     max_text_tokens: int = 64
+    rank_embedding: bool = False  # add a learned vector per beam rank (candidates arrive best-first)
+    max_candidates: int = 8
 
     def __post_init__(self) -> None:
         if not self.intermediate:
@@ -63,6 +68,14 @@ class CaptionSelector(nn.Module):
         self.tokenizer = tokenizer
         self.classifier = Encoder(config.hidden, config.layers, config.heads, config.intermediate)
         self.head = nn.Linear(config.hidden, 1)
+        self.rank = nn.Embedding(config.max_candidates, config.hidden) if config.rank_embedding else None
+        if self.rank is not None:
+            nn.init.zeros_(self.rank.weight)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the ACCM stage trains: everything but the frozen text encoder."""
+        parts = [self.classifier, self.head] + ([self.rank] if self.rank is not None else [])
+        return [p for part in parts for p in part.parameters()]
 
     def train(self, mode: bool = True) -> CaptionSelector:
         super().train(mode)
@@ -84,6 +97,8 @@ class CaptionSelector(nn.Module):
             model.classifier.load_state_dict({k[len("classifier."):]: v for k, v in state.items()
                                               if k.startswith("classifier.")})
             model.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+            if model.rank is not None:
+                model.rank.load_state_dict({k[len("rank."):]: v for k, v in state.items() if k.startswith("rank.")})
         return model.to(device).eval()
 
     def save_pretrained(self, path: str | Path) -> None:
@@ -92,6 +107,8 @@ class CaptionSelector(nn.Module):
         (path / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2) + "\n")
         state = {f"classifier.{k}": v for k, v in self.classifier.state_dict().items()}
         state.update({f"head.{k}": v for k, v in self.head.state_dict().items()})
+        if self.rank is not None:
+            state.update({f"rank.{k}": v for k, v in self.rank.state_dict().items()})
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path / CLASSIFIER_WEIGHTS))
         self.text_encoder.save_pretrained(path / TEXT_ENCODER_DIR)
         self.tokenizer.save_pretrained(path / TEXT_ENCODER_DIR)
@@ -117,7 +134,12 @@ class CaptionSelector(nn.Module):
             raise ValueError("every item needs the same number of candidates")
         texts = [selector_text(q, c) for q, cands in zip(questions, candidates, strict=True) for c in cands]
         feats, _ = self.encode_texts(texts)
-        x = self.classifier(feats.view(len(questions), n, -1))
+        x = feats.view(len(questions), n, -1)
+        if self.rank is not None:
+            if n > self.config.max_candidates:
+                raise ValueError(f"at most {self.config.max_candidates} candidates with a rank embedding")
+            x = x + self.rank.weight[:n].to(x.dtype)
+        x = self.classifier(x)
         return self.head(x).squeeze(-1)
 
     @torch.no_grad()
@@ -162,6 +184,7 @@ def build_selector(
     layers: int = 2,
     heads: int = 4,
     intermediate: int = 0,
+    rank_embedding: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
 ) -> CaptionSelector:
@@ -186,5 +209,6 @@ def build_selector(
         torch.manual_seed(seed)
         text_encoder = CLIPTextModelWithProjection(text_config)
         model = CaptionSelector(SelectorConfig(hidden=projection_dim, layers=layers, heads=heads,
-                                               intermediate=intermediate), text_encoder, tokenizer)
+                                               intermediate=intermediate, rank_embedding=rank_embedding),
+                                text_encoder, tokenizer)
     return model.eval()

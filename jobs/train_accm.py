@@ -238,8 +238,7 @@ def train_loop(config: dict) -> None:
             groups.append({"params": list(module.slot_reader.parameters()), "lr": config["lr_decoder"]})
     else:  # mapper frozen (SPEC §1.5); decoder + selector classifier train; the text encoder stays frozen
         groups = [{"params": list(captioner.decoder.parameters()), "lr": config["lr_decoder"]},
-                  {"params": [*selector.classifier.parameters(), *selector.head.parameters()],
-                   "lr": config["lr_selector"]}]
+                  {"params": selector.trainable_parameters(), "lr": config["lr_selector"]}]
     for g in groups:
         for p in g["params"]:
             p.requires_grad_(True)
@@ -429,10 +428,12 @@ def markdown(table: dict) -> str:
 DEFAULT_CAPTIONER = dict(hidden=64, decoder_layers=2, decoder_heads=4, decoder_intermediate=128, prefix_len=4,
                          patch_prefix=True, mapper_layers=2, mapper_heads=4, beams=3, max_caption_tokens=14,
                          dropout=0.0)
-DEFAULT_SELECTOR = dict(text_hidden=24, text_layers=1, text_heads=2, projection_dim=24, layers=1, heads=2)
+DEFAULT_SELECTOR = dict(text_hidden=24, text_layers=1, text_heads=2, projection_dim=24, layers=1, heads=2,
+                        rank_embedding=True)
 SMOKE_CAPTIONER = dict(hidden=32, decoder_layers=1, decoder_heads=2, prefix_len=2, patch_prefix=True, mapper_layers=1,
                        mapper_heads=2, beams=3, max_caption_tokens=6)
-SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2)
+SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=1, heads=2,
+                      rank_embedding=True)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
