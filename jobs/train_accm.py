@@ -71,7 +71,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "discarded": pruned.discarded,
         # can the caption model see the object the question names? (count/exist facts: always stated)
         "target_discarded": [it.question_type in ("count", "exist") or
-                             (it.objects[it.target[0]].row * shapes.GRID + it.objects[it.target[0]].col) not in set(kept)
+                             shapes.patch_index(it.objects[it.target[0]]) not in set(kept)
                              for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
         "target_slots": [target_slots(it, slots) for it, slots in zip(items, pruned.discarded_indices.tolist(),
                                                                       strict=True)],
@@ -86,7 +86,7 @@ def target_slots(item, discarded_indices: list[int]) -> list[int]:
     count question counts, else the one object the fact names; objects the base pruner kept are not there."""
     slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
     objects = item.target if item.question_type == "count" else item.target[:1]
-    cells = (item.objects[o].row * shapes.GRID + item.objects[o].col for o in objects)
+    cells = (shapes.patch_index(item.objects[o]) for o in objects)
     return [slot_of[c] for c in cells if c in slot_of]
 
 
@@ -100,7 +100,7 @@ def slot_labels(items, discarded_indices: Tensor) -> Tensor:
     for r, (item, patches) in enumerate(zip(items, discarded_indices.tolist(), strict=True)):
         slot_of = {patch: slot for slot, patch in enumerate(patches)}
         for o in item.objects:
-            slot = slot_of.get(o.row * shapes.GRID + o.col)
+            slot = slot_of.get(shapes.patch_index(o))
             if slot is not None:
                 labels[r, slot] = torch.tensor([shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape),
                                                 o.row, o.col])
