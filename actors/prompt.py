@@ -11,9 +11,15 @@ IMAGE_TOKEN = "<image>"
 CAPTION_PREFIX = "additional information: "
 
 
+def has_words(caption: str | None) -> bool:
+    """Whether ``caption`` says anything. A caption model abstains by stopping at once ('.' or nothing):
+    then nothing is spliced and the LVLM answers from its retained tokens alone."""
+    return caption is not None and any(ch.isalnum() for ch in caption)
+
+
 def caption_text(caption: str | None) -> str:
-    """The spliced supplemental text for ``caption`` ('' for none/blank: no splice)."""
-    if caption is None or not caption.strip():
+    """The spliced supplemental text for ``caption`` ('' when it has no words: no splice)."""
+    if not has_words(caption):
         return ""
     return f"{CAPTION_PREFIX}{caption.strip()}\n"
 

@@ -75,19 +75,31 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
                              for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
         "target_slots": [target_slots(it, slots) for it, slots in zip(items, pruned.discarded_indices.tolist(),
                                                                       strict=True)],
+        # does the mapper see every object the fact is about? (exist-no facts are about none: always)
+        "fact_visible": [len(target_slots(it, slots)) == len(fact_objects(it))
+                         for it, slots in zip(items, pruned.discarded_indices.tolist(), strict=True)],
         "slot_labels": slot_labels(items, pruned.discarded_indices),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
     }
 
 
+def fact_objects(item) -> tuple[int, ...]:
+    """The objects an item's fact is about: every object a count question counts, else the one it names."""
+    return item.target if item.question_type == "count" else item.target[:1]
+
+
 def target_slots(item, discarded_indices: list[int]) -> list[int]:
-    """Slots (positions in the discarded-patch list) of the objects an item's fact is about: every object a
-    count question counts, else the one object the fact names; objects the base pruner kept are not there."""
+    """Slots (positions in the discarded-patch list) of the objects an item's fact is about; objects the
+    base pruner kept are not there."""
     slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
-    objects = item.target if item.question_type == "count" else item.target[:1]
-    cells = (shapes.patch_index(item.objects[o]) for o in objects)
+    cells = (shapes.patch_index(item.objects[o]) for o in fact_objects(item))
     return [slot_of[c] for c in cells if c in slot_of]
+
+
+# What the caption model is taught to say when the mapper does not see what the fact is about
+# (``--pretrain-targets abstain``): it stops at once, and nothing is spliced (actors.prompt.has_words).
+ABSTAIN_CAPTION = "."
 
 
 SLOT_ATTRIBUTES = (len(shapes.COLOR_NAMES), len(shapes.SHAPES), shapes.GRID, shapes.GRID)  # colour, shape, row, col
@@ -292,6 +304,10 @@ def train_loop(config: dict) -> None:
                 batch["discarded"] = torch.stack(batch["full"])
             elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
+            elif config.get("pretrain_targets") == "abstain":  # ... and abstain where it cannot see them
+                seen = batch["fact_visible"]
+                batch["facts"] = [f if v else ABSTAIN_CAPTION for f, v in zip(batch["facts"], seen, strict=True)]
+                batch["target_slots"] = [s if v else [] for s, v in zip(batch["target_slots"], seen, strict=True)]
             # the warm-up feeds every patch: slots index the discarded list, so no supervision there
             out = ds("pretrain", batch, attention_weight=0.0 if reading else config.get("attn_sup", 0.0),
                      read_weight=0.0 if reading else config.get("slot_read", 0.0))
@@ -464,9 +480,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", default=str(REPO / "runs/ray"))
     p.add_argument("--name", default="accm")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
-    p.add_argument("--pretrain-targets", choices=("all", "discarded"), default="discarded",
+    p.add_argument("--pretrain-targets", choices=("all", "discarded", "abstain"), default="discarded",
                    help="pretrain on every item's fact, or only where the named object is among the discarded "
-                        "patches (the mapper cannot see retained ones; count/exist facts always kept)")
+                        "patches (the mapper cannot see retained ones; count/exist facts always kept), or "
+                        "(abstain) on every item, with '.' (nothing spliced) where the mapper does not see every "
+                        "object the fact is about")
     p.add_argument("--pretrain-objects", default="", metavar="LO-HI",
                    help="pretrain on scenes of LO-HI objects (default: the benchmark's 10-16)")
     p.add_argument("--pretrain-keep", default="4-8", metavar="LO-HI",

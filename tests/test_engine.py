@@ -133,9 +133,12 @@ def test_caption_splice_changes_prompt(engine: LlavaEngine):
     feats = torch.randn(1, 8, engine.config.vision_config.hidden_size)
     plain = engine.generate(feats, ["What color is the circle?"], [None], max_new_tokens=2)
     empty = engine.generate(feats, ["What color is the circle?"], ["   "], max_new_tokens=2)
+    abstained = engine.generate(feats, ["What color is the circle?"], ["."], max_new_tokens=2)
     cap = engine.generate(feats, ["What color is the circle?"], ["the circle is red."], max_new_tokens=2)
-    assert plain.prefill_tokens == empty.prefill_tokens
-    assert plain.token_ids == empty.token_ids
+    # a blank caption, or one with no words (a caption model that abstains stops at '.'), splices nothing
+    assert plain.prefill_tokens == empty.prefill_tokens == abstained.prefill_tokens
+    assert plain.token_ids == empty.token_ids == abstained.token_ids
+    assert abstained.flops[0]["llm_prefill"] == plain.flops[0]["llm_prefill"]
     # "additional information : the circle is red ." = 8 extra words
     assert cap.prefill_tokens[0] - plain.prefill_tokens[0] == 8
     before, after = engine._prompt_ids("What color is the circle?", "the circle is red.")

@@ -81,6 +81,11 @@ def test_target_slots_point_at_the_named_objects_discarded_patches(tmp_path):
     items = [shapes.make_item(0, "train", i) for i in range(10)]
     batch = make_batch(engine, 0, "train", list(range(10)), 8)
     seen_count = False
+    for item, slots, whole in zip(items, batch["target_slots"], batch["fact_visible"], strict=True):
+        # the fact is visible iff every object it is about is among the discarded patches (exist-no: none)
+        assert whole == (len(slots) == len(item.target if item.question_type == "count" else item.target[:1]))
+        if item.question_type == "exist" and not item.target:
+            assert whole and slots == []
     for item, slots, visible in zip(items, batch["target_slots"], batch["target_discarded"], strict=True):
         counted = item.target if item.question_type == "count" else item.target[:1]
         cells = {item.objects[o].row * shapes.GRID + item.objects[o].col for o in counted}
