@@ -305,9 +305,9 @@ def train_loop(config: dict) -> None:
             elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
             elif config.get("pretrain_targets") == "abstain":  # ... and abstain where it cannot see them
-                seen = batch["fact_visible"]
-                batch["facts"] = [f if v else ABSTAIN_CAPTION for f, v in zip(batch["facts"], seen, strict=True)]
-                batch["target_slots"] = [s if v else [] for s, v in zip(batch["target_slots"], seen, strict=True)]
+                visible = batch["fact_visible"]
+                batch["facts"] = [f if v else ABSTAIN_CAPTION for f, v in zip(batch["facts"], visible, strict=True)]
+                batch["target_slots"] = [s if v else [] for s, v in zip(batch["target_slots"], visible, strict=True)]
             # the warm-up feeds every patch: slots index the discarded list, so no supervision there
             out = ds("pretrain", batch, attention_weight=0.0 if reading else config.get("attn_sup", 0.0),
                      read_weight=0.0 if reading else config.get("slot_read", 0.0))
