@@ -146,6 +146,18 @@ class Mapper(nn.Module):
 
 
 @dataclass
+class TeacherForced:
+    """One teacher-forced decoder pass: position ``prompt_len - 1 + t`` predicts caption token t; with a patch
+    prefix, patch slot s sits at position ``first_slot + s``."""
+
+    out: object  # the decoder's CausalLMOutput (logits, and attentions / hidden_states when asked)
+    caption_ids: Tensor  # [B, Lc], right-padded
+    caption_mask: Tensor  # [B, Lc]
+    prompt_len: int  # question + prefix
+    first_slot: int  # patch_prefix models only
+
+
+@dataclass
 class BeamOutput:
     """Per item: N candidates sorted best first, their scores, token counts and the decode steps run."""
 
@@ -249,6 +261,37 @@ class CaptionModel(nn.Module):
         ``slot_hidden`` is what those heads read from: a training job can ask it to keep each patch's
         attributes (measured: without that, the earlier layer mixes them away, docs/notes/accm.md Session 5).
         """
+        supervise = target_slots is not None and any(target_slots)
+        if (supervise or slot_hidden) and not self.config.patch_prefix:
+            raise ValueError("attention supervision needs patch_prefix=True (one prefix slot per patch)")
+        tf = self.teacher_forced(discarded, questions, captions, output_attentions=supervise,
+                                 output_hidden_states=slot_hidden)
+        b, lc = tf.caption_ids.shape
+        logits = tf.out.logits[:, tf.prompt_len - 1 : tf.prompt_len - 1 + lc]  # position t predicts caption token t
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tf.caption_ids.reshape(-1),
+                              reduction="none")
+        nll = nll.view(b, lc) * tf.caption_mask
+        result = {"caption_ce": nll.sum(1) / tf.caption_mask.sum(1).clamp(min=1), "attention": nll.new_zeros(())}
+        m = discarded.shape[1]
+        if slot_hidden:
+            layer = attention_layer % self.decoder.config.num_hidden_layers
+            result["slot_hidden"] = tf.out.hidden_states[layer][:, tf.first_slot : tf.first_slot + m]
+        if supervise:
+            from actors.shapes_lvlm import attention_target_loss
+
+            lengths = tf.caption_mask.sum(1).tolist()
+            targets = [(r, tf.prompt_len - 1 + t, [tf.first_slot + s for s in slots])
+                       for r, slots in enumerate(target_slots) if slots for t in range(lengths[r])]
+            attention = tf.out.attentions[attention_layer]
+            heads = attention_heads or max(1, attention.shape[1] // 2)
+            result["attention"] = attention_target_loss(attention.float(), targets, heads)
+        return result
+
+    def teacher_forced(
+        self, discarded: Tensor, questions: list[str], captions: list[str], *,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+    ) -> TeacherForced:
+        """The decoder over [question ; prefix ; caption] (captions right-padded), and where each part sits."""
         embeds, mask, _ = self._prefix_inputs(discarded, questions)
         cap = self.caption_ids(captions)
         lc = max(len(c) for c in cap)
@@ -260,28 +303,11 @@ class CaptionModel(nn.Module):
             cap_mask[r, : len(row)] = 1
         embeds = torch.cat([embeds, self.decoder.get_input_embeddings()(cap_ids)], dim=1)
         full_mask = torch.cat([mask, cap_mask], dim=1)
-        supervise = target_slots is not None and any(target_slots)
-        if (supervise or slot_hidden) and not self.config.patch_prefix:
-            raise ValueError("attention supervision needs patch_prefix=True (one prefix slot per patch)")
         out = self.decoder(inputs_embeds=embeds, attention_mask=full_mask, position_ids=self._positions(full_mask),
-                           use_cache=False, output_attentions=supervise, output_hidden_states=slot_hidden)
-        logits = out.logits[:, lp - 1 : lp - 1 + lc]  # position t predicts caption token t
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), cap_ids.reshape(-1), reduction="none")
-        nll = nll.view(b, lc) * cap_mask
-        result = {"caption_ce": nll.sum(1) / cap_mask.sum(1).clamp(min=1), "attention": nll.new_zeros(())}
+                           use_cache=False, output_attentions=output_attentions,
+                           output_hidden_states=output_hidden_states)
         first_slot = lp - discarded.shape[1] - self.config.prefix_len  # the prefix starts after the question
-        if slot_hidden:
-            layer = attention_layer % self.decoder.config.num_hidden_layers
-            result["slot_hidden"] = out.hidden_states[layer][:, first_slot : first_slot + discarded.shape[1]]
-        if supervise:
-            from actors.shapes_lvlm import attention_target_loss
-
-            targets = [(r, lp - 1 + t, [first_slot + s for s in slots])
-                       for r, slots in enumerate(target_slots) if slots for t in range(len(cap[r]))]
-            attention = out.attentions[attention_layer]
-            heads = attention_heads or max(1, attention.shape[1] // 2)
-            result["attention"] = attention_target_loss(attention.float(), targets, heads)
-        return result
+        return TeacherForced(out, cap_ids, cap_mask, lp, first_slot)
 
     # ---- inference ------------------------------------------------------------------------------------
     @torch.no_grad()

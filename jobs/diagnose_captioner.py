@@ -182,7 +182,6 @@ def attention(cap, engine, *, n: int = DEFAULT_N["attention"], seed: int = 0, ke
     step = len(shapes.QUESTION_TYPES)
     indices = [ATTENTION_START + step * k + colour for k in range(n)]  # make_item's type of index i: i % step
     colour_ids = {c: cap.caption_ids([c])[0][0] for c in shapes.COLOR_NAMES}
-    emb = cap.decoder.get_input_embeddings()
     rows = hits = right = reads = attended_objects = 0
     mass = 0.0
     for idx in _chunks(indices):
@@ -191,15 +190,11 @@ def attention(cap, engine, *, n: int = DEFAULT_N["attention"], seed: int = 0, ke
         for r, slots in enumerate(b["target_slots"]):
             if not slots:
                 continue
-            embeds, mask, _ = cap._prefix_inputs(b["discarded"][r : r + 1], [b["questions"][r]])
-            ids = cap.caption_ids([b["facts"][r]])[0]
-            full = torch.cat([embeds, emb(torch.tensor([ids], device=cap.device))], 1)
-            full_mask = torch.ones(1, full.shape[1], dtype=torch.long, device=cap.device)
-            out = cap.decoder(inputs_embeds=full, attention_mask=full_mask, position_ids=cap._positions(full_mask),
-                              use_cache=False, output_attentions=True)
-            lp = mask.shape[1]
-            first_slot = lp - m - cap.config.prefix_len  # [question ; M patch slots ; P constants ; caption]
-            pos = lp - 1 + len(ids) - 2  # position t of the caption predicts its token t; '...is <colour> .'
+            tf = cap.teacher_forced(b["discarded"][r : r + 1], [b["questions"][r]], [b["facts"][r]],
+                                    output_attentions=True)
+            ids = tf.caption_ids[0].tolist()
+            first_slot, out = tf.first_slot, tf.out
+            pos = tf.prompt_len - 1 + len(ids) - 2  # predicts token len-2 of "... is <colour> ."
             att = out.attentions[-1][0]
             h = heads or max(1, att.shape[0] // 2)
             slot_att = att[:h, pos].float().mean(0)[first_slot : first_slot + m]

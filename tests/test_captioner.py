@@ -180,15 +180,9 @@ def test_attention_supervision_moves_caption_attention_onto_the_named_slot(token
 
     def attention_on_target() -> float:
         with torch.no_grad():
-            embeds, mask, _ = model._prefix_inputs(x, questions)
-            cap = model.caption_ids(captions[:1])[0]
-            ids = torch.tensor([cap])
-            full = torch.cat([embeds[:1], model.decoder.get_input_embeddings()(ids)], dim=1)
-            m = torch.cat([mask[:1], torch.ones(1, len(cap), dtype=torch.long)], dim=1)
-            att = model.decoder(inputs_embeds=full, attention_mask=m, position_ids=model._positions(m),
-                                output_attentions=True).attentions[-1]
-        lq = embeds.shape[1] - 10 - 2
-        return att[0, 0, mask.shape[1] - 1:, lq + 3].mean().item()
+            tf = model.teacher_forced(x[:1], questions[:1], captions[:1], output_attentions=True)
+        assert tf.first_slot == tf.prompt_len - 10 - 2  # [question ; 10 patch slots ; 2 constants]
+        return tf.out.attentions[-1][0, 0, tf.prompt_len - 1:, tf.first_slot + 3].mean().item()
 
     out = model.caption_losses(x, questions, captions, target_slots=slots, slot_hidden=True)
     assert out["caption_ce"].shape == (4,) and out["attention"].item() > 0
