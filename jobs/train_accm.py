@@ -62,6 +62,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     with torch.no_grad():
         vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
         pruned = engine.prune(vision, "prumerge_plus", keep, ids, questions)
+    slots = [target_slots(it, d) for it, d in zip(items, pruned.discarded_indices.tolist(), strict=True)]
     return {
         "ids": ids,
         "questions": questions,
@@ -73,11 +74,9 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "target_discarded": [it.question_type in ("count", "exist") or
                              shapes.patch_index(it.objects[it.target[0]]) not in set(kept)
                              for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
-        "target_slots": [target_slots(it, slots) for it, slots in zip(items, pruned.discarded_indices.tolist(),
-                                                                      strict=True)],
+        "target_slots": slots,
         # does the mapper see every object the fact is about? (exist-no facts are about none: always)
-        "fact_visible": [len(target_slots(it, slots)) == len(fact_objects(it))
-                         for it, slots in zip(items, pruned.discarded_indices.tolist(), strict=True)],
+        "fact_visible": [len(s) == len(fact_objects(it)) for it, s in zip(items, slots, strict=True)],
         "slot_labels": slot_labels(items, pruned.discarded_indices),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
