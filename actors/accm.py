@@ -25,24 +25,69 @@ class CaptionResult:
     flops_selector: list[float]  # text encoder over N candidates + classifier, per item
 
 
-def caption_model_dims(model: CaptionModel):
-    """(mapper dims, decoder dims) in the FLOPs model's terms."""
+def caption_config_dims(config, decoder_config):
+    """(mapper dims, decoder dims) in the FLOPs model's terms, from a CaptionConfig and the decoder's HF config."""
     from pipeline.flops import TransformerDims, dims_from_config
 
-    c = model.config
+    c = config
     mapper = TransformerDims(hidden=c.hidden, intermediate=c.mapper_intermediate, layers=c.mapper_layers,
                              heads=c.mapper_heads, kv_heads=c.mapper_heads, gated_ffn=False)
-    return mapper, dims_from_config(model.decoder.config)
+    return mapper, dims_from_config(decoder_config)
+
+
+def caption_model_dims(model: CaptionModel):
+    """(mapper dims, decoder dims) of a loaded caption model."""
+    return caption_config_dims(model.config, model.decoder.config)
+
+
+def selector_config_dims(config, text_config):
+    """(text encoder dims, classifier dims) from a SelectorConfig and the text encoder's HF config."""
+    from pipeline.flops import TransformerDims, dims_from_config
+
+    c = config
+    classifier = TransformerDims(hidden=c.hidden, intermediate=c.intermediate, layers=c.layers, heads=c.heads,
+                                 kv_heads=c.heads, gated_ffn=False)
+    return dims_from_config(text_config), classifier
 
 
 def selector_dims(selector: CaptionSelector):
-    """(text encoder dims, classifier dims) in the FLOPs model's terms."""
-    from pipeline.flops import TransformerDims, dims_from_config
+    """(text encoder dims, classifier dims) of a loaded selector."""
+    return selector_config_dims(selector.config, selector.text_encoder.config)
 
-    c = selector.config
-    classifier = TransformerDims(hidden=c.hidden, intermediate=c.intermediate, layers=c.layers, heads=c.heads,
-                                 kv_heads=c.heads, gated_ffn=False)
-    return dims_from_config(selector.text_encoder.config), classifier
+
+def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens: int, question_tokens: int,
+                     caption_tokens: int, selector_tokens: int | None = None) -> tuple[dict, dict]:
+    """``captioner`` / ``selector`` slots of ``pipeline.flops.llava_item_flops`` for two shipped folders, read
+    from their configs alone (no weights, so a real GPT-2 / LongCLIP folder prices instantly).
+
+    ``caption_tokens`` = tokens generated per beam; ``selector_tokens`` = tokens per candidate (default: the
+    real-length estimate of ``pipeline.flops.selector_real_tokens``)."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from actors.captioner import CONFIG_NAME as CAPTION_CONFIG
+    from actors.captioner import DECODER_DIR, CaptionConfig
+    from actors.selector import CONFIG_NAME as SELECTOR_CONFIG
+    from actors.selector import TEXT_ENCODER_DIR, SelectorConfig
+    from pipeline.flops import selector_real_tokens
+
+    cap_cfg = CaptionConfig(**json.loads((Path(captioner_dir) / CAPTION_CONFIG).read_text()))
+    mapper, decoder = caption_config_dims(cap_cfg, AutoConfig.from_pretrained(Path(captioner_dir) / DECODER_DIR))
+    sel_cfg = SelectorConfig(**json.loads((Path(selector_dir) / SELECTOR_CONFIG).read_text()))
+    text_config = AutoConfig.from_pretrained(Path(selector_dir) / TEXT_ENCODER_DIR)
+    text_config = getattr(text_config, "text_config", text_config)  # a full CLIPConfig folder works too
+    text, classifier = selector_config_dims(sel_cfg, text_config)
+    captioner = dict(mapper_dims=mapper, decoder_dims=decoder, discarded_tokens=discarded_tokens,
+                     prefix_len=cap_cfg.prefix_len, question_tokens=question_tokens, beams=cap_cfg.beams,
+                     caption_tokens=caption_tokens, feature_dim=cap_cfg.feature_dim,
+                     patch_prefix=cap_cfg.patch_prefix)
+    tokens = selector_tokens if selector_tokens is not None else selector_real_tokens(question_tokens,
+                                                                                        caption_tokens)
+    selector = dict(text_dims=text, classifier_dims=classifier, candidates=cap_cfg.beams,
+                    tokens_per_candidate=tokens, projection_dim=getattr(text_config, "projection_dim", None))
+    return captioner, selector
 
 
 class ACCMCaptioner:

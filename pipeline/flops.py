@@ -47,6 +47,7 @@ METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
 GATED_FFN_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "vicuna"}
 # "additional information: " as the LLaMA tokenizer splits it, added to the LLM prefill with a caption.
 CAPTION_SPLICE_TOKENS = 4
+DEFAULT_CAPTION_TOKENS = 36  # the ACCM paper's caption budget (GPT-2 decoding stops at '.' or here)
 
 
 @dataclass(frozen=True)
@@ -413,8 +414,18 @@ def named_llava_config(name: str) -> Any:
     )
 
 
+NAMED_MODELS = ("llava-1.5-7b", "llava-1.5-13b")
+
+
+def default_text_guide_dims(model: str) -> TransformerDims | None:
+    """PruMerge+'s question encoder for ``model``: CLIP ViT-L/14-336's text tower for the named LLaVA-1.5
+    models (their vision tower's own CLIP), none for a checkpoint dir (the engine loads one only when given
+    ``clip_text_url``)."""
+    return CLIP_L14_TEXT if model in NAMED_MODELS else None
+
+
 def load_llava_config(model: str) -> Any:
-    if model in ("llava-1.5-7b", "llava-1.5-13b"):
+    if model in NAMED_MODELS:
         return named_llava_config(model)
     from transformers import AutoConfig
 
@@ -444,7 +455,7 @@ SELECTOR_CLASSIFIER = TransformerDims(
 def reference_accm_slots(
     *,
     question_tokens: int,
-    caption_tokens: int = 36,
+    caption_tokens: int = DEFAULT_CAPTION_TOKENS,
     beams: int = 3,
     prefix_len: int = 20,
     selector_tokens: int | None = None,
@@ -491,6 +502,16 @@ def resolve_keep(total: int, keep_tokens: int | None, prune_rate: float | None) 
     return total
 
 
+def llm_caption_tokens(method: str, caption_tokens: int | None) -> int:
+    """Text tokens the caption adds to the LLM prefill. ``accm``: the caption budget (default
+    DEFAULT_CAPTION_TOKENS) plus the splice's own tokens, under either convention; other methods: an
+    explicit ``caption_tokens`` as is (a caption fed by hand), else none."""
+    if method == "accm":
+        cap = DEFAULT_CAPTION_TOKENS if caption_tokens is None else caption_tokens
+        return cap + CAPTION_SPLICE_TOKENS if cap else 0
+    return caption_tokens or 0
+
+
 def cli_item(
     llava_config: Any,
     *,
@@ -503,17 +524,27 @@ def cli_item(
     convention: str = "ours",
     question_tokens: int | None = None,
     selector_tokens: int | None = None,
-    beams: int = 3,
+    beams: int | None = None,
+    text_guide_dims: TransformerDims | None = CLIP_L14_TEXT,
+    captioner_dir: str | None = None,
+    selector_dir: str | None = None,
 ) -> dict[str, float]:
-    """Components of one item as the CLI prints them, with the reference ACCM parts for `accm`."""
+    """Components of one item as the CLI prints them.
+
+    ``text_guide_dims``: the CLIP text tower PruMerge+ (and ACCM's base pruner) embeds the question with;
+    CLIP ViT-L/14-336's own by default, None for a checkpoint that has none. ``accm``: the reference parts
+    (ClipCap mapper + GPT-2, LongCLIP-L selector; ``beams`` default 3), or, with ``captioner_dir`` and
+    ``selector_dir``, the shipped folders' own dims (their configs' beams).
+    """
     vision = llava_config.vision_config
-    total = (vision.image_size // vision.patch_size) ** 2
+    total = visual_tokens(llava_config)
     text = llava_config.text_config
     if method == "none":
         keep = total
+    llm_caption = llm_caption_tokens(method, caption_tokens)
     if convention == "fastv":
-        # Only the LLM prefill, FastV's per-layer formula in MACs; caption tokens as extra text.
-        cap = (caption_tokens or 0) if method == "accm" else 0
+        # Only the LLM prefill, FastV's per-layer formula in MACs; the caption splice as extra text.
+        cap = llm_caption
         n = prompt_tokens + total
         n_kept = prompt_tokens + keep + cap
         k = fastv_layer if method == "fastv" else 0
@@ -532,22 +563,35 @@ def cli_item(
         }
     q = question_tokens if question_tokens is not None else min(prompt_tokens, 77)
     text_guide = None
-    if method in ("prumerge_plus", "accm"):  # ACCM's base pruner: CLIP ViT-L/14-336's own text tower
+    if method in ("prumerge_plus", "accm") and text_guide_dims is not None:
         text_guide = {
-            "text_dims": CLIP_L14_TEXT,
+            "text_dims": text_guide_dims,
             "question_tokens": q,
             "projection_dim": vision.projection_dim,
         }
     captioner = selector = None
-    llm_caption = 0
     if method == "accm":
-        cap = 36 if caption_tokens is None else caption_tokens
-        captioner, selector = reference_accm_slots(
-            question_tokens=q, caption_tokens=cap, beams=beams, selector_tokens=selector_tokens
-        )
-        llm_caption = cap + CAPTION_SPLICE_TOKENS if cap else 0
-    elif caption_tokens:
-        llm_caption = caption_tokens
+        cap = DEFAULT_CAPTION_TOKENS if caption_tokens is None else caption_tokens
+        if (captioner_dir is None) != (selector_dir is None):
+            raise ValueError("pass both captioner_dir and selector_dir, or neither (the reference parts)")
+        if captioner_dir is not None:
+            from actors.accm import accm_flops_slots
+
+            captioner, selector = accm_flops_slots(
+                captioner_dir,
+                selector_dir,
+                discarded_tokens=total - keep,
+                question_tokens=q,
+                caption_tokens=cap,
+                selector_tokens=selector_tokens,
+            )
+        else:
+            captioner, selector = reference_accm_slots(
+                question_tokens=q,
+                caption_tokens=cap,
+                beams=3 if beams is None else beams,
+                selector_tokens=selector_tokens,
+            )
     out = llava_item_flops(
         llava_config,
         method=method,
@@ -565,6 +609,13 @@ def cli_item(
     return {"convention": "ours", "visual_tokens_total": total, "visual_tokens_kept": keep, **out}
 
 
+def visual_tokens(llava_config: Any) -> int:
+    """Patch tokens the vision tower produces per image (576 for LLaVA-1.5's CLIP ViT-L/14-336)."""
+    vision = llava_config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+# FastV's 192/128/64, ACCM's 72 (87.5%), and 36/18, as kept counts of LLaVA-1.5's 576 tokens
 TABLE_KEEPS = (192, 128, 72, 64, 36, 18)
 TABLE_METHODS = ("none", "fastv", "visionzip", "prumerge_plus", "accm")
 
@@ -574,14 +625,21 @@ def flops_table(
     *,
     prompt_tokens: int = 64,
     new_tokens: int = 4,
-    caption_tokens: int = 36,
+    caption_tokens: int = DEFAULT_CAPTION_TOKENS,
     question_tokens: int | None = None,
     selector_tokens: int | None = None,
-    beams: int = 3,
-    keeps: tuple[int, ...] = TABLE_KEEPS,
+    beams: int | None = None,
+    keeps: tuple[int, ...] | None = None,
     methods: tuple[str, ...] = TABLE_METHODS,
+    **parts: Any,
 ) -> list[dict]:
-    """Rows (method, kept, TFLOPs, % of the unpruned item) for the LLaVA table."""
+    """Rows (method, kept, FLOPs and components, % of the unpruned item) for the table.
+
+    ``keeps`` default: TABLE_KEEPS, which are LLaVA-1.5's 576-token counts, scaled to the model's own
+    visual token count. ``parts``: cli_item's text_guide_dims / captioner_dir / selector_dir."""
+    if keeps is None:
+        total = visual_tokens(llava_config)
+        keeps = tuple(dict.fromkeys(max(1, round(k * total / 576)) for k in TABLE_KEEPS))
     rows = []
     for keep in keeps:
         for method in methods:
@@ -597,27 +655,38 @@ def flops_table(
                 question_tokens=question_tokens,
                 selector_tokens=selector_tokens,
                 beams=beams,
+                **parts,
             )
             rows.append(
                 {
                     "method": method,
                     "kept": item["visual_tokens_kept"],
-                    "tflops": item["total"] / 1e12,
+                    "flops": item["total"],
                     "percent_of_unpruned": 100.0 * item["total"] / item["reference_total"],
-                    **{k: item[k] / 1e12 for k in COMPONENTS},
+                    **{k: item[k] for k in COMPONENTS},
                 }
             )
     return rows
 
 
-def _format_table(rows: list[dict], title: str) -> str:
+def _unit(rows: list[dict]) -> tuple[float, str]:
+    """(scale, name) that shows the unpruned item as a number >= 1: TFLOPs for LLaVA-7B, MFLOPs for the
+    proving ground's models."""
+    top = max(100.0 * r["flops"] / r["percent_of_unpruned"] for r in rows)
+    for scale, name in ((1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs")):
+        if top >= scale:
+            return scale, name
+    return 1.0, "FLOPs"
+
+
+def _format_table(rows: list[dict], title: str, scale: float = 1e12, unit: str = "TFLOPs") -> str:
     cols = COMPONENTS
-    head = f"{'method':<14}{'kept':>5}{'TFLOPs':>9}{'% unpr.':>9}" + "".join(f"{c:>12}" for c in cols)
+    head = f"{'method':<14}{'kept':>5}{unit:>9}{'% unpr.':>9}" + "".join(f"{c:>12}" for c in cols)
     lines = [title, head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['method']:<14}{r['kept']:>5}{r['tflops']:>9.3f}{r['percent_of_unpruned']:>8.1f}%"
-            + "".join(f"{r[c]:>12.4f}" for c in cols)
+            f"{r['method']:<14}{r['kept']:>5}{r['flops'] / scale:>9.3f}{r['percent_of_unpruned']:>8.1f}%"
+            + "".join(f"{r[c] / scale:>12.4f}" for c in cols)
         )
     return "\n".join(lines)
 
@@ -632,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fastv-layer", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, help="non-image text tokens of the prefill")
     p.add_argument("--new-tokens", type=int)
-    p.add_argument("--caption-tokens", type=int, help="caption budget (accm: default 36)")
+    p.add_argument(
+        "--caption-tokens", type=int, help=f"caption budget (accm: default {DEFAULT_CAPTION_TOKENS})"
+    )
     p.add_argument(
         "--question-tokens", type=int, help="question tokens for the text towers (default min(P, 77))"
     )
@@ -642,40 +713,67 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens per selector candidate (default: real length = question + caption + "
         f"{SELECTOR_TEMPLATE_TOKENS}; {LONGCLIP_MAX_TOKENS} = LongCLIP padded as in the paper's code)",
     )
-    p.add_argument("--beams", type=int, default=3)
+    p.add_argument("--beams", type=int, help="reference ACCM parts' beams (default 3)")
+    p.add_argument("--captioner", help="price this caption-model folder instead of the reference GPT-2 one")
+    p.add_argument("--selector", help="price this selector folder instead of the reference LongCLIP-L one")
+    p.add_argument(
+        "--clip-text",
+        help="CLIP folder whose text tower guides PruMerge+ (default: CLIP ViT-L/14-336's for the named "
+        "models; none for a checkpoint dir)",
+    )
     p.add_argument("--convention", choices=("ours", "fastv"), default="ours")
     p.add_argument("--json", action="store_true", help="print the item's components as JSON")
     p.add_argument("--table", action="store_true", help="print the method x kept-tokens table")
     args = p.parse_args(argv)
 
     config = load_llava_config(args.model)
+    if (args.captioner is None) != (args.selector is None):
+        p.error("--captioner and --selector go together")
+    if args.clip_text is not None:
+        from transformers import AutoConfig
+
+        clip = AutoConfig.from_pretrained(args.clip_text)
+        text_guide_dims = dims_from_config(getattr(clip, "text_config", clip))
+    else:
+        text_guide_dims = default_text_guide_dims(args.model)
+    parts = dict(text_guide_dims=text_guide_dims, captioner_dir=args.captioner, selector_dir=args.selector)
     if args.table:
         rows = flops_table(
             config,
             prompt_tokens=64 if args.prompt_tokens is None else args.prompt_tokens,
             new_tokens=4 if args.new_tokens is None else args.new_tokens,
-            caption_tokens=36 if args.caption_tokens is None else args.caption_tokens,
+            caption_tokens=DEFAULT_CAPTION_TOKENS if args.caption_tokens is None else args.caption_tokens,
             question_tokens=args.question_tokens,
             selector_tokens=args.selector_tokens,
             beams=args.beams,
+            **parts,
         )
         if args.json:
             print(json.dumps(rows, indent=1))
         else:
             title = (
-                f"{args.model}: per-item FLOPs (TFLOPs, convention 'ours'); 576 visual tokens, prompt "
+                f"{args.model}: per-item FLOPs ({_unit(rows)[1]}, convention 'ours'); "
+                f"{visual_tokens(config)} visual tokens, prompt "
                 f"{64 if args.prompt_tokens is None else args.prompt_tokens} tokens, "
                 f"{4 if args.new_tokens is None else args.new_tokens} new tokens; accm: caption budget "
-                f"{36 if args.caption_tokens is None else args.caption_tokens} (+{CAPTION_SPLICE_TOKENS} splice) "
-                f"tokens, {args.beams} beams, selector "
-                + (f"{args.selector_tokens} tokens/candidate" if args.selector_tokens else "candidates at real length")
+                f"{DEFAULT_CAPTION_TOKENS if args.caption_tokens is None else args.caption_tokens} (+{CAPTION_SPLICE_TOKENS} splice) "
+                + (
+                    f"tokens, caption model {args.captioner}, selector {args.selector}"
+                    if args.captioner
+                    else f"tokens, {args.beams or 3} beams (GPT-2 + LongCLIP-L)"
+                )
+                + ", selector "
+                + (
+                    f"{args.selector_tokens} tokens/candidate"
+                    if args.selector_tokens
+                    else "candidates at real length"
+                )
             )
-            print(_format_table(rows, title))
+            print(_format_table(rows, title, *_unit(rows)))
         return 0
     if args.prompt_tokens is None or args.new_tokens is None:
         p.error("--prompt-tokens and --new-tokens are required (or use --table)")
-    vision = config.vision_config
-    total = (vision.image_size // vision.patch_size) ** 2
+    total = visual_tokens(config)
     keep = resolve_keep(total, args.keep_tokens, args.prune_rate)
     item = cli_item(
         config,
@@ -689,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
         question_tokens=args.question_tokens,
         selector_tokens=args.selector_tokens,
         beams=args.beams,
+        **parts,
     )
     if args.json:
         print(json.dumps(item, indent=1))

@@ -190,8 +190,7 @@ def estimate_summary(
     from pipeline import flops
 
     config = flops.load_llava_config(model)
-    vision = config.vision_config
-    total = (vision.image_size // vision.patch_size) ** 2
+    total = flops.visual_tokens(config)
     records = []
     for method in methods:
         for keep in [total] if method == BASELINE_METHOD else list(keeps):
@@ -202,6 +201,7 @@ def estimate_summary(
                 prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens,
                 caption_tokens=caption_tokens if method == "accm" else None,
+                text_guide_dims=flops.default_text_guide_dims(model),
             )
             rec: dict[str, Any] = {
                 "method": method,

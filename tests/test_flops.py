@@ -344,7 +344,7 @@ def test_table_rows_and_accm_cost():
     assert by[("none", 576)]["percent_of_unpruned"] == pytest.approx(100.0)
     for keep in flops.TABLE_KEEPS:
         # ACCM = its base pruner + caption model + selector + the caption's tokens in the LLM.
-        assert by[("accm", keep)]["tflops"] > by[("prumerge_plus", keep)]["tflops"]
+        assert by[("accm", keep)]["flops"] > by[("prumerge_plus", keep)]["flops"]
         assert by[("accm", keep)]["captioner"] > 0 and by[("accm", keep)]["selector"] > 0
     assert by[("accm", 72)]["percent_of_unpruned"] < 40.0
 
@@ -363,3 +363,73 @@ def test_selector_counts_candidates_at_real_length_by_default():
     assert real["total"] < padded["total"]
     assert real["llm_prefill"] == padded["llm_prefill"]
 
+
+def test_fastv_convention_counts_the_caption_splice():
+    """ACCM's caption is LLM text under either convention: by default its 36-token budget plus the splice."""
+    config = flops.named_llava_config("llava-1.5-7b")
+    kw = dict(keep=72, prompt_tokens=32, new_tokens=1, convention="fastv")
+    base = flops.cli_item(config, method="prumerge_plus", **kw)
+    accm = flops.cli_item(config, method="accm", **kw)
+    text = config.text_config
+    extra = flops.DEFAULT_CAPTION_TOKENS + flops.CAPTION_SPLICE_TOKENS
+    n = 32 + 72 + extra
+    assert accm["total"] == pytest.approx(
+        flops.fastv_convention_flops(
+            text.hidden_size, text.intermediate_size, text.num_hidden_layers, n, n, 0
+        )
+    )
+    assert accm["total"] > base["total"]
+    assert flops.cli_item(config, method="accm", caption_tokens=0, **kw)["total"] == base["total"]
+
+
+SHAPES = "models/shapes"
+
+
+def test_cli_prices_shipped_accm_folders_like_the_pipeline(capsys):
+    """--captioner/--selector price the shipped folders from their configs alone, and agree with the loaded
+    ACCMCaptioner the pipeline prices items with; a checkpoint dir gets no CLIP-L text guide it lacks."""
+    from actors.accm import ACCMCaptioner
+
+    config = flops.load_llava_config(f"{SHAPES}/lvlm")
+    total = flops.visual_tokens(config)
+    keep, q, cap = 8, 9, 6
+    argv = [
+        "--model",
+        f"{SHAPES}/lvlm",
+        "--method",
+        "accm",
+        "--keep-tokens",
+        str(keep),
+        "--prompt-tokens",
+        "20",
+    ]
+    argv += ["--new-tokens", "2", "--question-tokens", str(q), "--caption-tokens", str(cap), "--json"]
+    assert flops.main(argv + ["--captioner", f"{SHAPES}/captioner", "--selector", f"{SHAPES}/selector"]) == 0
+    item = json.loads(capsys.readouterr().out)
+    accm = ACCMCaptioner.from_pretrained(f"{SHAPES}/captioner", f"{SHAPES}/selector")
+    assert item["captioner"] == pytest.approx(accm.captioner_flops(total - keep, q, cap))
+    assert item["selector"] == pytest.approx(
+        accm.selector_flops(accm.captioner.config.beams, flops.selector_real_tokens(q, cap))
+    )
+    heads = config.vision_config.num_attention_heads
+    assert item["pruner"] == pytest.approx(heads * total)  # CLS head-sums only: no text tower here
+    # without the folders: the reference GPT-2 + LongCLIP-L parts, far dearer than the shipped ones
+    assert flops.main(argv) == 0
+    reference = json.loads(capsys.readouterr().out)
+    assert reference["captioner"] > 100 * item["captioner"]
+    with pytest.raises(SystemExit):
+        flops.main(argv + ["--captioner", f"{SHAPES}/captioner"])
+
+
+def test_table_scales_keeps_and_unit_to_the_model(capsys):
+    config = flops.load_llava_config(f"{SHAPES}/lvlm")
+    rows = flops.flops_table(config, prompt_tokens=20, new_tokens=2)
+    total = flops.visual_tokens(config)
+    kept = {r["kept"] for r in rows if r["method"] == "prumerge_plus"}
+    assert kept == {max(1, round(k * total / 576)) for k in flops.TABLE_KEEPS}
+    assert (
+        flops.main(["--model", f"{SHAPES}/lvlm", "--table", "--prompt-tokens", "20", "--new-tokens", "2"])
+        == 0
+    )
+    title = capsys.readouterr().out.splitlines()[0]
+    assert f"{total} visual tokens" in title and "MFLOPs" in title
