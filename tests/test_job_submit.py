@@ -71,3 +71,33 @@ def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
     left = subprocess.run(["pgrep", "-f", str(local / "ray")], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the local cluster still running: {left}"
     shutil.rmtree(local, ignore_errors=True)
+
+
+def test_failed_start_stops_what_it_started(tmp_path) -> None:
+    """A head that cannot start (injected: a `ray` that exits at once; nothing else is faked) makes
+    start.sh fail *and* stop the real moto server it had already started, so the next start is not
+    refused as "running" (make demo once failed that way)."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name in ("python", "moto_server"):
+        (venv / "bin" / name).symlink_to(REPO / ".venv/bin" / name)
+    (venv / "bin/ray").write_text("#!/bin/sh\necho 'injected: head cannot start' >&2\nexit 3\n")
+    (venv / "bin/ray").chmod(0o755)
+    local = Path(tempfile.mkdtemp(prefix="accm-fail-", dir="/tmp"))
+    env = {**os.environ, "ACCM_LOCAL_DIR": str(local), "VENV": str(venv), "ACCM_NUM_CPUS": "1"}
+    try:
+        start = subprocess.run(["bash", str(REPO / "infra/local/start.sh")], env=env, capture_output=True,
+                               text=True, timeout=120)
+        assert start.returncode != 0
+        assert "ray head exited" in start.stderr and "stopped" in start.stderr
+        assert not (local / "pids").exists()
+        assert (local / "logs/ray-head.log").exists()  # kept for the diagnosis
+        deadline = time.time() + 10
+        while time.time() < deadline and subprocess.run(["pgrep", "-f", f"moto_server.*{local}"]).returncode == 0:
+            time.sleep(0.2)
+        moto = subprocess.run(["pgrep", "-af", "moto_server"], capture_output=True, text=True).stdout
+        port = _env_file(local / "env.sh")["AWS_ENDPOINT_URL"].rsplit(":", 1)[1]
+        assert f"-p {port}" not in moto
+    finally:
+        subprocess.run(["bash", str(REPO / "infra/local/stop.sh")], env=env, capture_output=True)
+        shutil.rmtree(local, ignore_errors=True)

@@ -31,6 +31,14 @@ fi
 rm -rf "$DIR"
 mkdir -p "$DIR/ray" "$DIR/logs"
 : > "$DIR/pids"
+# A failed start stops whatever it had started (moto, a half-up head), so the next start is not refused as
+# "running" and nothing is left behind; the logs stay in $DIR for the diagnosis.
+cleanup_on_failure() {
+  local rc=$?
+  [[ $rc == 0 ]] || ACCM_LOCAL_DIR="$DIR" bash "$REPO/infra/local/stop.sh" || true
+  exit "$rc"
+}
+trap cleanup_on_failure EXIT
 
 free_ports() {  # N distinct free TCP ports on 127.0.0.1, then the start of a 201-port worker range clear of them
   "$VENV/bin/python" - "$1" <<'PY'
@@ -112,4 +120,5 @@ done
 
 echo "# local cluster up: Ray head (job API $RAY_ADDRESS, $NUM_CPUS CPUs, tier resources), S3: ${AWS_ENDPOINT_URL:-off}" >&2
 echo "# stop with: infra/local/stop.sh   (pids in $DIR/pids)" >&2
+trap - EXIT
 cat "$DIR/env.sh"
