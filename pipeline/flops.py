@@ -669,6 +669,31 @@ def flops_table(
     return rows
 
 
+def _accm_overhead_lines(rows: list[dict]) -> str:
+    """What ACCM adds to its base pruner at each kept count, in points of the unpruned item: the caption's
+    tokens in the LLM (prefill + decode) set a floor that no caption model or selector can go under."""
+    by = {(r["method"], r["kept"]): r for r in rows}
+    lines = [
+        "accm over prumerge_plus, points of the unpruned item: caption in the LLM + caption model + selector"
+    ]
+    for (method, kept), r in by.items():
+        base = by.get(("prumerge_plus", kept))
+        if method != "accm" or base is None:
+            continue
+        ref = 100.0 * r["flops"] / r["percent_of_unpruned"]
+
+        def pts(x: float, ref: float = ref) -> float:
+            return 100.0 * x / ref
+
+        llm = pts(r["llm_prefill"] + r["llm_decode"] - base["llm_prefill"] - base["llm_decode"])
+        floor = base["percent_of_unpruned"] + llm
+        lines.append(
+            f"  kept {kept:>4}: +{llm:.2f} + {pts(r['captioner']):.2f} + {pts(r['selector']):.2f}"
+            f" -> {r['percent_of_unpruned']:.1f}%  (floor with a free caption model and selector: {floor:.1f}%)"
+        )
+    return "\n".join(lines)
+
+
 def _unit(rows: list[dict]) -> tuple[float, str]:
     """(scale, name) that shows the unpruned item as a number >= 1: TFLOPs for LLaVA-7B, MFLOPs for the
     proving ground's models."""
@@ -770,6 +795,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
             print(_format_table(rows, title, *_unit(rows)))
+            print(_accm_overhead_lines(rows))
         return 0
     if args.prompt_tokens is None or args.new_tokens is None:
         p.error("--prompt-tokens and --new-tokens are required (or use --table)")

@@ -433,3 +433,19 @@ def test_table_scales_keeps_and_unit_to_the_model(capsys):
     )
     title = capsys.readouterr().out.splitlines()[0]
     assert f"{total} visual tokens" in title and "MFLOPs" in title
+
+
+def test_table_prints_accm_floor(capsys):
+    """The floor line = prumerge_plus + the caption's LLM tokens; it explains issue 6's 7B target: with a 36-token
+    caption at 72 kept tokens, the caption's LLM tokens alone put ACCM above 30% of the unpruned item."""
+    assert flops.main(["--model", "llava-1.5-7b", "--table"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.strip().startswith("kept   72:"))
+    floor = float(line.rsplit(":", 1)[1].strip(" %)"))
+    rows = flops.flops_table(flops.named_llava_config("llava-1.5-7b"))
+    by = {(r["method"], r["kept"]): r for r in rows}
+    accm, base = by[("accm", 72)], by[("prumerge_plus", 72)]
+    assert base["percent_of_unpruned"] < floor < accm["percent_of_unpruned"]
+    caption_llm = accm["llm_prefill"] + accm["llm_decode"] - base["llm_prefill"] - base["llm_decode"]
+    ref = 100.0 * accm["flops"] / accm["percent_of_unpruned"]
+    assert floor == pytest.approx(base["percent_of_unpruned"] + 100.0 * caption_llm / ref, abs=0.05)
