@@ -377,6 +377,18 @@ class CaptionModel(nn.Module):
         return BeamOutput(captions, out_scores, out_ids, steps.tolist(), q_lens)
 
 
+def shallower_mapper(model: CaptionModel, layers: int) -> CaptionModel:
+    """Keep only the mapper's first ``layers`` encoder blocks (and its final norm), in place.
+
+    The start of a cheaper caption model fine-tuned from a trained one: each mapper block costs as much as
+    a decoder layer over every discarded patch (~4.9 MFLOPs per item for the proving ground's, 87.5%)."""
+    if not 0 <= layers <= len(model.mapper.encoder.blocks):
+        raise ValueError(f"mapper has {len(model.mapper.encoder.blocks)} blocks; cannot keep {layers}")
+    model.mapper.encoder.blocks = model.mapper.encoder.blocks[:layers]
+    model.config.mapper_layers = layers
+    return model
+
+
 def build_caption_model(
     tokenizer: PreTrainedTokenizerBase,
     *,

@@ -195,6 +195,27 @@ def caption_val(captioner, batch: dict) -> dict[str, float]:
     return {k: round(v, 4) for k, v in out.items()}
 
 
+def init_from(source: str, target: str, arch: dict) -> None:
+    """Write ``target`` = the trained caption model in ``source``, cut to ``arch["mapper_layers"]`` blocks.
+
+    Only the mapper's depth may change (its first blocks are kept); other arch keys must match the source.
+    Refuses an existing ``target`` so that a rerun never overwrites a fine-tuned model with its start."""
+    from dataclasses import asdict
+
+    from actors.captioner import CONFIG_NAME, CaptionModel, shallower_mapper
+
+    if (Path(target) / CONFIG_NAME).exists():
+        raise SystemExit(f"--init-captioner: {target} already holds a caption model; pick a new --captioner")
+    model = CaptionModel.from_pretrained(source)
+    current = asdict(model.config)
+    other = {k: v for k, v in arch.items() if k != "mapper_layers" and k in current and current[k] != v}
+    if other:
+        raise SystemExit(f"--init-captioner changes only mapper_layers; these differ from {source}: {other}")
+    shallower_mapper(model, arch.get("mapper_layers", model.config.mapper_layers))
+    model.save_pretrained(target)
+    print(json.dumps({"init_captioner": source, "mapper_layers": model.config.mapper_layers}), flush=True)
+
+
 def build_or_load(config: dict, engine):
     from actors.captioner import CaptionModel, build_caption_model
     from actors.selector import CaptionSelector, build_selector
@@ -458,6 +479,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--captioner", default=str(REPO / "models/shapes/captioner"),
                    help="init (accm/eval) and output folder of the caption model")
     p.add_argument("--selector", default=str(REPO / "models/shapes/selector"))
+    p.add_argument("--init-captioner", default=None, metavar="DIR",
+                   help="start --captioner (which must not exist yet) from this trained caption model, with "
+                        "--captioner-arch's mapper_layers applied: a shallower mapper keeps the first blocks")
     p.add_argument("--pretrain-steps", type=int, default=4500)
     p.add_argument("--accm-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
@@ -538,6 +562,8 @@ def main(argv: list[str] | None = None) -> dict:
         arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
     if args.captioner_arch:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
+    if args.init_captioner:
+        init_from(args.init_captioner, args.captioner, json.loads(args.captioner_arch or "{}"))
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,

@@ -111,3 +111,44 @@ def test_target_slots_point_at_the_named_objects_discarded_patches(tmp_path):
     o = item.objects[item.target[0]]
     cell = o.row * shapes.GRID + o.col
     assert target_slots(item, discarded) == ([cell - 8] if cell >= 8 else [])
+
+
+def test_init_captioner_cuts_the_mapper_and_keeps_the_rest(tmp_path):
+    """--init-captioner + mapper_layers: the new folder holds the source's decoder and its first mapper blocks,
+    prices fewer FLOPs, refuses other arch changes and never overwrites an existing caption model."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from actors.accm import caption_model_dims
+    from actors.captioner import CaptionModel, build_caption_model
+    from actors.tiny import build_tokenizer
+    from jobs.train_accm import init_from
+    from pipeline.flops import caption_model_flops
+
+    src = build_caption_model(build_tokenizer(), feature_dim=24, hidden=32, decoder_layers=1, decoder_heads=2,
+                              prefix_len=4, mapper_layers=2, mapper_heads=2, patch_prefix=True, seed=3)
+    src.save_pretrained(tmp_path / "src")
+    init_from(str(tmp_path / "src"), str(tmp_path / "one"), {"mapper_layers": 1})
+    one = CaptionModel.from_pretrained(tmp_path / "one")
+    assert one.config.mapper_layers == 1 and len(one.mapper.encoder.blocks) == 1
+    kept = one.mapper.state_dict()
+    for key, value in src.mapper.state_dict().items():
+        if key.startswith("encoder.blocks.1."):
+            assert key not in kept
+        else:
+            torch.testing.assert_close(kept[key], value)
+    for a, b in zip(one.decoder.parameters(), src.decoder.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+    def cost(model):
+        mapper, decoder = caption_model_dims(model)
+        return caption_model_flops(mapper, decoder, discarded_tokens=56, prefix_len=4, question_tokens=9, beams=3,
+                                   caption_tokens=6, feature_dim=24, patch_prefix=True)
+
+    assert cost(one) < cost(src)
+    with pytest.raises(SystemExit, match="already holds"):
+        init_from(str(tmp_path / "src"), str(tmp_path / "one"), {"mapper_layers": 0})
+    with pytest.raises(SystemExit, match="hidden"):
+        init_from(str(tmp_path / "src"), str(tmp_path / "other"), {"mapper_layers": 1, "hidden": 64})
+    with pytest.raises(ValueError):
+        init_from(str(tmp_path / "src"), str(tmp_path / "deeper"), {"mapper_layers": 3})
