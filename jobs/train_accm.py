@@ -393,23 +393,33 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
     """Ablation on the test split: base pruner alone, + first beam, + selector (ACCM), + oracle fact."""
     from actors.accm import ACCMCaptioner
     from actors.engine import LlavaEngine
+    from actors.prompt import has_words
 
     engine = LlavaEngine.from_pretrained(lvlm)
     accm = ACCMCaptioner.from_pretrained(captioner_dir, selector_dir)
     rows: dict[str, dict] = {}
     caption_rows: dict[str, list[int]] = {}
 
-    def add(key: str, res, answers, extra=None):
-        r = rows.setdefault(key, {"correct": 0, "n": 0, "flops": 0.0})
+    types: list[str] = []  # the current batch's question types
+
+    def add(key: str, res, answers, spliced: list[str] | None = None):
+        r = rows.setdefault(key, {"correct": 0, "n": 0, "flops": 0.0, "spoke": 0, "by_type": {}})
         for i, (t, a) in enumerate(zip(res.texts, answers, strict=True)):
-            r["correct"] += int(t.strip().lower() == a.lower())
+            hit = int(t.strip().lower() == a.lower())
+            r["correct"] += hit
             r["n"] += 1
             r["flops"] += res.flops[i]["total"]
+            per = r["by_type"].setdefault(types[i], [0, 0])
+            per[0] += hit
+            per[1] += 1
+        if spliced is not None:  # an abstention splices nothing and costs no LLM tokens
+            r["spoke"] += sum(has_words(c) for c in spliced)
 
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         batch = make_batch(engine, seed, "test", idx, keeps[0])
         qs, ans = batch["questions"], batch["answers"]
+        types[:] = [shapes.make_item(seed, "test", i).question_type for i in idx]
         add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
         # the equal-cost reference: every plain pruner at 75% pruning (16 of 64 tokens)
         items = [shapes.make_item(seed, "test", i) for i in idx]
@@ -429,17 +439,22 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             sel = [{"flops": f} for f in out.flops_selector]
             first = [c[0] for c in out.candidates]
             add(f"{rate} + first beam caption", engine.generate(batch["retained"], qs, first, method="accm",
-                                                                 keep_tokens=keep, captioner=cap), ans)
+                                                                 keep_tokens=keep, captioner=cap), ans, first)
             add(f"{rate} + selector (ACCM)", engine.generate(batch["retained"], qs, out.selected, method="accm",
-                                                             keep_tokens=keep, captioner=cap, selector=sel), ans)
+                                                             keep_tokens=keep, captioner=cap, selector=sel), ans,
+                out.selected)
             add(f"{rate} + oracle caption", engine.generate(batch["retained"], qs, batch["facts"], method="accm",
-                                                            keep_tokens=keep), ans)
+                                                            keep_tokens=keep), ans, batch["facts"])
             for name, caps in (("first beam", first), ("selector", out.selected)):
                 r = caption_rows.setdefault(f"{rate} {name}", [0, 0])
                 r[0] += sum(c == f for c, f in zip(caps, batch["facts"], strict=True))
                 r[1] += len(caps)
-    table = {k: {"accuracy": v["correct"] / v["n"], "mflops_per_item": v["flops"] / v["n"] / 1e6, "n": v["n"]}
+    table = {k: {"accuracy": v["correct"] / v["n"], "mflops_per_item": v["flops"] / v["n"] / 1e6, "n": v["n"],
+                 "accuracy_by_type": {t: c / m for t, (c, m) in sorted(v["by_type"].items())}}
              for k, v in rows.items()}
+    for k, v in rows.items():
+        if "caption" in k or "ACCM" in k:
+            table[k]["caption_spliced"] = v["spoke"] / v["n"]
     for k, (hit, total) in caption_rows.items():  # how often the spliced caption is exactly the scene fact
         table[k.replace(" first beam", " + first beam caption").replace(" selector", " + selector (ACCM)")][
             "caption_is_fact"] = hit / total
@@ -447,9 +462,18 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
 
 
 def markdown(table: dict) -> str:
-    lines = ["| setting | accuracy | MFLOPs / item | caption = fact |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {100 * v['accuracy']:.1f}% | {v['mflops_per_item']:.1f} | "
-              + (f"{100 * v['caption_is_fact']:.1f}% |" if "caption_is_fact" in v else "|") for k, v in table.items()]
+    """The ablation, then accuracy by question type (older tables without the breakdown print the first part)."""
+    lines = ["| setting | accuracy | MFLOPs / item | caption spliced | caption = fact |", "|---|---:|---:|---:|---:|"]
+    for k, v in table.items():
+        spliced = f"{100 * v['caption_spliced']:.1f}%" if "caption_spliced" in v else ""
+        fact = f"{100 * v['caption_is_fact']:.1f}%" if "caption_is_fact" in v else ""
+        lines.append(f"| {k} | {100 * v['accuracy']:.1f}% | {v['mflops_per_item']:.1f} | {spliced} | {fact} |")
+    types = sorted({t for v in table.values() for t in v.get("accuracy_by_type", {})})
+    if types:
+        lines += ["", "| setting | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
+        for k, v in table.items():
+            by = v.get("accuracy_by_type", {})
+            lines.append(f"| {k} | " + " | ".join(f"{100 * by[t]:.1f}%" if t in by else "" for t in types) + " |")
     return "\n".join(lines)
 
 
