@@ -389,8 +389,9 @@ def run_stage(config: dict, *, storage: str, name: str, resume: str | None = Non
 
 
 def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: int, keeps: list[int],
-             batch_size: int = 64) -> dict:
-    """Ablation on the test split: base pruner alone, + first beam, + selector (ACCM), + oracle fact."""
+             batch_size: int = 64, split: str = "test") -> dict:
+    """Ablation: base pruner alone, + first beam, + selector (ACCM), + oracle fact. ``split="val"`` is for
+    choosing between trained variants; the test split is only for reporting the chosen one."""
     from actors.accm import ACCMCaptioner
     from actors.engine import LlavaEngine
     from actors.prompt import has_words
@@ -417,12 +418,12 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
 
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        batch = make_batch(engine, seed, "test", idx, keeps[0])
+        batch = make_batch(engine, seed, split, idx, keeps[0])
         qs, ans = batch["questions"], batch["answers"]
-        types[:] = [shapes.make_item(seed, "test", i).question_type for i in idx]
+        types[:] = [shapes.make_item(seed, split, i).question_type for i in idx]
         add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
         # the equal-cost reference: every plain pruner at 75% pruning (16 of 64 tokens)
-        items = [shapes.make_item(seed, "test", i) for i in idx]
+        items = [shapes.make_item(seed, split, i) for i in idx]
         vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
         for method in ("random", "fastv", "visionzip", "prumerge_plus"):
             kept = (batch["full"] if method == "fastv"
@@ -430,7 +431,7 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             add(f"75% {method}", engine.generate(kept, qs, method=method, keep_tokens=16), ans)
         for keep in keeps:
             if keep != keeps[0]:
-                batch = make_batch(engine, seed, "test", idx, keep)
+                batch = make_batch(engine, seed, split, idx, keep)
             rate = f"{100 * (1 - keep / 64):g}%"
             add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",
                                                          keep_tokens=keep), ans)
@@ -523,6 +524,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-n", type=int, default=500)
     p.add_argument("--eval-seed", type=int, default=4242)
+    p.add_argument("--eval-split", choices=("val", "test"), default="test",
+                   help="val to choose between variants (with a seed of your own); test to report the chosen one")
     p.add_argument("--eval-out", default=None, help="write the ablation table to OUT.json and OUT.md")
     p.add_argument("--storage", default=str(REPO / "runs/ray"))
     p.add_argument("--name", default="accm")
@@ -604,7 +607,7 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in stages:
         if stage == "eval":
             table = evaluate(args.lvlm, args.captioner, args.selector, n=args.eval_n, seed=args.eval_seed,
-                             keeps=[8, 4], batch_size=min(64, args.eval_n))
+                             keeps=[8, 4], batch_size=min(64, args.eval_n), split=args.eval_split)
             print(markdown(table))
             summary["eval"] = table
             if args.eval_out:
