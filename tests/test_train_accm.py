@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import shapes
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +38,11 @@ def test_train_accm_smoke_runs_resumes_and_evaluates(tmp_path):
     for key in ("all tokens", "87.5% prumerge_plus", "87.5% + first beam caption", "87.5% + selector (ACCM)",
                 "87.5% + oracle caption", "93.75% + selector (ACCM)", "75% prumerge_plus"):
         assert 0.0 <= table[key]["accuracy"] <= 1.0 and table[key]["mflops_per_item"] > 0
+    for row in table.values():  # the by-type breakdown partitions the same items
+        assert set(row["accuracy_by_type"]) <= set(shapes.QUESTION_TYPES)
+    assert table["87.5% + oracle caption"]["caption_spliced"] == 1.0  # a true fact always has words
+    assert 0.0 <= table["87.5% + first beam caption"]["caption_spliced"] <= 1.0
+    assert "caption_spliced" not in table["87.5% prumerge_plus"]
     # the caption model + selector cost shows up in ACCM's FLOPs, not in the oracle row's
     assert table["87.5% + selector (ACCM)"]["mflops_per_item"] > table["87.5% + oracle caption"]["mflops_per_item"]
 
