@@ -25,6 +25,22 @@ from kernels.compact import compact_rows
 from kernels.token_scores import head_mean_query_scores as head_mean_last_query
 
 
+def tp_head_mean(local_mean: Tensor, local_heads: int, heads: int) -> Tensor:
+    """Mean over all ``heads`` from each tensor-parallel rank's mean over its ``local_heads``.
+
+    AutoTP splits the heads evenly over the ranks of the default process group (``actors.tp``: one group per
+    LVLM replica), so the global mean is the rank average. Every rank calls this at the same layer.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if local_heads * world != heads:
+        raise RuntimeError(f"attention has {local_heads} of {heads} heads here but {world} tp rank(s)")
+    total = local_mean.masked_fill(torch.isinf(local_mean), 0.0)  # -inf pads the same positions everywhere
+    dist.all_reduce(total)
+    return (total / world).masked_fill(torch.isinf(local_mean), float("-inf"))
+
+
 @dataclass(frozen=True)
 class FastVSpec:
     """Prune image tokens inside the LLM: at layer ``layer`` keep the ``keep`` best-attended ones."""
@@ -123,7 +139,8 @@ class LlamaDecoderRunner:
             raise ValueError(f"fastv layer must be in [1, {len(self.layers)}], got {cut}")
         for i, layer in enumerate(self.layers):
             if i == cut:
-                keep_idx = self._fastv_keep_positions(probs_last, image_start, image_len, fastv.keep)
+                heads = self.layers[cut - 1].self_attn.config.num_attention_heads
+                keep_idx = self._fastv_keep_positions(probs_last, image_start, image_len, fastv.keep, heads)
                 hidden = compact_rows(hidden, keep_idx)
                 mask = torch.gather(mask, 1, keep_idx)
                 pos = torch.gather(pos, 1, keep_idx)
@@ -137,12 +154,17 @@ class LlamaDecoderRunner:
         return logits, DecoderState(keys, values, masks, next_pos, keep_idx)
 
     @staticmethod
-    def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int) -> Tensor:
+    def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int,
+                              heads: int | None = None) -> Tensor:
         """[B, L'] sequence positions FastV keeps: all text, the top-``keep`` image tokens, left padded.
 
-        Left padding stays at the front, so the last position is still every row's last token.
+        Left padding stays at the front, so the last position is still every row's last token. ``heads``: the
+        layer's total attention heads; fewer in ``probs_last`` means tensor parallelism split them over ranks,
+        and the mean then covers every rank's heads (else each rank would keep different tokens).
         """
         scores = head_mean_last_query(probs_last, start, length)
+        if heads is not None and probs_last.shape[1] < heads:
+            scores = tp_head_mean(scores, probs_last.shape[1], heads)
         kept = select_topk(scores, keep)  # ascending image offsets (rows with < keep images: -1 padded)
         seq_len = probs_last.shape[-1]
         rows = []

@@ -12,11 +12,10 @@ address, and starts N-1 helper Ray actors (``LVLMRank``) pinned to its node that
 use ``cuda:<rank>``, join the group, shard the same model and run the same ``generate`` on the same
 inputs each batch; rank 0 returns the answers.
 
-Status: ``init_rank`` + ``shard_model`` are tested at tp=1 on CPU (gloo), where DeepSpeed injects
-nothing and the outputs must be identical to the plain model, both alone (tests/test_infra.py) and
-through the main job with ``--lvlm-tp 1`` (tests/test_job_tp.py: same answers row by row as without
-the flag). tp > 1 needs several GPUs and NCCL and is *not tested* here (no GPUs on the development
-machines); its code path is the one above, kept small. See docs/notes/sweep.md.
+On a cluster without GPUs the same path runs CPU ranks over gloo (DeepSpeed's AutoTP supports CPU
+inference; ``cpu_gloo_setup``). That is how it is tested: tp=1 alone (tests/test_infra.py), and tp=1 and
+tp=2 through the main job (tests/test_job_tp.py: same answers row by row as without the flag). The NCCL
+collectives of tp > 1 on GPUs are the one part that cannot run here. See docs/notes/sweep.md.
 """
 
 from __future__ import annotations
@@ -51,11 +50,26 @@ def init_rank(
         os.environ["DS_ACCELERATOR"] = "cuda" if backend == "nccl" else "cpu"
     import deepspeed
 
+    if backend == "gloo":
+        cpu_gloo_setup()
     os.environ.update(
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank),
     )  # fmt: skip
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def cpu_gloo_setup() -> None:
+    """Skip DeepSpeed's CPU shared-memory all-reduce op for gloo process groups.
+
+    DeepSpeed JIT-builds that op (ninja, ~30 s) on first use. With tp=2 AutoTP on this machine's CPUs, every
+    rank then died with SIGSEGV; without it, gloo does the all-reduces and the sharded logits match the plain
+    model's to 1.5e-7. The op is only a speed-up for multi-rank CPU jobs.
+    """
+    import importlib
+
+    # importlib: `import deepspeed.comm.torch` would bind the `torch` name that deepspeed.comm re-exports
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def shard_model(model: torch.nn.Module, tp: int, *, dtype: torch.dtype | None = None) -> torch.nn.Module:

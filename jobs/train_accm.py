@@ -239,18 +239,16 @@ def build_or_load(config: dict, engine):
 
 def train_loop(config: dict) -> None:
     """Ray Train worker: one stage of ACCM training under DeepSpeed ZeRO-2."""
-    import importlib
-
     import deepspeed
     import ray.train
 
     from actors.engine import LlavaEngine
 
-    # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op (ninja, ~30 s+) on first use; with
-    # gloo doing the collectives it is only a speed-up for multi-rank CPU jobs, so skip the build on CPU.
-    # (importlib: `import deepspeed.comm.torch` would bind the `torch` name that deepspeed.comm re-exports)
+    # gloo does the collectives on CPU: skip DeepSpeed's shared-memory all-reduce op (actors.tp.cpu_gloo_setup)
     if not torch.cuda.is_available():
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        from actors.tp import cpu_gloo_setup
+
+        cpu_gloo_setup()
 
     torch.set_num_threads(config.get("threads", 2))
     torch.manual_seed(config["seed"])

@@ -92,10 +92,8 @@ class JobConfig:
         if self.lvlm_tp is not None:
             if self.lvlm_tp < 1:
                 raise ValueError(f"--lvlm-tp must be >= 1, got {self.lvlm_tp}")
-            if self.lvlm_tp > 1 and self.lvlm_gpus is not None and self.lvlm_gpus != self.lvlm_tp:
-                if not self.lvlm_gpus:
-                    raise ValueError(f"--lvlm-tp {self.lvlm_tp} needs GPUs for the LVLM tier (one per rank), "
-                                     "but --lvlm-gpus is 0: tensor parallelism > 1 cannot run on CPU")
+            # --lvlm-gpus 0: CPU ranks over gloo (actors.tp); otherwise one GPU per rank
+            if self.lvlm_tp > 1 and self.lvlm_gpus and self.lvlm_gpus != self.lvlm_tp:
                 raise ValueError(f"--lvlm-tp {self.lvlm_tp}: each LVLM replica takes {self.lvlm_tp} GPUs (one "
                                  f"per rank); leave --lvlm-gpus out or set it to {self.lvlm_tp}, got "
                                  f"{self.lvlm_gpus:g}")
@@ -136,8 +134,9 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--lvlm-gpus", "lvlm_gpus", float, "GPUs per LVLM actor (default: 1 if the cluster has GPUs, else 0; "
      "with --lvlm-tp N: N)."),
     ("--lvlm-tp", "lvlm_tp", int, "Run the LVLM tier's model with DeepSpeed inference tensor parallelism over "
-     "N GPUs of one node per replica (models too large for one GPU; N > 1 needs GPUs; each replica then "
-     "requests N GPUs). 1 goes through DeepSpeed without splitting (default: off, the plain model)."),
+     "N GPUs of one node per replica (models too large for one GPU; each replica then requests N GPUs). On a "
+     "cluster without GPUs (or with --lvlm-gpus 0) the N ranks are CPU processes over gloo. 1 goes through "
+     "DeepSpeed without splitting (default: off, the plain model)."),
     ("--captioner-resource", "captioner_resource", str, "Custom Ray resource of the captioner tier, requested "
      "only when the cluster has it (default: captioner_tier)."),
     ("--lvlm-resource", "lvlm_resource", str, "Custom Ray resource of the LVLM tier (default: lvlm_tier)."),

@@ -122,17 +122,18 @@ def tier_resources(cfg: JobConfig, cluster: dict[str, float], node_gpus: list[fl
     deadlocks when actors hold every CPU the read task needs), GPUs and tier resources only if present.
 
     ``--lvlm-tp N`` (N > 1): an LVLM replica is one actor holding N GPUs (Ray places an actor's resources
-    on one node, so the N ranks share a node); a cluster without GPUs, or whose nodes (``node_gpus``: GPUs
-    per alive node, if known) all have fewer than N, is refused here rather than left pending forever.
+    on one node, so the N ranks share a node); a cluster whose nodes (``node_gpus``: GPUs per alive node, if
+    known) all have fewer than N is refused here rather than left pending forever. Without GPUs the ranks
+    are CPU processes over gloo (pipeline.stages.start_tp_replica).
     """
     cpus = float(cluster.get("CPU", 1.0))
     has_gpu = float(cluster.get("GPU", 0.0)) > 0
     tp = cfg.lvlm_tp or 1
     if tp > 1:
-        if not has_gpu:
-            raise ValueError(f"--lvlm-tp {tp} needs GPUs for the LVLM tier (one per rank) but the Ray cluster "
-                             "has none; run without --lvlm-tp (or with --lvlm-tp 1) on CPU")
-        if node_gpus and max(node_gpus) < tp:
+        if not has_gpu or cfg.lvlm_gpus == 0:
+            log.warning("--lvlm-tp %d without GPUs: %d CPU ranks over gloo per LVLM replica (DeepSpeed AutoTP on "
+                        "CPU; it splits memory, it does not speed up a small model)", tp, tp)
+        elif node_gpus and max(node_gpus) < tp:
             raise ValueError(f"--lvlm-tp {tp} needs {tp} GPUs on one node; the largest node of this cluster "
                              f"has {max(node_gpus):g}")
     n_actors = cfg.captioner_actors[1] + cfg.lvlm_actors[1]

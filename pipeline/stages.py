@@ -426,15 +426,19 @@ class LVLMRank:
     node. Same model, same shard, same ``generate`` on the same inputs as rank 0, answers dropped."""
 
     def __init__(self, cfg: JobConfig, rank: int, master_addr: str, master_port: int, visible_gpus: str) -> None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus  # rank 0's GPUs, before CUDA starts; ours: cuda:<rank>
+        """``visible_gpus``: rank 0's CUDA_VISIBLE_DEVICES (this rank uses ``cuda:<rank>``); "" for CPU ranks."""
+        if visible_gpus:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpus  # before CUDA starts
         import torch
 
         from actors.tp import init_rank
 
         torch.set_grad_enabled(False)
         self.cfg = cfg
-        init_rank(rank, cfg.lvlm_tp, master_addr=master_addr, master_port=master_port)
-        self.engine = load_engine(cfg, 1.0, f"LVLM tier (tp rank {rank})", tp=cfg.lvlm_tp, device=f"cuda:{rank}")
+        init_rank(rank, cfg.lvlm_tp, master_addr=master_addr, master_port=master_port,
+                  backend="nccl" if visible_gpus else "gloo")
+        gpus, device = (1.0, f"cuda:{rank}") if visible_gpus else (0.0, "cpu")
+        self.engine = load_engine(cfg, gpus, f"LVLM tier (tp rank {rank})", tp=cfg.lvlm_tp, device=device)
 
     def ready(self) -> bool:
         return True
@@ -448,7 +452,8 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
 
     This actor holds the replica's N GPUs (one Ray actor's resources are always on one node); the helpers
     ask Ray for nothing, are pinned to this node, see the same GPUs and use ``cuda:<rank>``. They are owned
-    by this actor, so they die with it (Ray Data then restarts the replica, helpers included).
+    by this actor, so they die with it (Ray Data then restarts the replica, helpers included). Without GPUs
+    (``num_gpus`` 0) every rank is a CPU process and the group uses gloo.
     Returns (rank 0's engine, helper actor handles).
     """
     import ray
@@ -456,11 +461,12 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
     from actors.tp import free_port, init_rank
 
     tp, helpers, addr = cfg.lvlm_tp, [], "127.0.0.1"
+    on_gpu = bool(num_gpus) and _device(num_gpus)[0] == "cuda"
     if tp > 1:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        if len([g for g in visible.split(",") if g.strip()]) < tp:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if on_gpu else ""
+        if on_gpu and len([g for g in visible.split(",") if g.strip()]) < tp:
             raise RuntimeError(f"--lvlm-tp {tp}: this LVLM actor sees GPUs {visible!r}, needs {tp}")
         addr = ray.util.get_node_ip_address()
         port = free_port(addr)
@@ -469,7 +475,7 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
         helpers = [rank_actor.remote(cfg, r, addr, port, visible) for r in range(1, tp)]
     else:
         port = free_port(addr)
-    init_rank(0, tp, master_addr=addr, master_port=port)  # waits for the helpers to join
+    init_rank(0, tp, master_addr=addr, master_port=port, backend="nccl" if on_gpu else "gloo")  # waits for helpers
     engine = load_engine(cfg, num_gpus, "LVLM tier (tp rank 0)", tp=tp)
     ray.get([h.ready.remote() for h in helpers])
     log.info("LVLM tier: tensor-parallel replica of %d rank(s) ready", tp)
