@@ -375,19 +375,20 @@ def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:
 
 
 ACTOR_DEATH_ENV = "ACCM_TEST_ACTOR_DEATH_DIR"  # test hook: the first LVLM batch kills its actor process
+TP_HELPER_DEATH_ENV = "ACCM_TEST_TP_HELPER_DEATH_DIR"  # test hook: the first tp helper call kills the helper
 
 
-def _maybe_die_once() -> None:
-    """If ``ACCM_TEST_ACTOR_DEATH_DIR`` is set, the first LVLM call in that directory's lifetime exits the
-    process mid-batch (as an OOM kill or a node loss would), so tests can check Ray's restart + retry."""
-    where = os.environ.get(ACTOR_DEATH_ENV)
+def _maybe_die_once(env: str = ACTOR_DEATH_ENV, marker: str = "lvlm-actor-died") -> None:
+    """If ``env`` names a directory, the first call in that directory's lifetime exits the process mid-batch
+    (as an OOM kill or a node loss would), so tests can check Ray's restart + retry."""
+    where = os.environ.get(env)
     if where:
         try:
-            fd = os.open(os.path.join(where, "lvlm-actor-died"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            fd = os.open(os.path.join(where, marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return
         os.close(fd)
-        log.error("%s: exiting this actor process mid-batch (test hook)", ACTOR_DEATH_ENV)
+        log.error("%s: exiting this actor process mid-batch (test hook)", env)
         os._exit(1)
 
 
@@ -444,6 +445,7 @@ class LVLMRank:
         return True
 
     def generate(self, inputs: dict[str, Any]) -> None:
+        _maybe_die_once(TP_HELPER_DEATH_ENV, "tp-helper-died")
         lvlm_generate(self.engine, self.cfg, inputs)
 
 
@@ -482,6 +484,42 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
     return engine, helpers
 
 
+def _replica_broken(exc: BaseException) -> None:
+    """A tp helper died: the process group is broken for good (NCCL would block rank 0 in its collective until
+    the timeout; gloo fails every later batch). Exit, so that Ray Data restarts this replica (new helpers,
+    new group) and retries the batch: answers, not error rows."""
+    log.error("LVLM tier: a tensor-parallel helper rank died (%s); restarting the replica", _short(exc))
+    os._exit(1)
+
+
+def _watch_helpers(pending: list[Any], done: Any) -> None:
+    """While rank 0 runs its forward, notice a helper's death at once (rank 0 may be blocked in a collective)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    left = list(pending)
+    while left and not done.is_set():
+        ready, left = ray.wait(left, num_returns=1, timeout=0.5)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                _replica_broken(exc)
+            except Exception:  # noqa: BLE001 - the same inputs fail on rank 0 too: _check_helpers reports it
+                pass
+
+
+def _check_helpers(pending: list[Any]) -> None:
+    """After rank 0's forward: every helper must have finished the same forward."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    try:
+        ray.get(pending)
+    except RayActorError as exc:
+        _replica_broken(exc)
+
+
 class LVLMTier:
     """Actor of the LVLM tier: greedy answer from the retained features (+ caption) and the FLOPs.
 
@@ -501,14 +539,20 @@ class LVLMTier:
             self.engine, self.helpers = start_tp_replica(cfg, num_gpus)
 
     def _generate(self, inputs: dict[str, Any]):
+        if not self.helpers:
+            return lvlm_generate(self.engine, self.cfg, inputs)
+        import threading
+
         pending = [h.generate.remote(inputs) for h in self.helpers]  # every rank runs the same forward
+        done = threading.Event()
+        watch = threading.Thread(target=_watch_helpers, args=(pending, done), daemon=True)
+        watch.start()
         try:
             return lvlm_generate(self.engine, self.cfg, inputs)
         finally:
-            if pending:
-                import ray
-
-                ray.get(pending)
+            done.set()
+            watch.join()
+            _check_helpers(pending)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
         groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
