@@ -152,7 +152,10 @@ class ACCMTrainable(nn.Module):
                 candidates: list[list[str]] | None = None, best: Tensor | None = None,
                 attention_weight: float = 0.0, read_weight: float = 0.0) -> dict[str, Tensor]:
         if stage == "pretrain":
-            rows = batch.get("train_rows") or list(range(len(batch["questions"])))
+            rows = batch["train_rows"] if "train_rows" in batch else list(range(len(batch["questions"])))
+            if not rows:  # no item's fact is visible to the mapper: nothing to learn from this batch
+                zero = sum(p.sum() for p in self.captioner.parameters()) * 0.0  # keeps DeepSpeed's backward happy
+                return {"loss": zero, "caption_ce": zero.detach(), "attention_loss": zero.detach()}
             slots = [batch["target_slots"][i] for i in rows] if attention_weight > 0 else None
             read = read_weight > 0 and self.slot_reader is not None
             out = self.captioner.caption_losses(batch["discarded"][rows], [batch["questions"][i] for i in rows],

@@ -159,3 +159,30 @@ def test_init_captioner_cuts_the_mapper_and_keeps_the_rest(tmp_path):
         init_from(str(tmp_path / "src"), str(tmp_path / "other"), {"mapper_layers": 1, "hidden": 64})
     with pytest.raises(ValueError):
         init_from(str(tmp_path / "src"), str(tmp_path / "deeper"), {"mapper_layers": 3})
+
+
+def test_pretrain_batch_without_visible_targets_teaches_nothing():
+    """--pretrain-targets discarded: a batch where no fact is visible to the mapper gives a zero loss and zero
+    gradients (it used to fall back to training every row, i.e. on facts the mapper cannot see)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+
+    from actors.captioner import build_caption_model
+    from actors.selector import build_selector
+    from actors.tiny import build_tokenizer
+    from jobs.train_accm import ACCMTrainable
+
+    cap = build_caption_model(build_tokenizer(), feature_dim=24, hidden=32, decoder_layers=1, decoder_heads=2,
+                              prefix_len=4, mapper_layers=1, mapper_heads=2, patch_prefix=True, seed=3)
+    module = ACCMTrainable(cap, build_selector(text_hidden=16, text_layers=1, text_heads=2, projection_dim=16,
+                                               layers=1, heads=2))
+    batch = {"discarded": torch.randn(2, 6, 24), "questions": ["what color is the circle?"] * 2,
+             "facts": ["the circle is red.", "the circle is blue."], "target_slots": [[0], [1]]}
+    some = module("pretrain", {**batch, "train_rows": [1]})
+    some["loss"].backward()
+    assert some["loss"] > 0 and any(p.grad is not None and p.grad.abs().sum() > 0 for p in cap.parameters())
+    cap.zero_grad(set_to_none=True)
+    none = module("pretrain", {**batch, "train_rows": []})
+    none["loss"].backward()
+    assert none["loss"] == 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in cap.parameters())
