@@ -61,6 +61,7 @@ class JobConfig:
     captioner_gpus: float | None = None  # None: 0.5 when the cluster has GPUs, else 0
     lvlm_gpus: float | None = None  # None: 1 (tp: lvlm_tp) when the cluster has GPUs, else 0
     lvlm_tp: int | None = None  # None: plain model; N: DeepSpeed tensor parallelism over N GPUs per replica
+    autoscale: bool = False  # request GPUs and tier resources as asked even if no node has them yet
     captioner_resource: str = "captioner_tier"
     lvlm_resource: str = "lvlm_tier"
     limit: int | None = None
@@ -137,6 +138,10 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "N GPUs of one node per replica (models too large for one GPU; each replica then requests N GPUs). On a "
      "cluster without GPUs (or with --lvlm-gpus 0) the N ranks are CPU processes over gloo. 1 goes through "
      "DeepSpeed without splitting (default: off, the plain model)."),
+    ("--autoscale", "autoscale", "bool", "The cluster autoscales (e.g. GPU node types at min 0, as in infra/): "
+     "request the tiers' GPUs (--*-gpus, default 0.5 / 1 / tp) and tier resources (one unit per GPU) even when "
+     "no node has them yet, so that the autoscaler adds them. Without it, requests fit the nodes alive at job "
+     "start, and a GPU cluster scaled to zero would run on its head's CPUs."),
     ("--captioner-resource", "captioner_resource", str, "Custom Ray resource of the captioner tier, requested "
      "only when the cluster has it (default: captioner_tier)."),
     ("--lvlm-resource", "lvlm_resource", str, "Custom Ray resource of the LVLM tier (default: lvlm_tier)."),

@@ -117,6 +117,17 @@ class Resources:
     lvlm: dict[str, Any]
 
 
+def _autoscaled(gpus: float | None, default_gpus: float, resource: str) -> dict[str, Any]:
+    """One tier's actor request on an autoscaling cluster (see tier_resources)."""
+    gpus = default_gpus if gpus is None else gpus
+    req: dict[str, Any] = {"num_cpus": 1.0}
+    if gpus:
+        req["num_gpus"] = gpus
+        if resource:
+            req["resources"] = {resource: gpus}
+    return req
+
+
 def tier_resources(cfg: JobConfig, cluster: dict[str, float], node_gpus: list[float] | None = None) -> Resources:
     """Per-actor requests that fit the cluster: fractional CPUs on small machines (a 2-CPU Ray Data graph
     deadlocks when actors hold every CPU the read task needs), GPUs and tier resources only if present.
@@ -125,10 +136,20 @@ def tier_resources(cfg: JobConfig, cluster: dict[str, float], node_gpus: list[fl
     on one node, so the N ranks share a node); a cluster whose nodes (``node_gpus``: GPUs per alive node, if
     known) all have fewer than N is refused here rather than left pending forever. Without GPUs the ranks
     are CPU processes over gloo (pipeline.stages.start_tp_replica).
+
+    ``--autoscale``: the nodes alive now say nothing about the nodes to come, so each actor asks for 1 CPU,
+    its tier's GPUs (explicit or the GPU defaults) and its tier resource at one unit per GPU, as the node
+    types in infra/ carry them; the autoscaler then launches what the requests need.
     """
+    tp = cfg.lvlm_tp or 1
+    if cfg.autoscale:
+        return Resources(
+            task_cpus=1.0,
+            captioner=_autoscaled(cfg.captioner_gpus, 0.5, cfg.captioner_resource),
+            lvlm=_autoscaled(cfg.lvlm_gpus, float(tp), cfg.lvlm_resource),
+        )
     cpus = float(cluster.get("CPU", 1.0))
     has_gpu = float(cluster.get("GPU", 0.0)) > 0
-    tp = cfg.lvlm_tp or 1
     if tp > 1:
         if not has_gpu or cfg.lvlm_gpus == 0:
             log.warning("--lvlm-tp %d without GPUs: %d CPU ranks over gloo per LVLM replica (DeepSpeed AutoTP on "

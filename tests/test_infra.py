@@ -84,6 +84,7 @@ def _check_entrypoint(entrypoint: str) -> None:
     cfg = config.parse_args(argv[2:])
     assert cfg.input.startswith("s3://") and cfg.output.startswith("s3://")
     assert cfg.captioner_gpus and cfg.lvlm_gpus, "GPU tiers must ask for GPUs"
+    assert cfg.autoscale, "GPU node types start at 0 (or are still coming up): requests must not fit the head"
 
 
 def test_aws_cluster_launcher():

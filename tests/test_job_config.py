@@ -60,6 +60,23 @@ def test_small_cluster_gets_fractional_cpus_and_no_absent_resources() -> None:
     assert big.lvlm == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"lvlm_tier": 1.0}}
 
 
+def test_autoscale_requests_what_the_tiers_need_not_what_is_up() -> None:
+    """--autoscale: on a cluster whose GPU nodes are at zero (only a CPU head is up), the actors still ask for
+    their GPUs and tier resources (one unit per GPU, as infra/'s node types carry them), so the autoscaler adds
+    GPU nodes instead of the job running on the head's CPUs."""
+    head_only = {"CPU": 8.0}
+    cfg = parse_args(["--autoscale"])
+    res = tier_resources(cfg, head_only)
+    assert res.captioner == {"num_cpus": 1.0, "num_gpus": 0.5, "resources": {"captioner_tier": 0.5}}
+    assert res.lvlm == {"num_cpus": 1.0, "num_gpus": 1.0, "resources": {"lvlm_tier": 1.0}}
+    tp = tier_resources(parse_args(["--autoscale", "--lvlm-tp", "4"]), head_only, node_gpus=[0.0])
+    assert tp.lvlm["num_gpus"] == 4.0 and tp.lvlm["resources"] == {"lvlm_tier": 4.0}
+    cpu = tier_resources(parse_args(["--autoscale", "--captioner-gpus", "0", "--lvlm-gpus", "0"]), head_only)
+    assert cpu.captioner == cpu.lvlm == {"num_cpus": 1.0}  # explicit CPU tiers stay CPU tiers
+    # without the flag, the same head-only snapshot gets CPU actors: right for a fixed CPU cluster
+    assert "num_gpus" not in tier_resources(parse_args([]), head_only).lvlm
+
+
 def test_broken_shard_stops_the_job_before_writing(tmp_path) -> None:
     from pipeline import shapes
     from pipeline.schema import INPUT_SCHEMA
