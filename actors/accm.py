@@ -55,6 +55,22 @@ def selector_dims(selector: CaptionSelector):
     return selector_config_dims(selector.config, selector.text_encoder.config)
 
 
+def captioner_flops_slot(config, decoder_config, *, discarded_tokens: int, question_tokens: int,
+                         caption_tokens: int) -> dict:
+    """kwargs of ``pipeline.flops.caption_model_flops`` for one item (``caption_tokens`` per beam)."""
+    mapper, decoder = caption_config_dims(config, decoder_config)
+    return dict(mapper_dims=mapper, decoder_dims=decoder, discarded_tokens=discarded_tokens,
+                prefix_len=config.prefix_len, question_tokens=question_tokens, beams=config.beams,
+                caption_tokens=caption_tokens, feature_dim=config.feature_dim, patch_prefix=config.patch_prefix)
+
+
+def selector_flops_slot(config, text_config, *, candidates: int, tokens_per_candidate: int) -> dict:
+    """kwargs of ``pipeline.flops.selector_flops`` for one item."""
+    text, classifier = selector_config_dims(config, text_config)
+    return dict(text_dims=text, classifier_dims=classifier, candidates=candidates,
+                tokens_per_candidate=tokens_per_candidate, projection_dim=getattr(text_config, "projection_dim", None))
+
+
 def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens: int, question_tokens: int,
                      caption_tokens: int, selector_tokens: int | None = None) -> tuple[dict, dict]:
     """``captioner`` / ``selector`` slots of ``pipeline.flops.llava_item_flops`` for two shipped folders, read
@@ -74,19 +90,15 @@ def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens:
     from pipeline.flops import selector_real_tokens
 
     cap_cfg = CaptionConfig(**json.loads((Path(captioner_dir) / CAPTION_CONFIG).read_text()))
-    mapper, decoder = caption_config_dims(cap_cfg, AutoConfig.from_pretrained(Path(captioner_dir) / DECODER_DIR))
+    captioner = captioner_flops_slot(cap_cfg, AutoConfig.from_pretrained(Path(captioner_dir) / DECODER_DIR),
+                                     discarded_tokens=discarded_tokens, question_tokens=question_tokens,
+                                     caption_tokens=caption_tokens)
     sel_cfg = SelectorConfig(**json.loads((Path(selector_dir) / SELECTOR_CONFIG).read_text()))
     text_config = AutoConfig.from_pretrained(Path(selector_dir) / TEXT_ENCODER_DIR)
     text_config = getattr(text_config, "text_config", text_config)  # a full CLIPConfig folder works too
-    text, classifier = selector_config_dims(sel_cfg, text_config)
-    captioner = dict(mapper_dims=mapper, decoder_dims=decoder, discarded_tokens=discarded_tokens,
-                     prefix_len=cap_cfg.prefix_len, question_tokens=question_tokens, beams=cap_cfg.beams,
-                     caption_tokens=caption_tokens, feature_dim=cap_cfg.feature_dim,
-                     patch_prefix=cap_cfg.patch_prefix)
     tokens = selector_tokens if selector_tokens is not None else selector_real_tokens(question_tokens,
                                                                                         caption_tokens)
-    selector = dict(text_dims=text, classifier_dims=classifier, candidates=cap_cfg.beams,
-                    tokens_per_candidate=tokens, projection_dim=getattr(text_config, "projection_dim", None))
+    selector = selector_flops_slot(sel_cfg, text_config, candidates=cap_cfg.beams, tokens_per_candidate=tokens)
     return captioner, selector
 
 
@@ -109,20 +121,16 @@ class ACCMCaptioner:
         """One item's caption-model FLOPs (beam search of ``caption_tokens`` generated tokens per beam)."""
         from pipeline.flops import caption_model_flops
 
-        mapper, decoder = caption_model_dims(self.captioner)
-        c = self.captioner.config
-        return float(caption_model_flops(mapper, decoder, discarded_tokens=discarded_tokens,
-                                         prefix_len=c.prefix_len, question_tokens=question_tokens,
-                                         beams=c.beams, caption_tokens=caption_tokens,
-                                         feature_dim=c.feature_dim, patch_prefix=c.patch_prefix))
+        return float(caption_model_flops(**captioner_flops_slot(
+            self.captioner.config, self.captioner.decoder.config, discarded_tokens=discarded_tokens,
+            question_tokens=question_tokens, caption_tokens=caption_tokens)))
 
     def selector_flops(self, candidates: int, tokens_per_candidate: int) -> float:
         from pipeline.flops import selector_flops
 
-        text, classifier = selector_dims(self.selector)
-        return float(selector_flops(text, classifier, candidates=candidates,
-                                    tokens_per_candidate=tokens_per_candidate,
-                                    projection_dim=self.selector.text_encoder.config.projection_dim))
+        return float(selector_flops(**selector_flops_slot(self.selector.config, self.selector.text_encoder.config,
+                                                          candidates=candidates,
+                                                          tokens_per_candidate=tokens_per_candidate)))
 
     def selector_tokens(self, question: str, candidates: list[str]) -> int:
         """Padded token length of one item's selector batch (what a per-item forward computes on)."""
