@@ -104,3 +104,22 @@ def test_lvlm_tp1_and_tp2_give_the_plain_models_answers(ray_session, tmp_path, h
         assert len(errors) == 1 and errors[0]["error"].startswith("image:")
         assert all(isinstance(r["prediction"], str) for r in out if not r["error"])  # 6 real answers compared
     assert "helper rank died" in logs and "restarting the replica" in logs
+
+
+def test_accm_through_tp2_gives_the_plain_models_captions_and_answers(ray_session, tmp_path) -> None:
+    """ACCM (shipped caption model + selector) with the caption spliced into the sharded LLM: same captions,
+    answers and FLOPs as without --lvlm-tp, row by row."""
+    rows = [shapes.item_row(shapes.make_item(5, "test", i)) for i in range(8)]
+    src = tmp_path / "in"
+    src.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), src / "a.parquet")
+    job = _main_job()
+    common = ["--input", str(src), "--method", "accm", "--prune-rate", "0.875", "--batch-size", "4",
+              "--model-cache", str(tmp_path / "cache")]  # the embedded default models: models/shapes/*
+    assert job.main([*common, "--output", str(tmp_path / "plain")]) == 0
+    assert job.main([*common, "--output", str(tmp_path / "tp2"), "--lvlm-tp", "2"]) == 0
+    columns = ["id", "caption", "prediction", "error", "score", "flops_total", "flops_llm_prefill"]
+    plain = pq.read_table(tmp_path / "plain" / "a.parquet", columns=columns).to_pylist()
+    split = pq.read_table(tmp_path / "tp2" / "a.parquet", columns=columns).to_pylist()
+    assert plain == split
+    assert all(r["error"] is None for r in plain) and any(r["caption"] for r in plain)
