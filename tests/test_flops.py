@@ -437,7 +437,7 @@ def test_table_scales_keeps_and_unit_to_the_model(capsys):
 
 def test_table_prints_accm_floor(capsys):
     """The floor line = prumerge_plus + the caption's LLM tokens; it explains issue 6's 7B target: with a 36-token
-    caption at 72 kept tokens, the caption's LLM tokens alone put ACCM above 30% of the unpruned item."""
+    caption at 72 kept tokens and the default 64-token prompt, the caption's LLM tokens alone put ACCM above 30%."""
     assert flops.main(["--model", "llava-1.5-7b", "--table"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("kept   72:"))
