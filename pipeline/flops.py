@@ -763,11 +763,14 @@ def main(argv: list[str] | None = None) -> int:
         text_guide_dims = default_text_guide_dims(args.model)
     parts = dict(text_guide_dims=text_guide_dims, captioner_dir=args.captioner, selector_dir=args.selector)
     if args.table:
+        prompt = 64 if args.prompt_tokens is None else args.prompt_tokens  # LLaVA-1.5's VQA prompt, see notes
+        new = 4 if args.new_tokens is None else args.new_tokens
+        cap = DEFAULT_CAPTION_TOKENS if args.caption_tokens is None else args.caption_tokens
         rows = flops_table(
             config,
-            prompt_tokens=64 if args.prompt_tokens is None else args.prompt_tokens,
-            new_tokens=4 if args.new_tokens is None else args.new_tokens,
-            caption_tokens=DEFAULT_CAPTION_TOKENS if args.caption_tokens is None else args.caption_tokens,
+            prompt_tokens=prompt,
+            new_tokens=new,
+            caption_tokens=cap,
             question_tokens=args.question_tokens,
             selector_tokens=args.selector_tokens,
             beams=args.beams,
@@ -778,10 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             title = (
                 f"{args.model}: per-item FLOPs ({_unit(rows)[1]}, convention 'ours'); "
-                f"{visual_tokens(config)} visual tokens, prompt "
-                f"{64 if args.prompt_tokens is None else args.prompt_tokens} tokens, "
-                f"{4 if args.new_tokens is None else args.new_tokens} new tokens; accm: caption budget "
-                f"{DEFAULT_CAPTION_TOKENS if args.caption_tokens is None else args.caption_tokens} (+{CAPTION_SPLICE_TOKENS} splice) "
+                f"{visual_tokens(config)} visual tokens, prompt {prompt} tokens, {new} new tokens; "
+                f"accm: caption budget {cap} (+{CAPTION_SPLICE_TOKENS} splice) "
                 + (
                     f"tokens, caption model {args.captioner}, selector {args.selector}"
                     if args.captioner
