@@ -36,9 +36,10 @@ def tp_head_mean(local_mean: Tensor, local_heads: int, heads: int) -> Tensor:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if local_heads * world != heads:
         raise RuntimeError(f"attention has {local_heads} of {heads} heads here but {world} tp rank(s)")
-    total = local_mean.masked_fill(torch.isinf(local_mean), 0.0)  # -inf pads the same positions everywhere
+    pad = torch.isinf(local_mean)  # -inf pads the same positions on every rank
+    total = local_mean.masked_fill(pad, 0.0)
     dist.all_reduce(total)
-    return (total / world).masked_fill(torch.isinf(local_mean), float("-inf"))
+    return (total / world).masked_fill(pad, float("-inf"))
 
 
 @dataclass(frozen=True)

@@ -421,10 +421,10 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         idx = list(range(start, min(n, start + batch_size)))
         batch = make_batch(engine, seed, split, idx, keeps[0])
         qs, ans = batch["questions"], batch["answers"]
-        types[:] = [shapes.make_item(seed, split, i).question_type for i in idx]
+        items = [shapes.make_item(seed, split, i) for i in idx]
+        types[:] = [it.question_type for it in items]
         add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
         # the equal-cost reference: every plain pruner at 75% pruning (16 of 64 tokens)
-        items = [shapes.make_item(seed, split, i) for i in idx]
         vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
         for method in ("random", "fastv", "visionzip", "prumerge_plus"):
             kept = (batch["full"] if method == "fastv"

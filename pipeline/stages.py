@@ -463,7 +463,7 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
     from actors.tp import free_port, init_rank
 
     tp, helpers, addr = cfg.lvlm_tp, [], "127.0.0.1"
-    on_gpu = bool(num_gpus) and _device(num_gpus)[0] == "cuda"
+    on_gpu = _device(num_gpus)[0] == "cuda"
     if tp > 1:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
