@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from actors.captioner import CaptionModel
-from actors.selector import CaptionSelector, selector_text
+from actors.selector import CaptionSelector
 
 
 @dataclass
@@ -26,7 +26,11 @@ class CaptionResult:
 
 
 def caption_config_dims(config, decoder_config):
-    """(mapper dims, decoder dims) in the FLOPs model's terms, from a CaptionConfig and the decoder's HF config."""
+    """(mapper dims, decoder dims) in the FLOPs model's terms, from a CaptionConfig and the decoder's HF config.
+
+    Both mapper archs fit ``encoder_flops``: the project's ``Mapper`` and the authors' ClipCap mapper
+    (to_queries d->d + to_keys_values d->2d + project d->d, fc1/fc2 with mapper_intermediate,
+    clipcap_model.py lines 64-66 and 45-47); norms, softmax and activations are not priced."""
     from pipeline.flops import TransformerDims, dims_from_config
 
     c = config
@@ -41,7 +45,10 @@ def caption_model_dims(model: CaptionModel):
 
 
 def selector_config_dims(config, text_config):
-    """(text encoder dims, classifier dims) from a SelectorConfig and the text encoder's HF config."""
+    """(text encoder dims, classifier dims) from a SelectorConfig and the text encoder's HF config.
+
+    The authors' classifier (``arch="torch_transformer"``: in_proj d->3d, out_proj, linear1/linear2 with the
+    1536 FFN, selector_transformer.py lines 38-45) fits the same formula as the project's encoder."""
     from pipeline.flops import TransformerDims, dims_from_config
 
     c = config
@@ -56,11 +63,12 @@ def selector_dims(selector: CaptionSelector):
 
 
 def captioner_flops_slot(config, decoder_config, *, discarded_tokens: int, question_tokens: int,
-                         caption_tokens: int) -> dict:
-    """kwargs of ``pipeline.flops.caption_model_flops`` for one item (``caption_tokens`` per beam)."""
+                         caption_tokens: int, beams: int | None = None) -> dict:
+    """kwargs of ``pipeline.flops.caption_model_flops`` for one item (``caption_tokens`` per beam; ``beams``:
+    default the config's)."""
     mapper, decoder = caption_config_dims(config, decoder_config)
     return dict(mapper_dims=mapper, decoder_dims=decoder, discarded_tokens=discarded_tokens,
-                prefix_len=config.prefix_len, question_tokens=question_tokens, beams=config.beams,
+                prefix_len=config.prefix_len, question_tokens=question_tokens, beams=beams or config.beams,
                 caption_tokens=caption_tokens, feature_dim=config.feature_dim, patch_prefix=config.patch_prefix)
 
 
@@ -117,13 +125,25 @@ class ACCMCaptioner:
         return cls(CaptionModel.from_pretrained(local_model_dir(captioner_url, cache_dir), device=device),
                    CaptionSelector.from_pretrained(local_model_dir(selector_url, cache_dir), device=device))
 
-    def captioner_flops(self, discarded_tokens: int, question_tokens: int, caption_tokens: int) -> float:
+    @property
+    def input_features(self) -> str:
+        """Which discarded features ``caption`` expects: "feature_layer" (``PrunedBatch.discarded``) or
+        "projected" (``PrunedBatch.discarded_projected``, the ACCM reference)."""
+        return self.captioner.config.input_features
+
+    @property
+    def beams(self) -> int:
+        """The caption model's default beam count (what ``caption`` runs when not told otherwise)."""
+        return self.captioner.config.beams
+
+    def captioner_flops(self, discarded_tokens: int, question_tokens: int, caption_tokens: int,
+                        beams: int | None = None) -> float:
         """One item's caption-model FLOPs (beam search of ``caption_tokens`` generated tokens per beam)."""
         from pipeline.flops import caption_model_flops
 
         return float(caption_model_flops(**captioner_flops_slot(
             self.captioner.config, self.captioner.decoder.config, discarded_tokens=discarded_tokens,
-            question_tokens=question_tokens, caption_tokens=caption_tokens)))
+            question_tokens=question_tokens, caption_tokens=caption_tokens, beams=beams)))
 
     def selector_flops(self, candidates: int, tokens_per_candidate: int) -> float:
         from pipeline.flops import selector_flops
@@ -134,26 +154,30 @@ class ACCMCaptioner:
 
     def selector_tokens(self, question: str, candidates: list[str]) -> int:
         """Padded token length of one item's selector batch (what a per-item forward computes on)."""
-        tok = self.selector.tokenizer
-        lengths = [len(tok(selector_text(question, c), truncation=True,
-                           max_length=self.selector.config.max_text_tokens)["input_ids"]) for c in candidates]
-        return max(lengths)
+        lengths = self.selector.text_lengths([self.selector.text(question, c) for c in candidates])
+        return min(max(lengths), self.selector.config.max_text_tokens)
 
     @torch.no_grad()
-    def caption(self, discarded: Tensor, questions: list[str]) -> CaptionResult:
-        """N beam candidates per item from its discarded patches [B, N-k, Dv], the selector's pick and FLOPs."""
+    def caption(self, discarded: Tensor, questions: list[str], *, beams: int | None = None) -> CaptionResult:
+        """N beam candidates per item from its discarded patches [B, N-k, Dv], the selector's pick and FLOPs.
+
+        ``discarded``: the features ``input_features`` names; ``beams``: candidates per item (default the
+        caption model's ``beams``)."""
         if discarded.shape[0] != len(questions):
             raise ValueError("one question per item")
-        beams = self.captioner.beam_search(discarded, questions)
-        picks, probs = self.selector.select(questions, beams.captions)
+        if beams is not None and beams < 1:
+            raise ValueError("beams must be >= 1")
+        k = beams or self.captioner.config.beams
+        out = self.captioner.beam_search(discarded, questions, beams=k)
+        picks, probs = self.selector.select(questions, out.captions)
         m = discarded.shape[1]
-        flops_cap = [self.captioner_flops(m, q, s + 1) for q, s in zip(beams.question_tokens, beams.steps,
-                                                                           strict=True)]
+        flops_cap = [self.captioner_flops(m, q, s + 1, beams=k) for q, s in zip(out.question_tokens, out.steps,
+                                                                                    strict=True)]
         flops_sel = [self.selector_flops(len(c), self.selector_tokens(q, c))
-                     for q, c in zip(questions, beams.captions, strict=True)]
+                     for q, c in zip(questions, out.captions, strict=True)]
         return CaptionResult(
-            selected=[c[i] for c, i in zip(beams.captions, picks, strict=True)],
-            candidates=beams.captions,
+            selected=[c[i] for c, i in zip(out.captions, picks, strict=True)],
+            candidates=out.captions,
             probs=probs.tolist(),
             flops_captioner=flops_cap,
             flops_selector=flops_sel,

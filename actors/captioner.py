@@ -10,6 +10,10 @@ LVLM's word-level vocabulary). On disk a caption model is a folder::
     mapper.safetensors       mapper weights
     decoder/                 the decoder + its tokenizer in HF layout (a real `gpt2` folder drops in here)
 
+``mapper_arch``: "encoder" (``Mapper`` below) or "clipcap" (the ACCM authors' ClipCap TransformerMapper,
+``actors.clipcap``, with their parameter names). ``input_features`` names which discarded features the mapper
+reads; ``beam_rank`` / ``stop_on_eos`` / ``decode`` select the project's search or the authors' ``generate_beam``.
+
 Attention is written out (no SDPA) in the mapper and the decoder is loaded with eager attention, so that
 ``torch.utils.flop_counter.FlopCounterMode`` sees every matmul and agrees with ``pipeline/flops.py``.
 """
@@ -31,6 +35,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 CONFIG_NAME = "accm_captioner.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
 DECODER_DIR = "decoder"
+INPUT_FEATURES = ("feature_layer", "projected")
+MAPPER_ARCHS = ("encoder", "clipcap")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -104,10 +110,47 @@ class CaptionConfig:
     max_caption_tokens: int = 16
     length_penalty: float = 1.0  # final ranking: sum log-prob / length ** length_penalty
     stop_texts: list[str] = field(default_factory=lambda: ["."])
+    # Which discarded features the mapper reads: "feature_layer" = PrunedBatch.discarded (the vision tower's
+    # feature layer, what the project's own models train on); "projected" = PrunedBatch.discarded_projected
+    # (the per-patch projected last-layer CLIP embeddings the ACCM authors feed, clip_encoder.py lines 268-275).
+    input_features: str = "feature_layer"
+    # "encoder": the project's mapper (Mapper below); "clipcap": the authors' TransformerMapper (actors.clipcap)
+    mapper_arch: str = "encoder"
+    # Beam search. Defaults = the project's search; the ACCM reference (decoding_scheme.py generate_beam,
+    # lines 72-131) is beam_rank="mean", stop_on_eos=False, decode="raw", max_caption_tokens=67, beams=3.
+    beam_rank: str = "sum"  # candidates ranked at every step by their summed ("sum") or mean ("mean") log-prob
+    stop_on_eos: bool = True  # a beam also ends at the tokenizer's EOS (generate_beam stops only at stop_texts)
+    decode: str = "detokenize"  # "raw": tokenizer.decode(ids) as is, stop token included, specials kept
 
     def __post_init__(self) -> None:
         if not self.mapper_intermediate:
             self.mapper_intermediate = 2 * self.hidden
+        for name, value, allowed in (("input_features", self.input_features, INPUT_FEATURES),
+                                     ("mapper_arch", self.mapper_arch, MAPPER_ARCHS),
+                                     ("beam_rank", self.beam_rank, ("sum", "mean")),
+                                     ("decode", self.decode, ("detokenize", "raw"))):
+            if value not in allowed:
+                raise ValueError(f"CaptionConfig.{name} must be one of {allowed}, not {value!r}")
+
+
+@torch.no_grad()
+def standardize_linear(linear: nn.Linear, features: Tensor) -> dict[str, float]:
+    """Fold per-dimension standardisation of ``features`` into ``linear`` in place (see Mapper.standardize_input)."""
+    feats = features.reshape(-1, features.shape[-1]).float()
+    mu, sigma = feats.mean(0), feats.std(0) + 1e-5
+    w = linear.weight
+    linear.bias -= (w / sigma.to(w)) @ mu.to(w)
+    linear.weight /= sigma.to(w)
+    return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+
+
+def build_mapper(config: CaptionConfig) -> nn.Module:
+    """The mapper ``config.mapper_arch`` names."""
+    if config.mapper_arch == "clipcap":
+        from actors.clipcap import ClipCapMapper
+
+        return ClipCapMapper(config)
+    return Mapper(config)
 
 
 class Mapper(nn.Module):
@@ -121,7 +164,10 @@ class Mapper(nn.Module):
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_len, config.hidden) * 0.02)
         self.encoder = Encoder(config.hidden, config.mapper_layers, config.mapper_heads, config.mapper_intermediate)
 
-    @torch.no_grad()
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.encoder.blocks
+
     def standardize_input(self, features: Tensor) -> dict[str, float]:
         """Fold per-dimension standardisation of the patch features into ``linear`` (W/sigma, b - W mu/sigma).
 
@@ -130,12 +176,7 @@ class Mapper(nn.Module):
         caption model sits on the language-prior plateau (measured: val CE 0.76 after 600 steps at width 40;
         with this fold it leaves the plateau, see docs/notes/accm.md). Same architecture, same FLOPs.
         """
-        feats = features.reshape(-1, features.shape[-1]).float()
-        mu, sigma = feats.mean(0), feats.std(0) + 1e-5
-        w = self.linear.weight
-        self.linear.bias -= (w / sigma.to(w)) @ mu.to(w)
-        self.linear.weight /= sigma.to(w)
-        return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+        return standardize_linear(self.linear, features)
 
     def forward(self, discarded: Tensor) -> Tensor:
         """[B, M, Dv] -> prefix [B, P, d] (``patch_prefix``: [B, M + P, d])."""
@@ -176,15 +217,27 @@ class CaptionModel(nn.Module):
         if decoder.get_input_embeddings().embedding_dim != config.hidden:
             raise ValueError("mapper hidden size must equal the decoder's embedding width")
         self.config = config
-        self.mapper = Mapper(config)
+        self.mapper = build_mapper(config)
         self.decoder = decoder
         self.tokenizer = tokenizer
-        stop = {tokenizer.convert_tokens_to_ids(t) for t in config.stop_texts}
-        if tokenizer.eos_token_id is not None:
+        stop = {self._stop_id(tokenizer, t) for t in config.stop_texts}
+        if config.stop_on_eos and tokenizer.eos_token_id is not None:
             stop.add(tokenizer.eos_token_id)
         stop.discard(tokenizer.unk_token_id)
         self.stop_ids = sorted(i for i in stop if i is not None)
+        if not self.stop_ids:
+            raise ValueError(f"no stop token: none of {config.stop_texts} is a token (and no EOS stop)")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop_ids[0]
+
+    @staticmethod
+    def _stop_id(tokenizer: PreTrainedTokenizerBase, text: str) -> int | None:
+        """The vocabulary entry ``text``; else the first id it encodes to (generate_beam's
+        ``tokenizer.encode(stop_token)[0]``, decoding_scheme.py line 76)."""
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if tid is None or tid == tokenizer.unk_token_id:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            tid = ids[0] if ids else None
+        return tid
 
     # ---- persistence -----------------------------------------------------------------------------------
     @classmethod
@@ -317,10 +370,14 @@ class CaptionModel(nn.Module):
         """Batched beam search with a KV cache; every item gets ``beams`` distinct candidates, best first.
 
         The prompt ([question ; prefix]) is run once per item, then its cache is copied to the beams.
-        A beam ends at a stop token ('.' or EOS); a finished beam keeps its score and is padded.
+        A beam ends at a stop token ('.', and EOS with ``stop_on_eos``); a finished beam keeps its score and
+        length and continues only with padding at zero cost. ``beam_rank="sum"`` keeps the k best summed
+        log-probabilities at every step; ``"mean"`` the k best summed / length, as generate_beam does
+        (decoding_scheme.py lines 102-107). The final order is by sum / length ** length_penalty.
         """
         k = beams or self.config.beams
         max_tokens = max_tokens or self.config.max_caption_tokens
+        rank_by_sum = self.config.beam_rank == "sum"
         embeds, mask, q_lens = self._prefix_inputs(discarded, questions)
         b = embeds.shape[0]
         out = self.decoder(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask),
@@ -350,14 +407,19 @@ class CaptionModel(nn.Module):
             logp = out.logits[:, -1].float().log_softmax(-1)
             logp[finished] = float("-inf")
             logp[finished, self.pad_id] = 0.0  # a finished beam continues only with padding, score unchanged
-            cand = (scores[:, None] + logp).view(b, k * vocab)
-            top, idx = cand.topk(k, dim=-1)
+            cand = (scores[:, None] + logp).view(b, k * vocab)  # summed log-probs of every continuation
+            # generate_beam (decoding_scheme.py lines 100-104): a running beam's length grows by one, a
+            # finished one's does not; candidates are ranked by scores_sum / seq_lengths
+            new_len = lengths + (~finished).float()
+            rank = cand if rank_by_sum else (cand.view(b * k, vocab) / new_len[:, None]).view(b, k * vocab)
+            _, idx = rank.topk(k, dim=-1)
+            top = cand.gather(1, idx)
             src = (idx // vocab + torch.arange(b, device=self.device)[:, None] * k).reshape(-1)
             tok = (idx % vocab).reshape(-1)
             cache.reorder_cache(src)
             was_finished = finished[src]
             seqs = torch.cat([seqs[src], tok[:, None]], dim=1)
-            lengths = lengths[src] + (~was_finished).float()
+            lengths = new_len[src]
             finished = was_finished | torch.isin(tok, stop)
             scores = top.reshape(-1)
         final = (scores / lengths.pow(self.config.length_penalty)).view(b, k)
@@ -369,12 +431,19 @@ class CaptionModel(nn.Module):
                 n = int(lengths[r * k + j].item())
                 row = seqs[r * k + j, :n].tolist()
                 ids.append(row)
-                caps.append(detokenize(self.tokenizer.decode(row, skip_special_tokens=True)))
+                caps.append(self.decode_caption(row))
                 scs.append(float(final[r, j]))
             captions.append(caps)
             out_scores.append(scs)
             out_ids.append(ids)
         return BeamOutput(captions, out_scores, out_ids, steps.tolist(), q_lens)
+
+    def decode_caption(self, ids: list[int]) -> str:
+        """``decode="raw"``: ``tokenizer.decode(tokens[:length])`` as generate_beam returns it (decoding_scheme.py
+        line 128: stop token included, nothing stripped); else special tokens dropped and ``detokenize``d."""
+        if self.config.decode == "raw":
+            return self.tokenizer.decode(ids)
+        return detokenize(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def shallower_mapper(model: CaptionModel, layers: int) -> CaptionModel:
@@ -382,9 +451,10 @@ def shallower_mapper(model: CaptionModel, layers: int) -> CaptionModel:
 
     The start of a cheaper caption model fine-tuned from a trained one: each mapper block costs as much as
     a decoder layer over every discarded patch (~4.9 MFLOPs per item for the proving ground's, 87.5%)."""
-    if not 0 <= layers <= len(model.mapper.encoder.blocks):
-        raise ValueError(f"mapper has {len(model.mapper.encoder.blocks)} blocks; cannot keep {layers}")
-    model.mapper.encoder.blocks = model.mapper.encoder.blocks[:layers]
+    blocks = model.mapper.blocks
+    if not 0 <= layers <= len(blocks):
+        raise ValueError(f"mapper has {len(blocks)} blocks; cannot keep {layers}")
+    del blocks[layers:]
     model.config.mapper_layers = layers
     return model
 
@@ -406,13 +476,23 @@ def build_caption_model(
     max_caption_tokens: int = 16,
     dropout: float = 0.1,
     seed: int = 0,
+    n_positions: int = 256,
+    mapper_arch: str = "encoder",
+    input_features: str = "feature_layer",
+    beam_rank: str = "sum",
+    stop_on_eos: bool = True,
+    decode: str = "detokenize",
+    length_penalty: float = 1.0,
 ) -> CaptionModel:
-    """A random-init caption model with a small ``GPT2LMHeadModel`` decoder over ``tokenizer``'s vocabulary."""
+    """A random-init caption model with a small ``GPT2LMHeadModel`` decoder over ``tokenizer``'s vocabulary.
+
+    ``n_positions``: the decoder's position table (question + prefix + caption must fit). ``mapper_arch``,
+    ``input_features``, ``beam_rank``, ``stop_on_eos``, ``decode``: see ``CaptionConfig``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     dec_config = GPT2Config(
         vocab_size=len(tokenizer),
-        n_positions=256,
+        n_positions=n_positions,
         n_embd=hidden,
         n_layer=decoder_layers,
         n_head=decoder_heads,
@@ -428,7 +508,9 @@ def build_caption_model(
     config = CaptionConfig(feature_dim=feature_dim, hidden=hidden, prefix_len=prefix_len,
                            patch_prefix=patch_prefix, mapper_layers=mapper_layers, mapper_heads=mapper_heads,
                            mapper_intermediate=mapper_intermediate, beams=beams,
-                           max_caption_tokens=max_caption_tokens)
+                           max_caption_tokens=max_caption_tokens, mapper_arch=mapper_arch,
+                           input_features=input_features, beam_rank=beam_rank, stop_on_eos=stop_on_eos,
+                           decode=decode, length_penalty=length_penalty)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         decoder = GPT2LMHeadModel(dec_config)

@@ -14,7 +14,7 @@ small models of the same classes this project trains); weights load with eager a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -23,9 +23,9 @@ from torch import Tensor
 
 from actors.fastv import FastVSpec, LlamaDecoderRunner
 from actors.loading import local_model_dir
-from actors.prompt import IMAGE_TOKEN, build_prompt
+from actors.prompt import PromptFormat
 from actors.pruners import METHODS, PrunedBatch, TextGuide, prune, resolve_keep_tokens, visionzip_split
-from actors.vision import VisionBatch, encode_images, feature_layer_count
+from actors.vision import VisionBatch, encode_images, feature_layer_count, next_layer_cls_score
 
 __all__ = [
     "METHODS",
@@ -67,8 +67,8 @@ class LlavaEngine:
         vc = self.config.vision_config
         self.num_patches = (vc.image_size // vc.patch_size) ** 2
         self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head)
-        # FLOPs are accounted for the tower as this engine runs it: up to the feature layer only.
-        self.vision_layers_run = feature_layer_count(vc.num_hidden_layers, self.config.vision_feature_layer)
+        # layers run up to LLaVA's feature layer (see the vision_layers_run property)
+        self._feature_layers = feature_layer_count(vc.num_hidden_layers, self.config.vision_feature_layer)
 
     @classmethod
     def from_pretrained(
@@ -124,28 +124,118 @@ class LlavaEngine:
         images = [im.convert("RGB") for im in images]
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
-    def encode_images(self, pixel_values: Tensor) -> VisionBatch:
-        """The vision tower, once: feature-layer patches, CLS attention and keys (actors.vision)."""
+    @property
+    def vision_layers_run(self) -> int:
+        """Full encoder layers ``encode_images`` runs by default: up to the feature layer, or every layer when
+        it computes projected patches (``text_guide`` set). PruMerge+'s single-head score adds a partial next
+        layer (LN1, k over all tokens, q of CLS), priced as the pruner's (pipeline.flops.cls_score_flops)."""
+        if self.text_guide is not None:
+            return self.config.vision_config.num_hidden_layers
+        return self._feature_layers
+
+    @property
+    def _tower(self) -> Any:
         tower = self.model.model.vision_tower
-        tower = getattr(tower, "vision_model", tower)
+        return getattr(tower, "vision_model", tower)
+
+    def encode_images(self, pixel_values: Tensor, *, projected: bool | None = None) -> VisionBatch:
+        """The vision tower, once (actors.vision): feature-layer patches, CLS attention, head-mean keys.
+
+        ``projected`` (default: iff ``text_guide`` is set): also the last layer's projected patch embeddings
+        through the text guide's post_layernorm + visual_projection (every layer runs), and with them the
+        single-head CLS score. Without them that score is left to ``prune`` (only PruMerge+/ACCM need it),
+        except when the feature layer is the last layer (then it is free: the feature layer's own q/k)."""
+        if projected is None:
+            projected = self.text_guide is not None
+        elif projected and self.text_guide is None:
+            raise ValueError("projected=True needs a text guide (text_guide=... / clip_text_url)")
         return encode_images(
-            tower,
+            self._tower,
             pixel_values.to(self.device),
             feature_layer=self.config.vision_feature_layer,
             select_strategy=self.config.vision_feature_select_strategy,
+            projection=self.text_guide if projected else None,
+            next_layer_score=False,
         )
 
+    def cls_score(self, vision: VisionBatch) -> Tensor:
+        """PruMerge+'s single-head CLS score [B, N] from the layer after the feature layer, on the feature
+        layer's output (CLS + patches): what ``encode_images`` leaves out unless it comes free."""
+        if vision.cls_feature is None:
+            raise ValueError("the single-head CLS score needs VisionBatch.cls_feature")
+        layers = self._tower.encoder.layers
+        if self._feature_layers >= len(layers):
+            raise ValueError("feature layer is the last layer: encode_images computes the score itself")
+        hidden = torch.cat([vision.cls_feature[:, None], vision.patch_features], dim=1)
+        return next_layer_cls_score(layers[self._feature_layers], hidden)
+
     def prune(
-        self, vision: VisionBatch, method: str, keep_tokens: int, item_ids: list[str], questions: list[str]
+        self,
+        vision: VisionBatch,
+        method: str,
+        keep_tokens: int,
+        item_ids: list[str],
+        questions: list[str],
+        *,
+        text_pick: str = "nearest",
     ) -> PrunedBatch:
-        """Pruners before the projector (``fastv``/``none`` keep every patch here)."""
-        return prune(vision, method, keep_tokens, item_ids, questions, self.text_guide)
+        """Pruners before the projector (``fastv``/``none`` keep every patch here). ``vision`` is not changed.
+
+        PruMerge+/ACCM: the single-head CLS score is computed here when ``vision`` lacks it;
+        ``text_pick``: "nearest" (the paper) or "farthest" (ACCM's code as written)."""
+        keep = resolve_keep_tokens(vision.patch_features.shape[1], keep_tokens)
+        needs_score = method in ("prumerge_plus", "accm") and keep < vision.patch_features.shape[1]
+        if needs_score and vision.cls_attention_next is None:
+            vision = replace(vision, cls_attention_next=self.cls_score(vision))
+        return prune(vision, method, keep, item_ids, questions, self.text_guide, text_pick=text_pick)
+
+    def front_flops(self, method: str, keep: int, questions: list[str], *, projected: bool) -> list[dict]:
+        """Per item {"vision", "pruner"} FLOPs of ``encode_images(projected=...)`` + ``prune`` as this engine
+        runs them (pipeline.flops convention: matmuls only, 2 per MAC).
+
+        vision: patch conv + the full layers run (up to the feature layer; every layer when ``projected``).
+        pruner: the method's own work. PruMerge+/ACCM: the single-head CLS score (+ the partial next layer,
+        k over all tokens and q of CLS, when that layer did not run in full) and, with projected patches,
+        text tower + text_projection on the question's real tokens, patch projection and distances.
+        Projected patches computed for another method are priced in vision (they ran, nothing used them).
+        fastv/none/random: 0 (FastV prices its in-LLM scoring in the LVLM tier).
+        """
+        from pipeline.flops import patch_projection_flops, pruner_flops, vision_tower_flops
+
+        if projected and self.text_guide is None:
+            raise ValueError("projected=True needs a text guide")
+        vc = self.config.vision_config
+        n = self.num_patches
+        layers = vc.num_hidden_layers if projected else self._feature_layers
+        vision = vision_tower_flops(vc, layers=layers)
+        proj_dim = self.text_guide.visual_projection.out_features if projected else 0
+        keep = resolve_keep_tokens(n, keep)
+        if method in ("prumerge_plus", "accm") and keep >= n:
+            method = "none"  # prune() keeps every patch: no scoring ran
+        text_specs: list[dict | None] = [None] * len(questions)
+        if method in ("prumerge_plus", "accm") and projected:
+            text_specs = self.text_guide.flops_spec(questions)
+        elif projected:
+            vision += patch_projection_flops(vc, proj_dim)
+        out = []
+        for spec in text_specs:
+            pruner = 0.0
+            if method in ("visionzip", "prumerge_plus", "accm"):
+                pruner = pruner_flops(
+                    self.config, method=method, visual_tokens_total=n, visual_tokens_kept=keep,
+                    visionzip_contextual=visionzip_split(keep)[1] if method == "visionzip" else None,
+                    text_guide=spec, projected=projected,
+                )  # fmt: skip
+            out.append({"vision": vision, "pruner": pruner})
+        return out
 
     # -- projector + LLM (LVLM tier) -----------------------------------------------------------------
 
-    def _prompt_ids(self, question: str, caption: str | None) -> tuple[list[int], list[int]]:
-        """Token ids before and after the image placeholder, from the one prompt format."""
-        ids = self.tokenizer(build_prompt(question, caption, IMAGE_TOKEN))["input_ids"]
+    def _prompt_ids(self, question: str, caption: str | None,
+                    prompt_format: PromptFormat | None = None) -> tuple[list[int], list[int]]:
+        """Token ids before and after the image placeholder, from the one prompt module (actors.prompt)."""
+        fmt = prompt_format or PromptFormat()
+        ids = fmt.token_ids(self.tokenizer, question, caption, self.image_token_id)
         j = ids.index(self.image_token_id)
         return ids[:j], ids[j + 1 :]
 
@@ -168,6 +258,7 @@ class LlavaEngine:
         captioner: list[dict | None] | None = None,
         selector: list[dict | None] | None = None,
         ignore_eos: bool = False,
+        prompt_format: PromptFormat | None = None,
     ) -> GenerationResult:
         """Greedy answers for a batch. ``retained``: per item [k, Dv] vision features (pre-projector).
 
@@ -175,7 +266,8 @@ class LlavaEngine:
         changes the LLM for ``fastv`` (``keep_tokens`` image tokens kept from layer ``fastv_layer`` on);
         for every method it names the FLOPs accounting. ``captioner``/``selector``: per-item kwargs for
         pipeline.flops (ACCM's caption model and selector costs). ``ignore_eos``: always generate
-        ``max_new_tokens`` (benchmarks: equal decode work for every method).
+        ``max_new_tokens`` (benchmarks: equal decode work for every method). ``prompt_format``: the
+        conversation and answer-format line (``actors.prompt.PromptFormat``; default ``llava_hf``, no suffix).
         """
         from pipeline.flops import llava_item_flops
 
@@ -183,6 +275,9 @@ class LlavaEngine:
             raise RuntimeError("this engine was loaded with vision_only=True (captioner tier): no LLM weights")
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+        depth = self.config.text_config.num_hidden_layers
+        if method == "fastv" and not 1 <= fastv_layer < depth:
+            raise ValueError(f"--fastv-layer must be in 1..{depth - 1} for this {depth}-layer LLM, got {fastv_layer}")
         items = list(retained.unbind(0)) if isinstance(retained, Tensor) else list(retained)
         b = len(items)
         if len(questions) != b:
@@ -193,8 +288,8 @@ class LlavaEngine:
 
         seqs, starts, n_vis, text_lens, caption_lens = [], [], [], [], []
         for feats, q, c in zip(items, questions, captions, strict=True):
-            before, after = self._prompt_ids(q, c)
-            plain_before, plain_after = self._prompt_ids(q, None) if c else (before, after)
+            before, after = self._prompt_ids(q, c, prompt_format)
+            plain_before, plain_after = self._prompt_ids(q, None, prompt_format) if c else (before, after)
             ids = torch.tensor(before + after, device=dev)
             text = embed(ids)
             vis = self.project(feats)

@@ -1,7 +1,8 @@
 """Visual-token pruners that run before the projector (SPEC §2): random, VisionZip, PruMerge+ and none.
 
-Every pruner returns a ``PrunedBatch``: which patches survive (ascending, so the LLM sees them in image
-order), their features, and the discarded patches (ACCM's caption model reads those). FastV prunes
+Every pruner returns a ``PrunedBatch``: which patches survive, their features (in ``kept_indices``'
+order: ascending for random/VisionZip, ACCM's code order for PruMerge+ by default), and the discarded
+patches, ascending (ACCM's caption model reads those). FastV prunes
 inside the LLM instead (actors/fastv.py); before the projector it behaves like ``none``.
 
 Top-k selection and scoring go through the ``kernels`` dispatch functions (Triton on CUDA, PyTorch
@@ -11,6 +12,7 @@ reference elsewhere) when that package provides them.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,6 @@ import torch
 from torch import Tensor, nn
 
 from actors.vision import VisionBatch
-from kernels.token_scores import cosine_scores
 from kernels.topk_select import select_topk
 
 METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")  # accm prunes like prumerge_plus
@@ -74,21 +75,35 @@ def resolve_keep_tokens(total: int, keep_tokens: int | None = None, prune_rate: 
 class PrunedBatch:
     """Pruner output. ``retained`` is what the projector sees (k rows per item)."""
 
-    kept_indices: Tensor  # [B, k'] ascending patch indices kept as themselves (k' = k except VisionZip)
+    # [B, k'] patch indices kept as themselves, in retained's order (k' = k except VisionZip): ascending
+    # except PruMerge+'s default order="code" ([union, stride fill, random fill], ACCM clip_encoder.py L252-263)
+    kept_indices: Tensor
     retained: Tensor  # [B, k, Dv] (VisionZip: [CLS, dominant patches, merged contextual tokens])
-    discarded_indices: Tensor  # [B, N-k'] ascending
+    # [B, N-k'] ascending, as ACCM's caption path reads them (``all_idx[~isin(all_idx, idx)]``, L272-274)
+    discarded_indices: Tensor
     discarded: Tensor  # [B, N-k', Dv] input of ACCM's caption mapper
     notes: list[str] = field(default_factory=list)
+    # [B, N-k', P] the discarded rows of VisionBatch.projected (ascending, not normalised; ACCM's reference
+    # caption model reads these, L269-275); None when the vision stage computed no projected patches
+    discarded_projected: Tensor | None = None
 
     @property
     def keep_tokens(self) -> int:
         return self.retained.shape[1]
 
 
+def _discarded_projected(vision: VisionBatch, dropped: Tensor) -> Tensor | None:
+    return None if vision.projected is None else gather_rows(vision.projected, dropped)
+
+
 def _split(vision: VisionBatch, kept: Tensor, notes: list[str] | None = None) -> PrunedBatch:
+    """Kept rows in ``kept``'s order; the others ascending."""
     feats = vision.patch_features
     dropped = complement(kept, feats.shape[1])
-    return PrunedBatch(kept, gather_rows(feats, kept), dropped, gather_rows(feats, dropped), notes or [])
+    return PrunedBatch(
+        kept, gather_rows(feats, kept), dropped, gather_rows(feats, dropped), notes or [],
+        _discarded_projected(vision, dropped),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -124,6 +139,8 @@ def prune_visionzip(vision: VisionBatch, keep: int) -> PrunedBatch:
 
     Contextual: among the non-dominant patches, C evenly strided ones are targets; every other patch is
     assigned to its most key-cosine-similar target and averaged into it (target + mean of its group).
+    Keys = the feature layer's keys averaged over heads, [B, N, head_dim] (VisionZip visionzip/utils.py
+    L89 ``raw_key_states.mean(1)``, read as the metric in visionzip/clip_encoder.py L45, L64).
     """
     if vision.keys is None or vision.cls_feature is None:
         raise ValueError(
@@ -156,7 +173,9 @@ def prune_visionzip(vision: VisionBatch, keep: int) -> PrunedBatch:
         merged = summed / counts.clamp_min(1.0)[..., None]
         parts.append((rest_feats[:, targets].float() + merged).to(feats.dtype))
     retained = torch.cat(parts, dim=1)
-    return PrunedBatch(dominant, retained, rest, gather_rows(feats, rest), [])
+    return PrunedBatch(
+        dominant, retained, rest, gather_rows(feats, rest), [], _discarded_projected(vision, rest)
+    )
 
 
 class TextGuide(nn.Module):
@@ -164,6 +183,8 @@ class TextGuide(nn.Module):
 
     LLaVA checkpoints carry no CLIP text model, so PruMerge+'s text-guided picks need one loaded beside
     them (a ``CLIPModel`` whose vision width matches the LLaVA tower, e.g. openai/clip-vit-large-patch14-336).
+    ``post_layernorm`` + ``visual_projection`` turn the tower's last layer into per-patch embeddings
+    (actors.vision.project_tokens, run by encode_images when given this guide as ``projection``).
     """
 
     def __init__(self, clip_model: nn.Module, tokenizer: Any, *, max_length: int = 77):
@@ -182,54 +203,118 @@ class TextGuide(nn.Module):
         model = CLIPModel.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
         return cls(model, AutoTokenizer.from_pretrained(path))
 
+    def question_ids(self, question: str) -> list[int]:
+        """Token ids of the plain question, as ACCM's side path sees it.
+
+        First line only (ACCM's model_vqa_loader passes ``qs.split('\\n')[0]``, without the answer-format
+        suffix); tokenized untruncated, then cut to ``max_length`` with EOS forced into the last slot
+        (ACCM clip_encoder.py L171-176: ``input_ids[:, :77]``, ``input_ids[:, 76] = 49407``)."""
+        ids = list(self.tokenizer(question.split("\n", 1)[0])["input_ids"])
+        if len(ids) > self.max_length:
+            ids = ids[: self.max_length]
+            ids[-1] = self.tokenizer.eos_token_id
+        return ids
+
     @torch.no_grad()
-    def embed_text(self, questions: list[str]) -> Tensor:
-        enc = self.tokenizer(
-            questions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
-        )
-        enc = {k: v.to(self.text_projection.weight.device) for k, v in enc.items()}
-        pooled = self.text_model(
-            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]
-        ).pooler_output
-        return self.text_projection(pooled)
+    def embed_questions(self, questions: list[str]) -> Tensor:
+        """[B, P] L2-normalised ``text_embeds`` (text_projection of the pooled output), one question at a
+        time as ACCM does (clip_encoder.py L170-180), so an item's embedding ignores its batch-mates."""
+        dev = self.text_projection.weight.device
+        out = []
+        for q in questions:
+            ids = torch.tensor([self.question_ids(q)], device=dev)
+            pooled = self.text_model(input_ids=ids, attention_mask=torch.ones_like(ids)).pooler_output
+            out.append(self.text_projection(pooled)[0])
+        emb = torch.stack(out).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
 
     def flops_spec(self, questions: list[str]) -> list[dict]:
-        """Per-question ``text_guide`` kwargs for pipeline.flops.pruner_flops."""
+        """Per-question ``text_guide`` kwargs for pipeline.flops.pruner_flops (real token counts)."""
         from pipeline.flops import dims_from_config
 
         dims = dims_from_config(self.text_model.config)
-        ids = self.tokenizer(questions, truncation=True, max_length=self.max_length)["input_ids"]
         proj = self.text_projection.out_features
-        return [{"text_dims": dims, "question_tokens": len(x), "projection_dim": proj} for x in ids]
+        return [
+            {"text_dims": dims, "question_tokens": len(self.question_ids(q)), "projection_dim": proj}
+            for q in questions
+        ]
 
-    @torch.no_grad()
-    def project_patches(self, patch_features: Tensor) -> Tensor:
-        return self.visual_projection(
-            self.post_layernorm(patch_features.to(self.visual_projection.weight.dtype))
-        )
 
-    @torch.no_grad()
-    def scores(self, patch_features: Tensor, questions: list[str]) -> Tensor:
-        """[B, N] cosine similarity of each patch to its item's question."""
-        return cosine_scores(self.project_patches(patch_features), self.embed_text(questions))
+# ACCM's (kept visual tokens -> max_num_text) pairs: clip_encoder.py L152-153 ("144, 36, 18, 288, 72" /
+# "70, 20, 12, 150, 40"); L77-78 set the 18 -> 12 default.
+TEXT_PICK_TABLE = ((18, 12), (36, 20), (72, 40), (144, 70), (288, 150))
+TEXT_PICKS = ("nearest", "farthest")
+ORDERS = ("code", "ascending")
+
+
+def text_pick_count(keep: int) -> int:
+    """ACCM's ``topk_num`` for a budget: its table at 18/36/72/144/288 kept tokens; between those points
+    linear in ``keep``, rounded; below 18 round(keep*12/18), above 288 round(keep*150/288) (our
+    extension: the authors only ran the tabulated budgets)."""
+    (k0, t0), (kn, tn) = TEXT_PICK_TABLE[0], TEXT_PICK_TABLE[-1]
+    if keep <= k0:
+        return round(keep * t0 / k0)
+    if keep >= kn:
+        return round(keep * tn / kn)
+    for (a, ta), (b, tb) in zip(TEXT_PICK_TABLE, TEXT_PICK_TABLE[1:], strict=False):
+        if a <= keep <= b:
+            return round(ta + (tb - ta) * (keep - a) / (b - a))
+    raise AssertionError("unreachable")
 
 
 def iqr_outliers(scores: Tensor) -> Tensor:
-    """Indices (descending by score) of entries above Q3 + 1.5 IQR."""
-    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
-    hits = (scores > q3 + 1.5 * (q3 - q1)).nonzero()[:, 0]
-    return hits[torch.argsort(scores[hits], descending=True, stable=True)]
+    """ACCM's CLS picks: ``topk(int(N * ratio))`` of the scores, largest first, with ratio = the share of
+    scores above Q3 + 1.5 IQR (clip_encoder.py L49-62 ``outlier_dectection``, L215-220). Quartiles by
+    linear interpolation, as numpy.percentile's default (torch.quantile's default too)."""
+    s = scores.detach().float().cpu().flatten()
+    q1, q3 = torch.quantile(s.double(), torch.tensor([0.25, 0.75], dtype=torch.float64))
+    n = s.numel()
+    ratio = int((s.double() > q3 + 1.5 * (q3 - q1)).sum()) / n  # L59-61
+    return torch.topk(s, int(n * ratio), largest=True).indices  # L219
 
 
-def _add_new(chosen: list[int], candidates: Tensor, limit: int) -> None:
-    """Append candidates not yet chosen, in order, until ``chosen`` holds ``limit``."""
-    seen = set(chosen)
-    for j in candidates.tolist():
-        if len(chosen) >= limit:
-            return
-        if j not in seen:
-            seen.add(j)
-            chosen.append(j)
+def text_picks(text_embed: Tensor, patch_embeds: Tensor, count: int, pick: str = "nearest") -> Tensor:
+    """``count`` patches by squared L2 distance of L2-normalised embeddings (clip_encoder.py L186-190).
+
+    ``farthest``: the code as written (``distances.topk(topk_num)``, default largest=True, L190);
+    ``nearest``: the paper's reading (the patches closest to the question)."""
+    if pick not in TEXT_PICKS:
+        raise ValueError(f"text_pick must be one of {TEXT_PICKS}, got {pick!r}")
+    t, p = text_embed.float(), patch_embeds.float()
+    dist = (t**2).sum() + (p**2).sum(dim=-1) - 2.0 * (p @ t)  # L186-188
+    return torch.topk(dist, count, largest=pick == "farthest").indices
+
+
+def prumerge_plus_row(
+    n: int, keep: int, text: Tensor | None, cls: Tensor, item_id: str, order: str = "code"
+) -> Tensor:
+    """One item's kept patch indices from its text picks and CLS outliers (ACCM clip_encoder.py L224-263).
+
+    Union: cat(text, cls) -> unique (ascending); over budget -> the LAST ``keep`` (highest indices,
+    L229-233). Fill: need = keep - len; stride ``arange(0, N, ceil(N / need))`` minus the chosen ones
+    (L242-252); then random patches from the rest (L253-260; theirs is an unseeded randperm, ours is
+    seeded by the item id). ``order="code"``: [union ascending, stride, random] as their code returns it;
+    ``"ascending"``: sorted.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    picks = [cls.long().cpu()] if text is None else [text.long().cpu(), cls.long().cpu()]
+    union = torch.unique(torch.cat(picks))  # sorted ascending
+    if union.numel() > keep:
+        union = union[-keep:]  # L232
+    chosen = union.tolist()
+    need = keep - len(chosen)
+    if need > 0:
+        step = math.ceil(n / need)  # L246
+        have = set(chosen)
+        chosen += [j for j in range(0, n, step) if j not in have]  # L247-252
+    if len(chosen) < keep:
+        have = set(chosen)
+        rest = [j for j in range(n) if j not in have]  # ascending, as all_index[mask] (L255-256)
+        perm = torch.randperm(len(rest), generator=item_generator(item_id))[: keep - len(chosen)]
+        chosen += [rest[j] for j in perm.tolist()]  # L258-260
+    row = torch.tensor(chosen, dtype=torch.long)
+    return row.sort().values if order == "ascending" else row
 
 
 def prune_prumerge_plus(
@@ -239,36 +324,45 @@ def prune_prumerge_plus(
     questions: list[str],
     text_guide: TextGuide | None = None,
     *,
-    text_fraction: float = 0.25,
+    text_pick: str = "nearest",
+    order: str = "code",
 ) -> PrunedBatch:
-    """ACCM's base pruner (SPEC §1.1): text-guided picks, CLS-attention IQR outliers, stride fill, random fill.
+    """ACCM's base pruner, ``token_prune_merge_advanced_plus`` (ACCM clip_encoder.py L132-265). No merging.
 
-    Order of precedence, each step only adding new patches while budget is left: (a) the
-    ``round(keep * text_fraction)`` patches most similar to the question (only with a ``text_guide``);
-    (b) CLS-attention outliers, strongest first; (c) patches on an even stride over the image; (d)
-    random patches (seeded by item id). No merging.
+    (1) text picks: ``text_pick_count(keep)`` patches by distance between the question's CLIP text
+    embedding and the last layer's projected patches (``vision.projected``; only with a ``text_guide``);
+    (2) CLS picks: IQR outliers of ``vision.cls_attention_next`` (one full-width head of the next layer);
+    (3) union, stride fill, random fill (``prumerge_plus_row``). ``kept_indices`` follow ``retained``'s
+    order (``order``); ``discarded_indices`` are ascending.
     """
+    if text_pick not in TEXT_PICKS:
+        raise ValueError(f"text_pick must be one of {TEXT_PICKS}, got {text_pick!r}")
+    if vision.cls_attention_next is None:
+        raise ValueError(
+            "prumerge_plus needs VisionBatch.cls_attention_next (the next layer's single-head CLS score): "
+            "encode with actors.vision.encode_images(next_layer_score=True) or prune through LlavaEngine.prune"
+        )
     feats = vision.patch_features
     b, n, _ = feats.shape
     notes = []
-    text_scores = None
+    text_rows: list[Tensor | None] = [None] * b
     if text_guide is not None:
-        text_scores = text_guide.scores(feats, questions).float()
+        if vision.projected is None:
+            raise ValueError(
+                "a text guide needs VisionBatch.projected (encode_images(..., projection=text_guide))"
+            )
+        text = text_guide.embed_questions(questions).cpu()
+        patches = vision.projected.detach().float().cpu()
+        patches = patches / patches.norm(dim=-1, keepdim=True)  # L163
+        count = min(n, text_pick_count(keep))
+        text_rows = [text_picks(text[i], patches[i], count, text_pick) for i in range(b)]
     else:
         notes.append("prumerge_plus: no CLIP text model, text-guided part skipped")
-    rows = []
-    for i in range(b):
-        chosen: list[int] = []
-        if text_scores is not None:
-            n_text = min(keep, round(keep * text_fraction))
-            _add_new(chosen, torch.argsort(text_scores[i].cpu(), descending=True, stable=True), n_text)
-        _add_new(chosen, iqr_outliers(vision.cls_attention[i].cpu()), keep)
-        need = keep - len(chosen)
-        if need > 0:
-            _add_new(chosen, (torch.arange(need) * n) // need + (n // need) // 2, keep)
-        if len(chosen) < keep:
-            _add_new(chosen, torch.randperm(n, generator=item_generator(item_ids[i])), keep)
-        rows.append(torch.tensor(sorted(chosen)))
+    cls_scores = vision.cls_attention_next
+    rows = [
+        prumerge_plus_row(n, keep, text_rows[i], iqr_outliers(cls_scores[i]), item_ids[i], order)
+        for i in range(b)
+    ]
     return _split(vision, torch.stack(rows).to(feats.device), notes)
 
 
@@ -279,8 +373,15 @@ def prune(
     item_ids: list[str],
     questions: list[str],
     text_guide: TextGuide | None = None,
+    *,
+    text_pick: str = "nearest",
+    order: str = "code",
 ) -> PrunedBatch:
-    """Dispatch on ``method`` (one of METHODS). ``fastv`` and ``none`` keep every patch here."""
+    """Dispatch on ``method`` (one of METHODS). ``fastv`` and ``none`` keep every patch here.
+
+    ``text_pick`` ("nearest" | "farthest") and ``order`` ("code" | "ascending"): PruMerge+/ACCM only."""
+    if text_pick not in TEXT_PICKS:
+        raise ValueError(f"text_pick must be one of {TEXT_PICKS}, got {text_pick!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     n = vision.patch_features.shape[1]
@@ -291,4 +392,6 @@ def prune(
         return prune_random(vision, keep, item_ids)
     if method == "visionzip":
         return prune_visionzip(vision, keep)
-    return prune_prumerge_plus(vision, keep, item_ids, questions, text_guide)
+    return prune_prumerge_plus(
+        vision, keep, item_ids, questions, text_guide, text_pick=text_pick, order=order
+    )

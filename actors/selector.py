@@ -9,6 +9,11 @@ so an untrained selector is still order-blind). It is the one prior a text-only 
 candidates differ only in what the image decides: how often the caption model's first beam is the best one
 (docs/notes/accm.md, Session 5).
 
+``arch="torch_transformer"`` is the ACCM authors' ``TransformerSelector`` (selector_transformer.py): a stock
+``nn.TransformerEncoder`` whose state dict keys are theirs after renaming ``transformer_encoder.`` to
+``classifier.``; with ``template=REFERENCE_TEMPLATE``, ``strip_caption=False`` and ``remove_suffixes=
+LLAVA_ANSWER_SUFFIXES`` the candidate texts are theirs (clip_encoder.py lines 296-307).
+
 On disk::
 
     accm_selector.json           SelectorConfig
@@ -19,7 +24,8 @@ On disk::
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,11 +39,27 @@ CONFIG_NAME = "accm_selector.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"
 TEMPLATE = "Question: {q} Supplemental information for questions: {c}"
+# clip_encoder.py lines 298-303: 'Question: ' + q.strip() + '  Supplemental information for questions: ' + caption
+# (two spaces before "Supplemental")
+REFERENCE_TEMPLATE = "Question: {q}  Supplemental information for questions: {c}"
+# clip_encoder.py lines 304-305: LLaVA's answer-format suffixes are removed from the question
+LLAVA_ANSWER_SUFFIXES = ("\nAnswer with the option's letter from the given choices directly.",
+                         "\nAnswer the question using a single word or phrase.")
 SELECTOR_WORDS = ("question", "supplemental", "information", "for", "questions")
+SELECTOR_ARCHS = ("encoder", "torch_transformer")
 
 
-def selector_text(question: str, caption: str) -> str:
-    return TEMPLATE.format(q=question.strip(), c=caption.strip())
+def selector_text(question: str, caption: str, config: SelectorConfig | None = None) -> str:
+    """One candidate's text. The question is stripped, then ``config.remove_suffixes`` are removed from it
+    (the reference strips first, then replaces, clip_encoder.py lines 300-305); the caption is stripped only
+    with ``config.strip_caption`` (the reference appends it as is, line 307)."""
+    template, strip_caption, suffixes = TEMPLATE, True, ()
+    if config is not None:
+        template, strip_caption, suffixes = config.template, config.strip_caption, config.remove_suffixes
+    q = question.strip()
+    for suffix in suffixes:
+        q = q.replace(suffix, "")
+    return template.format(q=q, c=caption.strip() if strip_caption else caption)
 
 
 @dataclass
@@ -46,13 +68,54 @@ class SelectorConfig:
     layers: int = 2
     heads: int = 4
     intermediate: int = 0  # 0 -> 2 * hidden
-    max_text_tokens: int = 64
+    # Token budget of a candidate text; None -> the text encoder's max_position_embeddings. Longer texts are
+    # cut there (BOS + first tokens + EOS, like LongCLIP's tokenize(truncate=True), longclip.py lines 344-348)
+    # with a warning; a budget above the encoder's position table is an error.
+    max_text_tokens: int | None = None
     rank_embedding: bool = False  # add a learned vector per beam rank (candidates arrive best-first)
     max_candidates: int = 8
+    # "encoder": the project's pre-norm encoder (actors.captioner.Encoder, final LayerNorm);
+    # "torch_transformer": the authors' nn.TransformerEncoder (selector_transformer.py lines 24-46)
+    arch: str = "encoder"
+    dropout: float = 0.1  # torch_transformer only (train mode); the reference's default
+    template: str = TEMPLATE
+    strip_caption: bool = True
+    remove_suffixes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.intermediate:
             self.intermediate = 2 * self.hidden
+        if self.arch not in SELECTOR_ARCHS:
+            raise ValueError(f"SelectorConfig.arch must be one of {SELECTOR_ARCHS}, not {self.arch!r}")
+
+
+def build_classifier(config: SelectorConfig) -> nn.Module:
+    """The candidate-sequence body ``config.arch`` names (input and output [B, N, hidden])."""
+    if config.arch == "torch_transformer":
+        return ReferenceClassifier(config)
+    return Encoder(config.hidden, config.layers, config.heads, config.intermediate)
+
+
+class ReferenceClassifier(nn.Module):
+    """``TransformerSelector``'s body (selector_transformer.py lines 24-46, 61-63): ``nn.TransformerEncoder`` of
+    ``TransformerEncoderLayer(d, heads, ffn, dropout, activation="gelu", norm_first=True)``, sequence-first
+    (batch_first False), no final norm. Its state dict is ``layers.{i}.self_attn.in_proj_weight`` ... exactly
+    as the authors' ``transformer_encoder.*``.
+
+    In eval mode without grad PyTorch may run its fused encoder-layer kernel; to count FLOPs, disable it
+    (``torch.backends.mha.set_fastpath_enabled(False)``) and use the math SDPA backend."""
+
+    def __init__(self, config: SelectorConfig) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(config.hidden, config.heads, config.intermediate, config.dropout,
+                                           activation="gelu", norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False).layers
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.transpose(0, 1)  # [N, B, d]: selector_transformer.py line 61
+        for layer in self.layers:
+            x = layer(x)
+        return x.transpose(0, 1)
 
 
 class CaptionSelector(nn.Module):
@@ -66,7 +129,13 @@ class CaptionSelector(nn.Module):
         self.config = config
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.tokenizer = tokenizer
-        self.classifier = Encoder(config.hidden, config.layers, config.heads, config.intermediate)
+        limit = text_encoder.config.max_position_embeddings
+        if config.max_text_tokens is None:
+            config.max_text_tokens = limit
+        elif config.max_text_tokens > limit:
+            raise ValueError(f"max_text_tokens {config.max_text_tokens} exceeds the text encoder's "
+                             f"{limit} positions")
+        self.classifier = build_classifier(config)
         self.head = nn.Linear(config.hidden, 1)
         self.rank = nn.Embedding(config.max_candidates, config.hidden) if config.rank_embedding else None
         if self.rank is not None:
@@ -118,10 +187,24 @@ class CaptionSelector(nn.Module):
         return self.head.weight.device
 
     # ---- forward ----------------------------------------------------------------------------------------
+    def text(self, question: str, caption: str) -> str:
+        """The text the encoder reads for one candidate (``selector_text`` with this selector's config)."""
+        return selector_text(question, caption, self.config)
+
+    def text_lengths(self, texts: list[str]) -> list[int]:
+        """Token counts (specials included) before any truncation."""
+        return [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+
     def encode_texts(self, texts: list[str]) -> tuple[Tensor, int]:
-        """EOS features [T, hidden] of the frozen text encoder, and the padded token length used."""
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.max_text_tokens,
-                             return_tensors="pt")
+        """EOS features [T, hidden] of the frozen text encoder, and the padded token length used.
+
+        A text longer than ``max_text_tokens`` is cut there (its EOS kept last) with a warning, never silently."""
+        budget = self.config.max_text_tokens
+        long = [n for n in self.text_lengths(texts) if n > budget]
+        if long:
+            warnings.warn(f"selector: {len(long)} candidate text(s) of up to {max(long)} tokens truncated to "
+                          f"{budget} (the text encoder's budget)", stacklevel=2)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=budget, return_tensors="pt")
         enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
         with torch.no_grad():
             feats = self.text_encoder(**enc).text_embeds
@@ -132,7 +215,7 @@ class CaptionSelector(nn.Module):
         n = len(candidates[0])
         if any(len(c) != n for c in candidates):
             raise ValueError("every item needs the same number of candidates")
-        texts = [selector_text(q, c) for q, cands in zip(questions, candidates, strict=True) for c in cands]
+        texts = [self.text(q, c) for q, cands in zip(questions, candidates, strict=True) for c in cands]
         feats, _ = self.encode_texts(texts)
         x = feats.view(len(questions), n, -1)
         if self.rank is not None:
@@ -187,8 +270,19 @@ def build_selector(
     rank_embedding: bool = False,
     tokenizer: PreTrainedTokenizerBase | None = None,
     seed: int = 0,
+    max_positions: int = 64,
+    arch: str = "encoder",
+    dropout: float = 0.1,
+    template: str = TEMPLATE,
+    strip_caption: bool = True,
+    remove_suffixes: list[str] | tuple[str, ...] = (),
+    max_text_tokens: int | None = None,
 ) -> CaptionSelector:
-    """A small random-init CLIP text encoder (frozen) + a fresh classifier."""
+    """A small random-init CLIP text encoder (frozen) + a fresh classifier.
+
+    ``max_positions``: the text encoder's position table; ``max_text_tokens`` (default: all of it) the token
+    budget of a candidate. ``arch``, ``dropout``, ``template``, ``strip_caption``, ``remove_suffixes``: see
+    ``SelectorConfig``."""
     from transformers import CLIPTextConfig
 
     tokenizer = tokenizer or build_selector_tokenizer()
@@ -198,7 +292,7 @@ def build_selector(
         intermediate_size=4 * text_hidden,
         num_hidden_layers=text_layers,
         num_attention_heads=text_heads,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         projection_dim=projection_dim,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
@@ -208,7 +302,9 @@ def build_selector(
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         text_encoder = CLIPTextModelWithProjection(text_config)
-        model = CaptionSelector(SelectorConfig(hidden=projection_dim, layers=layers, heads=heads,
-                                               intermediate=intermediate, rank_embedding=rank_embedding),
-                                text_encoder, tokenizer)
+        config = SelectorConfig(hidden=projection_dim, layers=layers, heads=heads, intermediate=intermediate,
+                                rank_embedding=rank_embedding, arch=arch, dropout=dropout, template=template,
+                                strip_caption=strip_caption, remove_suffixes=list(remove_suffixes),
+                                max_text_tokens=max_text_tokens)
+        model = CaptionSelector(config, text_encoder, tokenizer)
     return model.eval()

@@ -429,7 +429,10 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         for method in ("random", "fastv", "visionzip", "prumerge_plus"):
             kept = (batch["full"] if method == "fastv"
                     else engine.prune(vision, method, 16, batch["ids"], qs).retained)
-            add(f"75% {method}", engine.generate(kept, qs, method=method, keep_tokens=16), ans)
+            # FastV's layer 2, or the last layer that still has one after it (the smoke's 2-layer LLM)
+            fastv_layer = min(2, engine.config.text_config.num_hidden_layers - 1)
+            add(f"75% {method}", engine.generate(kept, qs, method=method, keep_tokens=16, fastv_layer=fastv_layer),
+                ans)
         for keep in keeps:
             if keep != keeps[0]:
                 batch = make_batch(engine, seed, split, idx, keep)
@@ -498,6 +501,9 @@ SMOKE_SELECTOR = dict(text_hidden=32, text_layers=1, text_heads=2, projection_di
                       rank_embedding=True)
 
 
+SMOKE_STAGES = ("pretrain", "accm", "accm-resume", "eval")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("pretrain", "accm", "all", "eval"), default="all")
@@ -553,10 +559,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slot-read", type=float, default=1.0,
                    help="pre-training: weight of a linear read-out of each patch slot's colour, shape, row and "
                         "column from the hidden state the supervised heads read (patch_prefix only; not shipped)")
-    p.add_argument("--captioner-arch", default=None, help="JSON overrides of the caption model's arch (fresh builds)")
+    p.add_argument("--captioner-arch", default=None,
+                   help="JSON overrides of the caption model's arch (fresh builds; build_caption_model kwargs), e.g. "
+                        "the ACCM reference mapper: '{\"mapper_arch\": \"clipcap\", \"patch_prefix\": false}' "
+                        "(with --attn-sup 0 --slot-read 0: a ClipCap prefix has no patch slots)")
+    p.add_argument("--selector-arch", default=None,
+                   help="JSON overrides of the selector's arch (fresh builds; build_selector kwargs), e.g. the "
+                        "ACCM reference classifier: '{\"arch\": \"torch_transformer\"}'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=None, help="--smoke: parent folder of its scratch directory")
     p.add_argument("--smoke", action="store_true", help="a few steps of every stage on tiny random models")
+    p.add_argument("--smoke-stages", default=",".join(SMOKE_STAGES),
+                   help=f"--smoke: the stages to run, in order (default: {','.join(SMOKE_STAGES)})")
     return p.parse_args(argv)
 
 
@@ -590,6 +604,8 @@ def main(argv: list[str] | None = None) -> dict:
         arch_c, arch_s = SMOKE_CAPTIONER, SMOKE_SELECTOR
     if args.captioner_arch:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
+    if args.selector_arch:
+        arch_s = {**arch_s, **json.loads(args.selector_arch)}
     if args.init_captioner:
         init_from(args.init_captioner, args.captioner, json.loads(args.captioner_arch or "{}"))
     base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
@@ -603,7 +619,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary: dict = {}
     stages = ["pretrain", "accm"] if args.stage == "all" else [args.stage]
     if args.smoke:
-        stages = ["pretrain", "accm", "accm-resume", "eval"]
+        stages = args.smoke_stages.split(",")
+        unknown = sorted(set(stages) - set(SMOKE_STAGES))
+        if unknown:
+            raise SystemExit(f"--smoke-stages: unknown stage(s) {unknown}; choose from {','.join(SMOKE_STAGES)}")
     resume = args.resume
     for stage in stages:
         if stage == "eval":

@@ -16,6 +16,8 @@ from typing import Any
 
 METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
 CAPTION_METHODS = ("accm",)
+TEXT_PICK_METHODS = ("prumerge_plus", "accm")  # the methods whose pruner has text-guided picks
+TEXT_PICKS = ("nearest", "farthest")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +55,10 @@ class JobConfig:
     lvlm: str = field(default_factory=lambda: _repo_path("models/shapes/lvlm"))
     captioner: str | None = field(default_factory=lambda: _repo_path("models/shapes/captioner"))
     selector: str | None = field(default_factory=lambda: _repo_path("models/shapes/selector"))
+    clip: str | None = None  # CLIPModel folder: PruMerge+'s text guide, projected patches (ACCM reference)
+    text_pick: str = "nearest"  # PruMerge+ text-guided picks: nearest (the paper) or farthest (ACCM's code)
+    conv: str = "llava_hf"  # LVLM conversation format (actors.prompt.CONVERSATIONS)
+    answer_suffix: str = "none"  # answer-format line appended to each question (actors.prompt.ANSWER_SUFFIXES)
     num_candidates: int = 3
     max_new_tokens: int = 8
     batch_size: int = 16
@@ -86,6 +92,15 @@ class JobConfig:
             self.prune_rate = None  # --keep-tokens overrides the (default) pruning rate
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        from actors.prompt import CONVERSATIONS
+
+        if self.conv not in CONVERSATIONS:
+            raise ValueError(f"--conv must be one of {', '.join(CONVERSATIONS)}, got {self.conv!r}")
+        if self.text_pick not in TEXT_PICKS:
+            raise ValueError(f"--text-pick must be one of {', '.join(TEXT_PICKS)}, got {self.text_pick!r}")
+        if self.fastv_layer < 1:
+            raise ValueError(f"--fastv-layer must be >= 1 (FastV ranks tokens by layer K-1's attention), "
+                             f"got {self.fastv_layer}")
         if self.num_candidates < 1:
             raise ValueError("--num-candidates must be >= 1")
         if self.limit is not None and self.limit < 0:
@@ -125,6 +140,18 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--lvlm", "lvlm", str, "LLaVA model directory: local, file:// or s3:// (default: models/shapes/lvlm)."),
     ("--captioner", "captioner", str, "ACCM caption model directory (accm only)."),
     ("--selector", "selector", str, "ACCM selector directory (accm only)."),
+    ("--clip", "clip", str, "A CLIPModel folder (e.g. openai/clip-vit-large-patch14-336; local, file:// or "
+     "s3://), loaded once per captioner actor: the text guide of prumerge_plus/accm (question vs projected "
+     "patch embeddings) and the projected patch embeddings ACCM's reference caption model reads. Without it "
+     "the text-guided picks are skipped (default: none)."),
+    ("--text-pick", "text_pick", str, "PruMerge+ text-guided picks: 'nearest' patches to the question (the "
+     "ACCM paper, default) or 'farthest' (ACCM's code as written: topk of the L2 distance, largest=True)."),
+    ("--conv", "conv", str, "LVLM conversation format: 'llava_hf' (USER: <image>\n... ASSISTANT:, what the "
+     "proving-ground models use; default) or 'vicuna_v1' (LLaVA-1.5's evaluation prompt with its system "
+     "prompt, as in every published LLaVA-1.5 number)."),
+    ("--answer-suffix", "answer_suffix", str, "Answer-format line added to each question after a newline: "
+     "'none' (default), 'short' (Answer the question using a single word or phrase.), 'option' (Answer with "
+     "the option's letter from the given choices directly.) or any literal text."),
     ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size, default: 3)."),
     ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: 8)."),
     ("--batch-size", "batch_size", int, "Rows per model batch in both tiers (default: 16)."),

@@ -35,7 +35,7 @@ from typing import Any
 
 # Per-item FLOPs components (schema column ``flops_<name>``) and the tier that executes each.
 CAPTIONER_TIER_COMPONENTS = ("vision", "pruner", "captioner", "selector")
-LVLM_TIER_COMPONENTS = ("llm_prefill", "llm_decode")  # + the projector: total minus everything named
+LVLM_TIER_COMPONENTS = ("projector", "llm_prefill", "llm_decode")
 ALL_COMPONENTS = CAPTIONER_TIER_COMPONENTS + LVLM_TIER_COMPONENTS
 
 PRICES_AS_OF = "2025-06"
@@ -185,13 +185,15 @@ def tier_flops(flops: Mapping[str, float]) -> tuple[float, float, float]:
     """Split per-item FLOPs into (captioner tier, LVLM prefill + projector, LVLM decode).
 
     ``flops`` maps component names (``vision``, ..., ``llm_decode``, ``total``; a ``flops_`` prefix is
-    accepted) to FLOPs. The projector has no column of its own: it is ``total`` minus the named parts.
+    accepted) to FLOPs. The projector runs with the prefill; whatever ``total`` holds beyond the named
+    parts (older outputs had no ``flops_projector`` column) is counted there too.
     """
     f = {k.removeprefix("flops_"): float(v or 0.0) for k, v in flops.items() if v is not None}
     cap = sum(f.get(k, 0.0) for k in CAPTIONER_TIER_COMPONENTS)
     decode = f.get("llm_decode", 0.0)
-    named = cap + f.get("llm_prefill", 0.0) + decode
-    prefill = f.get("llm_prefill", 0.0) + max(f.get("total", named) - named, 0.0)
+    prefill = f.get("projector", 0.0) + f.get("llm_prefill", 0.0)
+    named = cap + prefill + decode
+    prefill += max(f.get("total", named) - named, 0.0)
     return cap, prefill, decode
 
 

@@ -17,15 +17,19 @@ Convention ("ours"), used for every method so that methods compare fairly:
 * Ignored: norms, softmax, activations, rotary embeddings, biases, residual adds, embedding lookups,
   position-embedding adds. FlopCounterMode counts only matmuls/convolutions, so this is the same scope;
   the elementwise work is well under 1% of the matmul FLOPs at these widths (tests check 2% agreement).
-* Vision tower (CLIP): patch-embedding convolution (2 * patches * 3*p*p * d) plus *all* encoder layers
-  on patches+CLS. LLaVA reads layer -2 (`vision_feature_layer=-2`), but transformers 5.23's
-  `LlavaModel.get_image_features` runs the full CLIPEncoder and only captures that hidden state, so the
-  last layer runs too and is counted (the Llava test below checks this against FlopCounterMode).
+* Vision tower (CLIP): patch-embedding convolution (2 * patches * 3*p*p * d) plus the encoder layers run,
+  on patches+CLS. `vision_tower_flops` defaults to *all* layers: transformers 5.23's
+  `LlavaModel.get_image_features` runs the full CLIPEncoder although LLaVA reads layer -2 (the Llava test
+  checks this against FlopCounterMode). The job (actors.engine) and the CLI count the layers the engine
+  runs (`vision_layers_run`): up to the feature layer (23 of 24 for -2), or every layer when PruMerge+'s
+  text-guided picks need the last layer's projected patches (a CLIP text model is loaded).
 * Projector: LLaVA's 2-layer MLP on the visual tokens that enter it (the kept ones for pruners that act
   before the projector; all of them for `fastv`, which prunes inside the LLM).
 * Pruner scoring is counted, though small: head-summing CLS/last-token attention (H*N adds), VisionZip's
-  key cosine similarity for contextual merging (2*(R-C)*C*d + merge adds), PruMerge+'s text-guided part
-  (CLIP text encoder on the question + patch projection + cosine, only where a text tower exists).
+  head-mean-key cosine similarity for contextual merging (2*(R-C)*C*head_dim + merge adds), PruMerge+'s
+  single-head CLS score of the layer after the feature layer (`cls_score_flops`: k_proj on all tokens +
+  q_proj of CLS + one score row; the row only when that layer ran in full) and its text-guided part
+  (CLIP text encoder on the question + patch projection + distances, only where a text tower exists).
 * FastV: layers < K see every visual token (prefill and their KV cache), layers >= K only the kept ones.
 
 FastV's own convention (its §4.2) counts one layer as 4nd^2 + 2n^2d + 2ndm multiply-accumulates and only
@@ -143,8 +147,40 @@ def decode_flops(dims: TransformerDims, prefill_len: int, new_tokens: int) -> fl
 
 
 def _num_feature_layers(llava_config: Any) -> int:
+    """How many feature layers LLaVA concatenates into the projector's input (1 for an int layer)."""
     layer = getattr(llava_config, "vision_feature_layer", -2)
     return 1 if isinstance(layer, int) else len(layer)
+
+
+def vision_layers_run(llava_config: Any, *, projected: bool = False) -> int:
+    """Encoder layers the engine runs in full (actors.vision.encode_images): up to the (deepest) feature
+    layer; every layer when it computes the last layer's projected patches (``projected``)."""
+    total = llava_config.vision_config.num_hidden_layers
+    if projected:
+        return total
+    layer = getattr(llava_config, "vision_feature_layer", -2)
+    deepest = max(x if x >= 0 else total + 1 + x for x in ([layer] if isinstance(layer, int) else layer))
+    return min(max(deepest, 1), total)
+
+
+def patch_projection_flops(vision_config: Any, projection_dim: int) -> float:
+    """visual_projection on every token (patches + CLS) of the last layer (actors.vision.project_tokens)."""
+    tokens = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+    return 2.0 * tokens * vision_config.hidden_size * projection_dim
+
+
+def cls_score_flops(llava_config: Any, *, projected: bool = False) -> float:
+    """PruMerge+'s single-head CLS score: softmax(q_cls kᵀ / sqrt(C)) over all T tokens, C = hidden width.
+
+    One score row (2*T*C). The q/k come from the layer after the feature layer: when that layer ran in
+    full (``projected``) or the feature layer is the last one (its own q/k), they are already counted in
+    the tower; otherwise k_proj on all T tokens (2*T*C*C) + q_proj of CLS (2*C*C) are the pruner's."""
+    vision = llava_config.vision_config
+    c = vision.hidden_size
+    t = (vision.image_size // vision.patch_size) ** 2 + 1
+    row = 2.0 * t * c
+    full = projected or vision_layers_run(llava_config) >= vision.num_hidden_layers
+    return row if full else row + 2.0 * t * c * c + 2.0 * c * c
 
 
 def vision_tower_flops(vision_config: Any, *, layers: int | None = None) -> float:
@@ -182,11 +218,14 @@ def pruner_flops(
     visual_tokens_kept: int,
     visionzip_contextual: int | None = None,
     text_guide: dict | None = None,
+    projected: bool | None = None,
 ) -> float:
     """Scoring/merging cost of a pruner. Attention maps themselves are already counted in their layers.
 
     `text_guide` (PruMerge+/ACCM text-guided picks) = {"text_dims": TransformerDims, "question_tokens": int,
     "projection_dim": int}; None where the checkpoint has no CLIP text model (that part is then skipped).
+    `projected`: the tower ran every layer for projected patches (default: a text guide is given), so the
+    single-head CLS score's q/k are already counted there (see cls_score_flops).
     """
     n = visual_tokens_total
     vision = llava_config.vision_config
@@ -204,16 +243,20 @@ def pruner_flops(
         )
         remaining = n - (visual_tokens_kept - contextual)  # not dominant
         merged = max(remaining - contextual, 0)
-        return head_sum + 2.0 * merged * contextual * vision.hidden_size + merged * vision.hidden_size
+        # the merge metric: keys averaged over heads (head_dim wide, VisionZip utils.py L89)
+        metric = vision.hidden_size // vision.num_attention_heads
+        return head_sum + 2.0 * merged * contextual * metric + merged * vision.hidden_size
     if method in ("prumerge_plus", "accm"):
-        cost = head_sum
+        if projected is None:
+            projected = bool(text_guide)
+        cost = cls_score_flops(llava_config, projected=projected)
         if text_guide:
             tdims: TransformerDims = text_guide["text_dims"]
             proj = text_guide.get("projection_dim") or tdims.hidden
             q = text_guide["question_tokens"]
             cost += encoder_flops(tdims, q) + 2.0 * tdims.hidden * proj  # text tower + text_projection (EOS)
-            cost += 2.0 * n * vision.hidden_size * proj  # patches -> joint space (visual_projection)
-            cost += 2.0 * n * proj  # cosine similarity
+            cost += patch_projection_flops(vision, proj)  # last layer -> joint space (visual_projection)
+            cost += 2.0 * n * proj  # squared distances: the text . patch matmul
         return cost
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
 
@@ -531,6 +574,8 @@ def cli_item(
 ) -> dict[str, float]:
     """Components of one item as the CLI prints them.
 
+    Vision: the layers the job's engine runs for this method (``vision_layers_run``): up to the feature
+    layer, every layer for PruMerge+/ACCM with a text guide (projected patches of the last layer).
     ``text_guide_dims``: the CLIP text tower PruMerge+ (and ACCM's base pruner) embeds the question with;
     CLIP ViT-L/14-336's own by default, None for a checkpoint that has none. ``accm``: the reference parts
     (ClipCap mapper + GPT-2, LongCLIP-L selector; ``beams`` default 3), or, with ``captioner_dir`` and
@@ -604,6 +649,8 @@ def cli_item(
         captioner=captioner,
         selector=selector,
         text_guide=text_guide,
+        # the layers the job's engine would run for this method (not every layer, as HF Llava does)
+        vision_layers=vision_layers_run(llava_config, projected=text_guide is not None),
     )
     out["reduction"] = 1.0 - out["total"] / out["reference_total"]
     return {"convention": "ours", "visual_tokens_total": total, "visual_tokens_kept": keep, **out}
@@ -717,7 +764,13 @@ def _format_table(rows: list[dict], title: str, scale: float = 1e12, unit: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.flops", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.flops",
+        description=__doc__.split("\n")[0],
+        epilog="Vision tower: the encoder layers the job's engine runs for the method, up to LLaVA's feature "
+        "layer (23 of 24 for -2), or all of them for prumerge_plus/accm with a CLIP text guide (the last "
+        "layer's projected patches); PruMerge+'s single-head CLS score prices the next layer's k_proj/q_proj.",
+    )
     p.add_argument("--model", default="llava-1.5-7b", help="llava-1.5-7b, llava-1.5-13b, or a checkpoint dir")
     p.add_argument("--method", choices=METHODS, default="none")
     budget = p.add_mutually_exclusive_group()

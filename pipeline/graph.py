@@ -284,6 +284,7 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
         raise FileNotFoundError(f"LVLM model not found at --lvlm {storage.redact(cfg.lvlm)} (the shipped small "
                                 "models are built by jobs/train_lvlm.py into models/shapes/)")
     cfg = replace(effective_method(cfg), run_id=run_id)
+    check_fastv_layer(cfg)
     fs, shards = plan_shards(cfg)
     const = output_constants(cfg)
 
@@ -336,11 +337,36 @@ def run_job(cfg: JobConfig) -> dict[str, Any]:
     return write_summary(cfg, shards, run)
 
 
+def check_fastv_layer(cfg: JobConfig) -> None:
+    """Refuse a ``--fastv-layer`` at or past the LLM's depth before anything runs (it would prune nothing).
+    Reads only the checkpoint's ``config.json``."""
+    import json
+
+    if cfg.method != "fastv":
+        return
+    try:
+        config = json.loads(storage.read_bytes(resume.join(cfg.lvlm, "config.json"), s3_endpoint=cfg.s3_endpoint))
+    except Exception as exc:  # noqa: BLE001 - the LVLM tier reports an unreadable model itself
+        log.warning("could not read the LVLM's config.json to check --fastv-layer: %s", exc)
+        return
+    depth = (config.get("text_config") or {}).get("num_hidden_layers")
+    if depth is not None and cfg.fastv_layer >= depth:
+        raise ValueError(f"--fastv-layer {cfg.fastv_layer} must be below the LLM's depth ({depth} layers in "
+                         f"{storage.redact(cfg.lvlm)}): FastV prunes after that layer, so it would prune nothing")
+
+
 def output_constants(cfg: JobConfig) -> dict[str, Any]:
-    """Columns with one value per run (``cfg.run_id`` set)."""
+    """Columns with one value per run (``cfg.run_id`` set): the method, the prompt and pruner choices, models."""
+    from actors.prompt import resolve_answer_suffix
+    from pipeline.config import TEXT_PICK_METHODS
+
+    guided = cfg.method in TEXT_PICK_METHODS and cfg.clip is not None
     return {"method": cfg.method, "run_id": cfg.run_id, "lvlm_model": storage.redact(cfg.lvlm),
             "captioner_model": storage.redact(cfg.captioner) if cfg.uses_captions else None,
-            "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None}
+            "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None,
+            "clip_model": storage.redact(cfg.clip) if cfg.clip else None,
+            "conv": cfg.conv, "answer_suffix": resolve_answer_suffix(cfg.answer_suffix),
+            "text_pick": cfg.text_pick if guided else None}
 
 
 def write_summary(cfg: JobConfig, shards: list[Shard], run: dict[str, Any]) -> dict[str, Any]:

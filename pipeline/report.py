@@ -334,7 +334,8 @@ def plot_flops_components(table: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(labels) + 2), 4.6))
     bottom = [0.0] * len(table)
     parts = list(ALL_COMPONENTS)
-    named = sum(table.get(f"flops_{c}", 0).fillna(0) for c in parts)
+    zero = pd.Series(0.0, index=table.index)
+    named = sum(table.get(f"flops_{c}", zero).fillna(0) for c in parts)
     other = (table["flops_total"].fillna(0) - named).clip(lower=0)
     for comp in parts + ["other"]:
         vals = (
@@ -344,7 +345,7 @@ def plot_flops_components(table: pd.DataFrame, path: Path) -> Path:
         )
         if float(vals.sum()) <= 0:
             continue
-        label = "projector/other" if comp == "other" else comp
+        label = "other" if comp == "other" else comp
         ax.bar(labels, vals / 1e9, bottom=bottom, label=label)
         bottom = [b + v / 1e9 for b, v in zip(bottom, vals, strict=True)]
     ax.set_ylabel("GFLOPs per item")

@@ -134,6 +134,7 @@ def passthrough_schema(input_schema: pa.Schema) -> pa.Schema:
 FLOPS_COLUMNS = (
     "flops_vision",
     "flops_pruner",
+    "flops_projector",
     "flops_captioner",
     "flops_selector",
     "flops_llm_prefill",
@@ -149,6 +150,9 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("caption_candidates", pa.list_(pa.string())),
     pa.field("selector_probs", pa.list_(pa.float32())),
     pa.field("method", pa.string()),
+    pa.field("text_pick", pa.string()),  # prumerge_plus/accm with --clip: nearest | farthest; else null
+    pa.field("conv", pa.string()),  # the LVLM conversation format (actors.prompt.CONVERSATIONS)
+    pa.field("answer_suffix", pa.string()),  # the answer-format line added to the question ('' for none)
     pa.field("keep_tokens", pa.int32()),
     pa.field("visual_tokens_total", pa.int32()),
     pa.field("score", pa.float64()),  # null when the row has no answers
@@ -158,6 +162,7 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("lvlm_model", pa.string()),
     pa.field("captioner_model", pa.string()),
     pa.field("selector_model", pa.string()),
+    pa.field("clip_model", pa.string()),  # --clip (the text guide), null without one
     pa.field("run_id", pa.string()),
 )
 OUTPUT_COLUMNS = tuple(f.name for f in OUTPUT_FIELDS)

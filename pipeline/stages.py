@@ -45,11 +45,11 @@ CAPTIONED_SCHEMA = pa.schema([
     ("_retained", pa.binary()), ("_retained_shape", _LIST_I32),
     ("visual_tokens_total", pa.int32()), ("keep_tokens", pa.int32()),
     ("caption", pa.string()), ("caption_candidates", _LIST_STR), ("selector_probs", _LIST_F32),
+    ("flops_vision", pa.float64()), ("flops_pruner", pa.float64()),  # what the captioner tier ran
     ("flops_captioner", pa.float64()), ("flops_selector", pa.float64()), ("latency_captioner_s", pa.float64()),
     ("_method", pa.string()), ("_setting", pa.string()),  # a sweep's rows: their setting (main job: null)
 ])
-_FLOPS = ("flops_vision", "flops_pruner", "flops_llm_prefill", "flops_llm_decode", "flops_total",
-          "flops_reference_total")
+_FLOPS = ("flops_projector", "flops_llm_prefill", "flops_llm_decode", "flops_total", "flops_reference_total")
 ANSWERED_SCHEMA = pa.schema([
     *(f for f in CAPTIONED_SCHEMA if f.name not in ("_retained", "_retained_shape", "question")),
     ("prediction", pa.string()), *((n, pa.float64()) for n in _FLOPS), ("latency_lvlm_s", pa.float64()),
@@ -150,7 +150,8 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
                 vision_only: bool = False):
     """The LLaVA engine of a tier; ``tp``: its model split by DeepSpeed over ``tp`` ranks (``init_rank`` first);
     ``vision_only``: the tower and projector only (the captioner tier never runs the LLM: on LLaVA-1.5-7B that
-    is ~0.6 GB instead of ~14 GB on its GPU)."""
+    is ~0.6 GB instead of ~14 GB on its GPU), plus the ``--clip`` text guide when one is given (loaded once
+    per actor, here)."""
     from actors.engine import LlavaEngine
 
     worker_logging()
@@ -159,7 +160,9 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
     device = device or default_device
     path = fetch_model(cfg.lvlm, cfg, what)
     t0 = time.perf_counter()
-    engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype, vision_only=vision_only)
+    clip = fetch_model(cfg.clip, cfg, f"{what} (--clip text guide)") if vision_only and cfg.clip else None
+    engine = LlavaEngine.from_pretrained(path, device=device, dtype=dtype, vision_only=vision_only,
+                                         clip_text_url=clip)
     if tp is not None:  # rebuild the engine around the sharded modules (its decoder loop holds them)
         from actors.tp import shard_model
 
@@ -181,33 +184,39 @@ def encode_rows(engine, rows: list[dict[str, Any]]):
 
 
 def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: str, keep_tokens: int | None,
-                      prune_rate: float | None) -> list[dict[str, Any]]:
-    """One setting from an encoded batch: the pruner's retained features, the budget and (accm) the caption,
-    as per-row output fields. ``vision`` is read, never changed, so several settings can share it."""
+                      prune_rate: float | None, cfg: JobConfig) -> list[dict[str, Any]]:
+    """One setting from an encoded batch: the pruner's retained features, the budget, (accm) the caption and
+    the FLOPs of what this tier ran (tower, pruner, caption model, selector), as per-row output fields.
+    ``vision`` is read, never changed, so several settings can share it. The side path (text guide, caption
+    model, selector) reads the plain question (``actors.prompt.plain_question``), never the answer suffix."""
     import torch
 
     from actors.engine import resolve_keep_tokens
+    from actors.prompt import plain_question
     from pipeline.config import CAPTION_METHODS
 
-    ids, questions = [r["id"] for r in rows], [r["question"] for r in rows]
+    ids, questions = [r["id"] for r in rows], [plain_question(r["question"]) for r in rows]
     total = int(vision.patch_features.shape[1])
     keep = total if method == "none" else resolve_keep_tokens(total, keep_tokens, prune_rate)
     if method in ("none", "fastv"):  # fastv prunes inside the LLM (LVLM tier)
-        retained, discarded = vision.patch_features, None
+        retained, pruned = vision.patch_features, None
     else:
-        pruned = engine.prune(vision, "prumerge_plus" if method == "accm" else method, keep, ids, questions)
-        retained, discarded = pruned.retained, pruned.discarded
+        pruned = engine.prune(vision, "prumerge_plus" if method == "accm" else method, keep, ids, questions,
+                              text_pick=cfg.text_pick)
+        retained = pruned.retained
     caps = None
     if method in CAPTION_METHODS:
         if accm is None:
             raise RuntimeError("accm unavailable")
-        caps = accm.caption(discarded, questions)
+        caps = accm.caption(discarded_features(accm, pruned), questions, beams=cfg.num_candidates)
+    front = engine.front_flops(method, int(retained.shape[1]), questions, projected=vision.projected is not None)
     retained = retained.detach().to("cpu", torch.float32).numpy()
     out = []
     for i in range(len(rows)):
         feats = np.ascontiguousarray(retained[i])
         o: dict[str, Any] = {"_retained": feats.tobytes(), "_retained_shape": list(feats.shape),
                              "visual_tokens_total": total, "keep_tokens": keep,
+                             "flops_vision": float(front[i]["vision"]), "flops_pruner": float(front[i]["pruner"]),
                              "flops_captioner": 0.0, "flops_selector": 0.0}
         if caps is not None:
             o["caption"] = caps.selected[i]
@@ -217,6 +226,18 @@ def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: 
             o["flops_selector"] = float(caps.flops_selector[i])
         out.append(o)
     return out
+
+
+def discarded_features(accm, pruned):
+    """The discarded patches in the form the caption model reads (its config names it): the feature layer's
+    (the project's models) or the projected last-layer embeddings (ACCM's reference, needs ``--clip``)."""
+    if accm.input_features == "projected":
+        if pruned.discarded_projected is None:
+            raise RuntimeError("this caption model reads CLIP's projected patch embeddings: pass --clip DIR (a "
+                               "CLIPModel folder with the tower's visual_projection, e.g. "
+                               "openai/clip-vit-large-patch14-336)")
+        return pruned.discarded_projected
+    return pruned.discarded
 
 
 def _load_accm(cfg: JobConfig, engine) -> tuple[Any, str | None]:
@@ -249,7 +270,8 @@ class CaptionerTier:
     def _run(self, rows: list[dict[str, Any]]) -> None:
         cfg = self.cfg
         vision = encode_rows(self.engine, rows)
-        outs = prune_and_caption(self.engine, self.accm, vision, rows, cfg.method, cfg.keep_tokens, cfg.prune_rate)
+        outs = prune_and_caption(self.engine, self.accm, vision, rows, cfg.method, cfg.keep_tokens, cfg.prune_rate,
+                                 cfg)
         for r, o in zip(rows, outs, strict=True):
             r.update(o)
 
@@ -267,16 +289,6 @@ class CaptionerTier:
         for r in good:
             r["latency_captioner_s"] = dt
         return _table(rows, CAPTIONED_SCHEMA)
-
-
-def _cat_vision(parts: list[Any]):
-    import torch
-
-    from actors.vision import VisionBatch
-
-    names = ("patch_features", "cls_attention", "keys", "cls_feature")
-    return VisionBatch(*(None if getattr(parts[0], n) is None else torch.cat([getattr(p, n) for p in parts])
-                         for n in names))
 
 
 class SweepCaptionerTier:
@@ -305,13 +317,15 @@ class SweepCaptionerTier:
 
     def _encode(self, rows: list[dict[str, Any]]):
         """(VisionBatch, the rows it holds in order); a failing batch is retried row by row (``run_rows``)."""
+        from actors.vision import VisionBatch
+
         if not rows:
             return None, []
         parts: list[tuple[Any, list[dict[str, Any]]]] = []
         run_rows(lambda rs: parts.append((encode_rows(self.engine, rs), rs)), rows, "captioner")
         if not parts:
             return None, []
-        vision = parts[0][0] if len(parts) == 1 else _cat_vision([v for v, _ in parts])
+        vision = parts[0][0] if len(parts) == 1 else VisionBatch.concat([v for v, _ in parts])
         return vision, [r for _, rs in parts for r in rs]
 
     def _one_setting(self, vision, good: list[tuple[int, dict[str, Any]]], method: str,
@@ -323,8 +337,8 @@ class SweepCaptionerTier:
         def run(rs: list[dict[str, Any]]) -> None:
             idx = [index[id(c)] for c in rs]
             part = vision if idx == list(range(len(vision))) else vision.select(idx)
-            for c, o in zip(rs, prune_and_caption(self.engine, self.accm, part, rs, method, None, prune_rate),
-                            strict=True):
+            outs = prune_and_caption(self.engine, self.accm, part, rs, method, None, prune_rate, self.cfg)
+            for c, o in zip(rs, outs, strict=True):
                 c.update(o)
 
         run_rows(run, [c for _, c in good], "captioner")
@@ -417,9 +431,12 @@ def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
     feats = [torch.from_numpy(f.copy()) for f in inputs["features"]]
     same = len({tuple(f.shape) for f in feats}) == 1
     retained = torch.stack(feats).to(device, dtype) if same else [f.to(device, dtype) for f in feats]
+    from actors.prompt import PromptFormat
+
     return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
                            keep_tokens=inputs["keep_tokens"], fastv_layer=cfg.fastv_layer,
-                           max_new_tokens=cfg.max_new_tokens)
+                           max_new_tokens=cfg.max_new_tokens,
+                           prompt_format=PromptFormat(cfg.conv, cfg.answer_suffix))
 
 
 class LVLMRank:
@@ -562,14 +579,15 @@ class LVLMTier:
             gen = self._generate(lvlm_inputs(group, method))
             for i, r in enumerate(group):
                 f = gen.flops[i]
-                extra = r["flops_captioner"] + r["flops_selector"]
-                counted = float(f.get("captioner", 0.0)) + float(f.get("selector", 0.0))
                 r["prediction"] = gen.texts[i].strip()
-                r["flops_vision"] = float(f.get("vision", 0.0))
-                r["flops_pruner"] = float(f.get("pruner", 0.0))
+                r["flops_projector"] = float(f.get("projector", 0.0))
                 r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
                 r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
-                r["flops_total"] = float(f["total"]) - counted + extra
+                # the captioner tier priced what it ran (tower, pruner, caption model, selector): the total is
+                # this tier's parts plus those, so the component columns add up to it
+                r["flops_total"] = (r["flops_projector"] + r["flops_llm_prefill"] + r["flops_llm_decode"]
+                                    + r["flops_vision"] + r["flops_pruner"] + r["flops_captioner"]
+                                    + r["flops_selector"])
                 r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -20,9 +20,6 @@ import pyarrow as pa
 
 from pipeline.schema import FLOPS_COLUMNS, LATENCY_COLUMNS
 
-FLOPS_PARTS = ("flops_vision", "flops_pruner", "flops_captioner", "flops_selector", "flops_llm_prefill",
-               "flops_llm_decode", "flops_total", "flops_reference_total")
-
 
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]

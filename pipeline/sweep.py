@@ -30,6 +30,7 @@ from pipeline import resume, storage
 from pipeline.config import JobConfig
 from pipeline.graph import (
     build_dataset,
+    check_fastv_layer,
     node_gpus,
     output_constants,
     plan_shards,
@@ -86,6 +87,8 @@ def run_shared_sweep(base: JobConfig, settings: list[Setting], output: str,
     if not storage.exists(base.lvlm, s3_endpoint=base.s3_endpoint):
         raise FileNotFoundError(f"LVLM model not found at --lvlm {storage.redact(base.lvlm)}")
     cfgs = {s: setting_config(base, s, output, sweep_id) for s in settings}
+    for cfg in cfgs.values():
+        check_fastv_layer(cfg)
     by_label = {s.label: s for s in settings}
     fs, shards = plan_shards(base)
 

@@ -203,3 +203,81 @@ def test_attention_supervision_moves_caption_attention_onto_the_named_slot(token
                                   prefix_len=2, mapper_layers=1, mapper_heads=2)
     with pytest.raises(ValueError, match="patch_prefix"):
         clipcap.caption_losses(x, questions, captions, target_slots=slots)
+
+
+def test_shipped_folder_keeps_todays_behaviour():
+    """models/shapes/captioner's JSON predates the new keys: it reads feature-layer features, with the project's
+    mapper and search (sum rank, EOS stops, detokenized captions)."""
+    m = CaptionModel.from_pretrained("models/shapes/captioner")
+    c = m.config
+    assert (c.input_features, c.mapper_arch, c.beam_rank, c.stop_on_eos, c.decode) == (
+        "feature_layer", "encoder", "sum", True, "detokenize")
+    assert m.tokenizer.eos_token_id in m.stop_ids
+    from actors.captioner import CaptionConfig
+
+    with pytest.raises(ValueError, match="input_features"):
+        CaptionConfig(feature_dim=4, hidden=8, input_features="last_layer")
+
+
+def _clipcap(tokenizer, **kw):
+    args = dict(feature_dim=DV, hidden=32, decoder_layers=2, decoder_heads=2, prefix_len=4, mapper_layers=2,
+                mapper_heads=4, mapper_arch="clipcap", beam_rank="mean", stop_on_eos=False, decode="raw",
+                max_caption_tokens=8, seed=1, n_positions=128)
+    return build_caption_model(tokenizer, **{**args, **kw})
+
+
+def test_clipcap_mapper_has_the_authors_parameter_names(tokenizer):
+    """mapper_arch='clipcap': clipcap_model.py's TransformerMapper tree (prefix rename from clip_project.*),
+    no bias on to_queries / to_keys_values, last P outputs; a shallower copy keeps the first layers."""
+    from actors.captioner import shallower_mapper
+
+    m = _clipcap(tokenizer)
+    keys = set(m.mapper.state_dict())
+    assert {"linear.weight", "linear.bias", "prefix_const", "transformer.layers.1.norm1.weight",
+            "transformer.layers.1.attn.to_queries.weight", "transformer.layers.1.attn.to_keys_values.weight",
+            "transformer.layers.1.attn.project.bias", "transformer.layers.1.norm2.bias",
+            "transformer.layers.1.mlp.fc1.weight", "transformer.layers.1.mlp.fc2.bias"} <= keys
+    assert not any(k.endswith(("to_queries.bias", "to_keys_values.bias")) for k in keys)
+    assert m.mapper(torch.randn(2, 9, DV)).shape == (2, 4, 32)
+    assert m.decoder.config.n_positions == 128
+    shallower_mapper(m, 1)
+    assert len(m.mapper.transformer.layers) == 1 and m.config.mapper_layers == 1
+    with pytest.raises(ValueError, match="patch_prefix"):
+        _clipcap(tokenizer, patch_prefix=True)
+
+
+def test_reference_search_options(tokenizer):
+    """beam_rank='mean', stop_on_eos=False, decode='raw': EOS is no stop, captions are the raw decode of their
+    ids, the batched search equals the per-item one, and it differs from the project's default search."""
+    m = _clipcap(tokenizer)
+    assert tokenizer.eos_token_id not in m.stop_ids and m.stop_ids == [tokenizer.convert_tokens_to_ids(".")]
+    torch.manual_seed(3)
+    x = torch.randn(3, 20, DV)
+    out = m.beam_search(x, QUESTIONS)
+    for caps, ids in zip(out.captions, out.token_ids, strict=True):
+        assert caps == [tokenizer.decode(i) for i in ids]
+        assert len({tuple(i) for i in ids}) == 3
+    for i, q in enumerate(QUESTIONS):
+        single = m.beam_search(x[i : i + 1], [q])
+        assert single.token_ids[0] == out.token_ids[i]
+        assert single.scores[0] == pytest.approx(out.scores[i], abs=1e-4)
+    assert out.scores == [sorted(s, reverse=True) for s in out.scores]
+
+
+def test_clipcap_captioner_flops_match_flop_counter(tokenizer):
+    """The clipcap mapper fits pipeline.flops.caption_model_flops (matmuls only) with a KV-cached search."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actors.accm import caption_model_dims
+    from pipeline.flops import caption_model_flops
+
+    m = _clipcap(tokenizer)
+    torch.manual_seed(5)
+    x = torch.randn(1, 40, DV)
+    with FlopCounterMode(display=False) as counter:
+        out = m.beam_search(x, QUESTIONS[:1], beams=2)
+    mapper, decoder = caption_model_dims(m)
+    analytic = caption_model_flops(mapper, decoder, discarded_tokens=40, prefix_len=4,
+                                   question_tokens=out.question_tokens[0], beams=2, caption_tokens=out.steps[0] + 1,
+                                   feature_dim=DV)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)

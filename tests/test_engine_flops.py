@@ -85,3 +85,46 @@ def test_text_guided_prumerge_counted(engine: LlavaEngine, image):
     assert pruned.notes == []
     assert flops["pruner"] > 1e5
     assert flops["total"] == pytest.approx(measured, rel=0.02)
+
+
+def small_text_guide(engine: LlavaEngine):
+    from transformers import CLIPConfig, CLIPModel
+
+    from actors.pruners import TextGuide
+
+    tok = engine.tokenizer
+    config = CLIPConfig(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=77, eos_token_id=tok.eos_token_id),
+        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=64, patch_size=8),
+        projection_dim=32,
+    )  # fmt: skip
+    clip = CLIPModel(config).eval()
+    clip.config._attn_implementation = "eager"
+    return TextGuide(clip, tok)
+
+
+@pytest.mark.parametrize("projected", [False, True])
+@pytest.mark.parametrize("method", ["random", "visionzip", "prumerge_plus", "accm"])
+def test_front_flops_match_the_vision_stage_and_pruner(
+    engine: LlavaEngine, image, method: str, projected: bool
+):
+    """front_flops (vision + pruner) == FlopCounterMode over encode_images + prune, as the captioner tier runs them:
+    the feature layer's layers, the single-head score's partial next layer (or every layer and the projection
+    when projected patches are computed), the text tower on the question's real tokens."""
+    questions = ["How many squares are there?\nAnswer the question using a single word or phrase."]
+    engine.text_guide = small_text_guide(engine) if projected else None
+    try:
+        pixels = engine.preprocess([image])
+        with FlopCounterMode(display=False) as counter:
+            vision = engine.encode_images(pixels)
+            engine.prune(vision, method, 8, ["item-0"], questions)
+        front = engine.front_flops(method, 8, questions, projected=projected)
+    finally:
+        engine.text_guide = None
+    assert set(front[0]) == {"vision", "pruner"}
+    total = front[0]["vision"] + front[0]["pruner"]
+    assert total == pytest.approx(counter.get_total_flops(), rel=1e-3), (method, projected, front)
+    if method in ("prumerge_plus", "accm"):
+        assert front[0]["pruner"] > 2 * 65 * 64 * 64  # at least the next layer's k_proj or the text tower

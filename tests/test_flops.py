@@ -411,8 +411,13 @@ def test_cli_prices_shipped_accm_folders_like_the_pipeline(capsys):
     assert item["selector"] == pytest.approx(
         accm.selector_flops(accm.captioner.config.beams, flops.selector_real_tokens(q, cap))
     )
-    heads = config.vision_config.num_attention_heads
-    assert item["pruner"] == pytest.approx(heads * total)  # CLS head-sums only: no text tower here
+    # the single-head CLS score only (k_proj on all tokens, q_proj of CLS, one row): no text tower here
+    c, t = config.vision_config.hidden_size, total + 1
+    assert item["pruner"] == pytest.approx(2 * t * c * c + 2 * c * c + 2 * t * c)
+    # the tower as the job's engine runs it: up to the feature layer (-2)
+    assert item["vision"] == pytest.approx(
+        flops.vision_tower_flops(config.vision_config, layers=config.vision_config.num_hidden_layers - 1)
+    )
     # without the folders: the reference GPT-2 + LongCLIP-L parts, far dearer than the shipped ones
     assert flops.main(argv) == 0
     reference = json.loads(capsys.readouterr().out)
@@ -449,3 +454,41 @@ def test_table_prints_accm_floor(capsys):
     caption_llm = accm["llm_prefill"] + accm["llm_decode"] - base["llm_prefill"] - base["llm_decode"]
     ref = 100.0 * accm["flops"] / accm["percent_of_unpruned"]
     assert floor == pytest.approx(base["percent_of_unpruned"] + 100.0 * caption_llm / ref, abs=0.05)
+
+
+# --------------------------------------------------------------------------- PruMerge+'s score, the CLI's layers
+
+
+def test_single_head_cls_score_against_flop_counter():
+    """cls_score_flops == FlopCounterMode on the vision stage's partial next layer (actors.vision)."""
+    from actors.vision import next_layer_cls_score, single_head_cls_score
+
+    config, model = small_llava()
+    tower = model.model.vision_tower
+    layer = tower.encoder.layers[2]
+    hidden = torch.randn(2, 65, 64)
+    counted = measured(lambda: next_layer_cls_score(layer, hidden)) / 2  # per image
+    assert_close(flops.cls_score_flops(config), counted)
+    q, k = torch.randn(1, 1, 64), torch.randn(1, 65, 64)
+    assert_close(flops.cls_score_flops(config, projected=True), measured(lambda: single_head_cls_score(q, k)))
+    # feature layer = the last one: its own q/k, only the score row is the pruner's
+    config.vision_feature_layer = -1
+    assert flops.cls_score_flops(config) == flops.cls_score_flops(config, projected=True) == 2 * 65 * 64
+
+
+def test_cli_counts_the_layers_the_job_runs():
+    config = flops.named_llava_config("llava-1.5-7b")
+    assert flops.vision_layers_run(config) == 23 and flops.vision_layers_run(config, projected=True) == 24
+    kw = dict(keep=72, prompt_tokens=64, new_tokens=4)
+    none = flops.cli_item(config, method="none", **kw)
+    assert none["vision"] == pytest.approx(flops.vision_tower_flops(config.vision_config, layers=23))
+    # a text guide (CLIP-L's text tower, the named models' default) needs the last layer's projected patches
+    plus = flops.cli_item(config, method="prumerge_plus", **kw)
+    assert plus["vision"] == pytest.approx(flops.vision_tower_flops(config.vision_config, layers=24))
+    bare = flops.cli_item(config, method="prumerge_plus", text_guide_dims=None, **kw)
+    assert bare["vision"] == none["vision"]
+    assert bare["pruner"] == pytest.approx(flops.cls_score_flops(config))
+    # ~1.2 GFLOPs: k_proj over 577 tokens at width 1024 dominates
+    assert flops.cls_score_flops(config) == pytest.approx(
+        2 * 577 * 1024 * 1024 + 2 * 1024**2 + 2 * 577 * 1024
+    )

@@ -25,7 +25,8 @@ def test_help_documents_every_option() -> None:
     for flag in ("--input", "--output", "--method", "--keep-tokens", "--prune-rate", "--fastv-layer", "--lvlm",
                  "--captioner", "--selector", "--num-candidates", "--batch-size", "--captioner-actors",
                  "--lvlm-actors", "--captioner-gpus", "--lvlm-gpus", "--captioner-resource", "--lvlm-resource",
-                 "--limit", "--resume", "--s3-endpoint", "--config"):
+                 "--limit", "--resume", "--s3-endpoint", "--config", "--clip", "--text-pick", "--conv",
+                 "--answer-suffix"):
         assert flag in text
 
 
@@ -114,3 +115,31 @@ def test_lvlm_tp_is_checked_at_parsing_and_sizes_the_replica() -> None:
     assert "num_gpus" not in cpu.lvlm
     with pytest.raises(ValueError, match="4 GPUs on one node"):
         tier_resources(cfg, {"CPU": 32.0, "GPU": 6.0}, node_gpus=[2.0, 2.0, 2.0])
+
+
+def test_prompt_and_pruner_choices_are_checked_and_recorded() -> None:
+    from pipeline.graph import output_constants
+
+    cfg = parse_args(["--conv", "vicuna_v1", "--answer-suffix", "short", "--clip", "/models/clip",
+                      "--text-pick", "farthest", "--method", "prumerge_plus", "--run-id", "r1"])
+    const = output_constants(cfg)
+    assert const["conv"] == "vicuna_v1" and const["text_pick"] == "farthest" and const["clip_model"] == "/models/clip"
+    assert const["answer_suffix"] == "Answer the question using a single word or phrase."
+    assert output_constants(parse_args(["--method", "prumerge_plus"]))["text_pick"] is None  # no --clip: no picks
+    assert output_constants(parse_args(["--method", "random", "--clip", "c"]))["text_pick"] is None
+    for argv, message in ((["--conv", "chatml"], "--conv must be one of"),
+                          (["--text-pick", "middle"], "--text-pick must be one of"),
+                          (["--fastv-layer", "0"], "--fastv-layer must be >= 1")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(argv)
+
+
+def test_fastv_layer_at_the_llms_depth_is_refused_before_anything_runs(tmp_path) -> None:
+    from pipeline.config import REPO_ROOT
+
+    lvlm = str(REPO_ROOT / "models" / "shapes" / "lvlm")  # a 6-layer LLM
+    out = tmp_path / "out"
+    cfg = JobConfig(output=str(out), method="fastv", fastv_layer=6, lvlm=lvlm).validate()
+    with pytest.raises(ValueError, match=r"--fastv-layer 6 must be below the LLM's depth \(6 layers"):
+        run_job(cfg)
+    assert not out.exists()

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline import shapes
 from pipeline.config import JobConfig
-from pipeline.schema import INPUT_SCHEMA, output_schema
+from pipeline.schema import FLOPS_COLUMNS, INPUT_SCHEMA, output_schema
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -157,6 +157,10 @@ def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket,
         assert row["error"] is None and isinstance(row["prediction"], str)
         assert row["keep_tokens"] == 8 and row["visual_tokens_total"] == 64
         assert 0 < row["flops_total"] < row["flops_reference_total"]
+        named = [c for c in FLOPS_COLUMNS if c not in ("flops_total", "flops_reference_total")]
+        assert sum(row[c] for c in named) == pytest.approx(row["flops_total"], rel=1e-9)  # the parts add up
+        assert row["flops_projector"] > 0 and row["flops_pruner"] > 0
+        assert row["conv"] == "llava_hf" and row["answer_suffix"] == "" and row["text_pick"] is None
         assert row["score"] is not None and row["method"] == "prumerge_plus"
         assert row["caption"] is None and row["run_id"] == summary["run_id"]
     out_bad = {r["id"]: r for r in pq.read_table(f"{tmp_bucket}/out/part-00002.parquet", filesystem=fs).to_pylist()}

@@ -42,7 +42,7 @@ def vision(engine: LlavaEngine):
 def test_vision_stage_shapes(engine: LlavaEngine, vision):
     assert engine.num_patches == 576
     assert vision.patch_features.shape == (1, 576, 1024)
-    assert vision.cls_attention.shape == (1, 576) and vision.keys.shape == (1, 576, 1024)
+    assert vision.cls_attention.shape == (1, 576) and vision.keys.shape == (1, 576, 64)  # head-mean keys
     assert vision.patch_features.dtype == torch.bfloat16
     assert torch.isfinite(vision.patch_features.float()).all()
 

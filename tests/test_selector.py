@@ -132,3 +132,100 @@ def test_accm_captioner_end_to_end(selector, tmp_path):
         assert len(cands) == 3 and sel_cap == cands[max(range(3), key=probs.__getitem__)]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert all(f > 0 for f in res.flops_captioner + res.flops_selector)
+
+
+def test_shipped_selector_folder_unchanged():
+    sel = CaptionSelector.from_pretrained("models/shapes/selector")
+    c = sel.config
+    assert (c.arch, c.max_text_tokens, c.template, c.strip_caption, c.remove_suffixes) == (
+        "encoder", 64, "Question: {q} Supplemental information for questions: {c}", True, [])
+    assert sel.text(" What? ", " the cat. ") == "Question: What? Supplemental information for questions: the cat."
+
+
+def _reference_selector(**kw):
+    from actors.selector import LLAVA_ANSWER_SUFFIXES, REFERENCE_TEMPLATE
+
+    args = dict(text_hidden=32, text_layers=1, text_heads=2, projection_dim=32, layers=2, heads=4,
+                intermediate=48, arch="torch_transformer", template=REFERENCE_TEMPLATE, strip_caption=False,
+                remove_suffixes=LLAVA_ANSWER_SUFFIXES, max_positions=40, seed=3)
+    return build_selector(**{**args, **kw})
+
+
+def test_torch_transformer_selector_is_the_authors_encoder(tmp_path):
+    """arch='torch_transformer': classifier.* = TransformerSelector's transformer_encoder.* (prefix rename); its
+    logits equal a stock nn.TransformerEncoder (sequence-first) + head loaded with those weights; round trips."""
+    sel = _reference_selector()
+    state = sel.classifier.state_dict()
+    assert "layers.1.self_attn.in_proj_weight" in state and "layers.0.linear2.weight" in state
+    assert not any(k.startswith("norm.") for k in state)  # no final norm
+    layer = torch.nn.TransformerEncoderLayer(32, 4, 48, 0.1, activation="gelu", norm_first=True)
+    ref = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    ref.load_state_dict(state)
+    texts = [sel.text(QS[0], c) for c in CANDS[0]]
+    feats, _ = sel.encode_texts(texts)
+    with torch.no_grad():
+        want = sel.head(ref(feats[:, None])).squeeze(-1).T  # [1, N]
+        got = sel(QS[:1], CANDS[:1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    sel.save_pretrained(tmp_path / "ref")
+    torch.testing.assert_close(CaptionSelector.from_pretrained(tmp_path / "ref")(QS, CANDS), sel(QS, CANDS))
+
+
+def test_reference_template_and_token_budget():
+    """Two spaces, suffix removed, caption as is; the budget defaults to the encoder's positions and a longer
+    text is cut there with a warning (never silently); a budget above the positions is refused."""
+    from actors.selector import SelectorConfig
+
+    sel = _reference_selector()
+    q = "What color is it?\nAnswer the question using a single word or phrase."
+    assert sel.text(q, " red.") == "Question: What color is it?  Supplemental information for questions:  red."
+    assert sel.config.max_text_tokens == 40
+    long = " ".join(["red"] * 60)
+    with pytest.warns(UserWarning, match="truncated to 40"):
+        _, tokens = sel.encode_texts([sel.text(q, long)])
+    assert tokens == 40
+    with pytest.raises(ValueError, match="exceeds"):
+        CaptionSelector(SelectorConfig(hidden=32, max_text_tokens=41, arch="torch_transformer"),
+                        sel.text_encoder, sel.tokenizer)
+
+
+def test_torch_transformer_selector_flops_match_flop_counter():
+    """The authors' classifier fits pipeline.flops.selector_flops. nn.MultiheadAttention takes PyTorch's fused
+    encoder-layer fast path in eval/no-grad and CPU SDPA kernels the counter cannot see: the count runs with the
+    fast path off and the math SDPA backend, where every matmul is an aten mm/bmm."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actors.accm import selector_dims
+    from pipeline.flops import selector_flops
+
+    sel = _reference_selector()
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            sel(QS[:1], CANDS[:1])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    _, tokens = sel.encode_texts([sel.text(QS[0], c) for c in CANDS[0]])
+    text, classifier = selector_dims(sel)
+    analytic = selector_flops(text, classifier, candidates=3, tokens_per_candidate=tokens,
+                              projection_dim=sel.text_encoder.config.projection_dim)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_accm_captioner_honours_beams_and_names_its_features(selector, tmp_path):
+    from actors.accm import ACCMCaptioner
+    from actors.captioner import build_caption_model
+    from actors.tiny import build_tokenizer
+
+    cap = build_caption_model(build_tokenizer(), feature_dim=16, hidden=32, decoder_layers=1, decoder_heads=2,
+                              prefix_len=2, mapper_layers=1, mapper_heads=2, max_caption_tokens=5)
+    accm = ACCMCaptioner(cap, selector)
+    assert accm.input_features == "feature_layer" and accm.beams == 3
+    res = accm.caption(torch.randn(2, 20, 16), QS, beams=2)
+    assert all(len(c) == 2 and len(p) == 2 for c, p in zip(res.candidates, res.probs, strict=True))
+    assert accm.captioner_flops(20, 6, 4, beams=2) < accm.captioner_flops(20, 6, 4) < accm.captioner_flops(20, 6, 4,
+                                                                                                       beams=4)
+    with pytest.raises(ValueError, match="beams"):
+        accm.caption(torch.randn(1, 20, 16), QS[:1], beams=0)

@@ -53,6 +53,37 @@ def test_train_accm_smoke_runs_resumes_and_evaluates(tmp_path):
     assert accm.captioner.config.beams == 3
 
 
+@pytest.mark.slow
+def test_train_accm_smoke_trains_the_reference_architecture(tmp_path):
+    """--smoke with the ACCM authors' architecture (a user adapting ACCM to another LVLM): ClipCap mapper
+    (``mapper_arch: clipcap``, P-slot prefix, so no patch-slot supervision) + the nn.TransformerEncoder selector
+    (``arch: torch_transformer``); both stages train, resume and evaluate, and the folders load with the authors'
+    parameter names. Resume and eval are the same code whatever the architecture (the smoke above covers them),
+    so this one runs the two training stages only (CI time)."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false")
+    env.pop("RAY_ADDRESS", None)
+    arch_c = {"mapper_arch": "clipcap", "patch_prefix": False, "mapper_heads": 4, "beam_rank": "mean",
+              "stop_on_eos": False, "decode": "raw"}
+    proc = subprocess.run([sys.executable, "jobs/train_accm.py", "--smoke", "--workdir", str(tmp_path),
+                           "--captioner-arch", json.dumps(arch_c), "--selector-arch", '{"arch": "torch_transformer"}',
+                           "--attn-sup", "0", "--slot-read", "0", "--smoke-stages", "pretrain,accm"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-4000:]
+    (work,) = tmp_path.glob("accm-smoke-*")
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["pretrain"]["step"] == 2 and summary["accm"]["step"] == 2
+    assert set(summary) == {"pretrain", "accm"}
+
+    from actors.accm import ACCMCaptioner
+
+    accm = ACCMCaptioner.from_pretrained(str(work / "captioner"), str(work / "selector"))
+    cfg = accm.captioner.config
+    assert (cfg.mapper_arch, cfg.patch_prefix, cfg.beam_rank, cfg.decode) == ("clipcap", False, "mean", "raw")
+    assert accm.selector.config.arch == "torch_transformer"
+    assert "transformer.layers.0.attn.to_keys_values.weight" in accm.captioner.mapper.state_dict()
+    assert "layers.0.self_attn.in_proj_weight" in accm.selector.classifier.state_dict()
+
+
 def test_pretrain_batches_follow_the_scene_size_and_budget_curriculum(tmp_path):
     """--pretrain-objects / --pretrain-keep: the items have the asked object counts, the mapper gets 64 - keep patches."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
