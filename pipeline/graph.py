@@ -135,7 +135,7 @@ def tier_resources(cfg: JobConfig, cluster: dict[str, float], node_gpus: list[fl
     ``--lvlm-tp N`` (N > 1): an LVLM replica is one actor holding N GPUs (Ray places an actor's resources
     on one node, so the N ranks share a node); a cluster whose nodes (``node_gpus``: GPUs per alive node, if
     known) all have fewer than N is refused here rather than left pending forever. Without GPUs the ranks
-    are CPU processes over gloo (pipeline.stages.start_tp_replica).
+    are CPU processes over gloo (pipeline.tp_replica.start_tp_replica).
 
     ``--autoscale``: the nodes alive now say nothing about the nodes to come, so each actor asks for 1 CPU,
     its tier's GPUs (explicit or the GPU defaults) and its tier resource at one unit per GPU, as the node

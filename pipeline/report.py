@@ -343,7 +343,7 @@ def plot_flops_components(table: pd.DataFrame, path: Path) -> Path:
             if comp == "other"
             else table.get(f"flops_{comp}", pd.Series(0.0, index=table.index)).fillna(0)
         )
-        if float(vals.sum()) <= 0:
+        if float(vals.sum()) <= 1e-9 * float(table["flops_total"].fillna(0).sum()):  # rounding is not a part
             continue
         label = "other" if comp == "other" else comp
         ax.bar(labels, vals / 1e9, bottom=bottom, label=label)

@@ -117,6 +117,18 @@ def tmp_bucket(s3_server: S3Server) -> Iterator[str]:
         pass
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core box: one intra-op thread is 5-10x faster than two (no spin waits).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 _EXIT_STATUS: list[int] = []
 
 

@@ -39,13 +39,7 @@ CAPTIONS = [
 IDS = [f"item-{i}" for i in range(8)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors on a shared 2-core box: one intra-op thread is 5-10x faster than two (no spin waits)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -15,13 +14,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from actors.engine import METHODS, LlavaEngine  # noqa: E402
 from actors.tiny import build_tiny_llava  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 @pytest.fixture(scope="module")
@@ -63,21 +56,7 @@ def test_analytic_total_within_2_percent(engine: LlavaEngine, image, method: str
 
 def test_text_guided_prumerge_counted(engine: LlavaEngine, image):
     """PruMerge+ with a CLIP text model: its text tower and projections are part of the item's cost."""
-    from transformers import CLIPConfig, CLIPModel
-
-    from actors.pruners import TextGuide
-
-    tok = engine.tokenizer
-    config = CLIPConfig(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                         vocab_size=len(tok), max_position_embeddings=77, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=64, patch_size=8),
-        projection_dim=32,
-    )  # fmt: skip
-    clip = CLIPModel(config).eval()
-    clip.config._attn_implementation = "eager"
-    engine.text_guide = TextGuide(clip, tok)
+    engine.text_guide = small_text_guide(engine)
     try:
         measured, flops, _, pruned = measured_and_analytic(engine, image, "prumerge_plus", 8, None)
     finally:

@@ -46,17 +46,12 @@ def parts(tmp_path_factory) -> dict[str, str]:
     """Model folders: LLaVA (real widths), converted ACCM captioner + selector, CLIP-L/336."""
     import torch
 
-    from actors.tiny import build_processor, build_tokenizer, fast_random_llava, llava_config
+    from actors.tiny import build_processor, build_tokenizer, fast_random_llava
     from jobs.convert_accm_checkpoint import main as convert
 
     root = tmp_path_factory.mktemp("real_parts")
     tok = build_tokenizer()
-    config = llava_config(
-        image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=4, vision_heads=16,
-        text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32, vocab_size=32064,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )  # fmt: skip
-    model = fast_random_llava(config, dtype=torch.bfloat16)
+    model = fast_random_llava(realshape.llava_7b_config(tok, vision_layers=4), dtype=torch.bfloat16)
     model.save_pretrained(root / "llava")
     build_processor(tok, image_size=336, patch=14).save_pretrained(root / "llava")
     del model

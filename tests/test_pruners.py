@@ -19,12 +19,7 @@ from actors.vision import VisionBatch, encode_images  # noqa: E402
 N, DV, HD = 64, 16, 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny tensors run faster on one thread
 
 
 def synthetic(b: int = 3, seed: int = 0) -> VisionBatch:

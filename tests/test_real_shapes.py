@@ -16,7 +16,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from actors.engine import METHODS, LlavaEngine, resolve_keep_tokens  # noqa: E402
 from actors.pruners import visionzip_split  # noqa: E402
-from actors.tiny import build_processor, build_tokenizer, fast_random_llava, llava_config  # noqa: E402
+from actors.tiny import build_processor, build_tokenizer, fast_random_llava  # noqa: E402
+from tests import realshape  # noqa: E402
 
 QUESTION = "What shape is in row 1, column 2?"
 
@@ -24,12 +25,7 @@ QUESTION = "What shape is in row 1, column 2?"
 @pytest.fixture(scope="module")
 def engine() -> LlavaEngine:
     tok = build_tokenizer()
-    config = llava_config(
-        image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=2, vision_heads=16,
-        text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32, vocab_size=32064,
-        image_token_index=tok.convert_tokens_to_ids("<image>"),
-    )  # fmt: skip
-    model = fast_random_llava(config, dtype=torch.bfloat16)
+    model = fast_random_llava(realshape.llava_7b_config(tok, vision_layers=2), dtype=torch.bfloat16)
     return LlavaEngine(model, build_processor(tok, image_size=336, patch=14))
 
 
