@@ -128,6 +128,21 @@ def _stable_error(error: str | None) -> str | None:
 
 
 @pytest.mark.slow
+def _tiny_clip(path, tokenizer, *, vision_hidden: int) -> None:
+    """A small random ``CLIPModel`` folder (text tower + projections, vision width of the LVLM's tower)."""
+    from transformers import CLIPConfig, CLIPModel
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=77, eos_token_id=tokenizer.eos_token_id),
+        vision_config=dict(hidden_size=vision_hidden, intermediate_size=128, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=64, patch_size=8),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
 def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, monkeypatch):
     """One graph, one vision encoding per item, four settings (full tokens, FastV inside the LLM, VisionZip,
     ACCM with captions) over two shards with a corrupt image: the same answers per (item, setting) as the
@@ -150,6 +165,7 @@ def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, m
     build_caption_model(build_tokenizer(), feature_dim=64, hidden=32, decoder_layers=1, mapper_layers=1,
                         max_caption_tokens=4).save_pretrained(tmp_path / "captioner")
     build_selector(text_hidden=32, text_layers=1, projection_dim=32, layers=1).save_pretrained(tmp_path / "selector")
+    _tiny_clip(tmp_path / "clip", build_tokenizer(), vision_hidden=64)  # --clip: ACCM's base pruner's text picks
     rows = [shapes.item_row(shapes.make_item(5, "test", i)) for i in range(7)]
     rows[5] = dict(rows[5], image=b"not an image")
     src = tmp_path / "in"
@@ -160,6 +176,7 @@ def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, m
     common = ["--input", str(src), "--methods", "none,fastv,visionzip,accm", "--prune-rates", "0.75",
               "--lvlm", str(tmp_path / "lvlm"), "--captioner", str(tmp_path / "captioner"),
               "--selector", str(tmp_path / "selector"), "--fastv-layer", "1", "--batch-size", "3",
+              "--clip", str(tmp_path / "clip"), "--text-pick", "farthest",
               "--model-cache", str(tmp_path / "cache")]  # fmt: skip
     sweep = _sweep_module()
     shared, sequential = tmp_path / "shared", tmp_path / "sequential"
@@ -199,6 +216,11 @@ def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, m
         assert line["accuracy"] == pytest.approx(job["accuracy"])  # one accuracy definition
     accm = pq.read_table(shared / "accm" / "0.75" / "a.parquet").to_pylist()
     assert all(r["caption"] for r in accm)
+    assert {r["text_pick"] for r in accm} == {"farthest"} and all(r["clip_model"] for r in accm)
+    vz = pq.read_table(shared / "visionzip" / "0.75" / "a.parquet").to_pylist()
+    assert all(r["text_pick"] is None for r in vz)  # no text picks in visionzip
+    # the text guide's tower and projections are priced: ACCM's pruner costs more than a CLS score alone
+    assert min(r["flops_pruner"] for r in accm) > 10 * max(r["flops_pruner"] for r in vz)
     assert len(before) == 8 and {p: p.stat().st_mtime_ns for p in before} == before
     assert (first["items_per_s"] > 0).all() and (shared / "report" / "report.md").exists()
     assert first["wall_time_s"].sum() == pytest.approx(sweep_wall)  # the settings' shares of one wall time
