@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from actors.prompt import plain_question
 from actors.vision import VisionBatch
 from kernels.topk_select import select_topk
+from pipeline.config import TEXT_PICKS  # one definition: the job's --text-pick choices
 
 METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")  # accm prunes like prumerge_plus
 VISIONZIP_SPLIT = (54, 10)  # dominant : contextual, VisionZip's 64-token setting (scaled to any budget)
@@ -209,7 +211,7 @@ class TextGuide(nn.Module):
         First line only (ACCM's model_vqa_loader passes ``qs.split('\\n')[0]``, without the answer-format
         suffix); tokenized untruncated, then cut to ``max_length`` with EOS forced into the last slot
         (ACCM clip_encoder.py L171-176: ``input_ids[:, :77]``, ``input_ids[:, 76] = 49407``)."""
-        ids = list(self.tokenizer(question.split("\n", 1)[0])["input_ids"])
+        ids = list(self.tokenizer(plain_question(question))["input_ids"])
         if len(ids) > self.max_length:
             ids = ids[: self.max_length]
             ids[-1] = self.tokenizer.eos_token_id
@@ -243,7 +245,6 @@ class TextGuide(nn.Module):
 # ACCM's (kept visual tokens -> max_num_text) pairs: clip_encoder.py L152-153 ("144, 36, 18, 288, 72" /
 # "70, 20, 12, 150, 40"); L77-78 set the 18 -> 12 default.
 TEXT_PICK_TABLE = ((18, 12), (36, 20), (72, 40), (144, 70), (288, 150))
-TEXT_PICKS = ("nearest", "farthest")
 ORDERS = ("code", "ascending")
 
 
