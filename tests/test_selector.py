@@ -100,19 +100,32 @@ def test_save_load_round_trip(selector, tmp_path):
     torch.testing.assert_close(loaded(QS, CANDS), selector(QS, CANDS))
 
 
-def test_selector_flops_match_flop_counter(selector):
+def _analytic_and_measured_flops(sel) -> tuple[float, float]:
+    """One item through ``sel`` under FlopCounterMode, with the fused paths off (nn.MultiheadAttention's fast
+    path and the CPU SDPA kernels are invisible to the counter), and the analytic count of the same item."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from actors.accm import selector_dims
     from pipeline.flops import selector_flops
 
-    with FlopCounterMode(display=False) as counter:
-        selector(QS[:1], CANDS[:1])
-    _, tokens = selector.encode_texts([selector_text(QS[0], c) for c in CANDS[0]])
-    text, classifier = selector_dims(selector)
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            sel(QS[:1], CANDS[:1])
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+    _, tokens = sel.encode_texts([sel.text(QS[0], c) for c in CANDS[0]])
+    text, classifier = selector_dims(sel)
     analytic = selector_flops(text, classifier, candidates=3, tokens_per_candidate=tokens,
-                              projection_dim=selector.text_encoder.config.projection_dim)
-    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+                              projection_dim=sel.text_encoder.config.projection_dim)
+    return analytic, counter.get_total_flops()
+
+
+def test_selector_flops_match_flop_counter(selector):
+    analytic, measured = _analytic_and_measured_flops(selector)
+    assert analytic == pytest.approx(measured, rel=0.02)
 
 
 def test_accm_captioner_end_to_end(selector, tmp_path):
@@ -193,25 +206,8 @@ def test_torch_transformer_selector_flops_match_flop_counter():
     """The authors' classifier fits pipeline.flops.selector_flops. nn.MultiheadAttention takes PyTorch's fused
     encoder-layer fast path in eval/no-grad and CPU SDPA kernels the counter cannot see: the count runs with the
     fast path off and the math SDPA backend, where every matmul is an aten mm/bmm."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from actors.accm import selector_dims
-    from pipeline.flops import selector_flops
-
-    sel = _reference_selector()
-    previous = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            sel(QS[:1], CANDS[:1])
-    finally:
-        torch.backends.mha.set_fastpath_enabled(previous)
-    _, tokens = sel.encode_texts([sel.text(QS[0], c) for c in CANDS[0]])
-    text, classifier = selector_dims(sel)
-    analytic = selector_flops(text, classifier, candidates=3, tokens_per_candidate=tokens,
-                              projection_dim=sel.text_encoder.config.projection_dim)
-    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+    analytic, measured = _analytic_and_measured_flops(_reference_selector())
+    assert analytic == pytest.approx(measured, rel=0.02)
 
 
 def test_accm_captioner_honours_beams_and_names_its_features(selector, tmp_path):
