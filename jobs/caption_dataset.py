@@ -20,7 +20,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import parse_args
-    from pipeline.schema import SchemaError
 
     cfg = parse_args(argv)
     from pipeline.logs import setup_logging
@@ -30,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline.graph import run_job
+    from pipeline.graph import failure, run_job
 
     started = False
     if not ray.is_initialized():
@@ -44,12 +43,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Ray: %s, resources %s", address, ray.cluster_resources())
     try:
         summary = run_job(cfg)
-    except SchemaError as exc:
-        log.error("input rejected before anything was written: %s", exc)
-        return 2
-    except FileNotFoundError as exc:
-        log.error("%s", exc)
-        return 2
+    except Exception as exc:  # noqa: BLE001 - the known failures exit with their code, the rest re-raise
+        known = failure(exc)
+        if known is None:
+            raise
+        log.error("%s", known[1])
+        return known[0]
     finally:
         if started:
             ray.shutdown()

@@ -191,7 +191,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     from pipeline import storage
     from pipeline.config import METHODS, parse_args
     from pipeline.graph import run_job
-    from pipeline.report import summary_from_outputs, write_report
+    from pipeline.report import summary_from_stats, write_report
     from pipeline.sweep import Setting, run_shared_sweep, setting_config
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -240,7 +240,8 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
             ray.shutdown()
     total_wall = time.perf_counter() - t0
 
-    summary = summary_from_outputs(output, [(s.method, s.rate) for s in settings], walls)
+    summary = summary_from_stats([(s.method, s.rate, summaries[s]["stats"], walls[(s.method, s.rate)])
+                                  for s in settings])
     sink = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
     sink.close()
     summary.to_parquet(sink.name, index=False)
@@ -302,7 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.estimate:
         return run_estimate(args, cost)
-    return run_sweep(args, job_argv, cost)
+    from pipeline.graph import failure
+
+    try:
+        return run_sweep(args, job_argv, cost)
+    except Exception as exc:  # noqa: BLE001 - the known failures exit with their code, the rest re-raise
+        known = failure(exc)
+        if known is None:
+            raise
+        log.error("%s", known[1])
+        return known[0]
 
 
 if __name__ == "__main__":

@@ -72,6 +72,8 @@ class JobConfig:
     lvlm_resource: str = "lvlm_tier"
     limit: int | None = None
     resume: bool = False
+    part_rows: int = 128  # the write unit: finished rows go to a durable part in groups of at most this many
+    retry_budget_s: float = 180.0  # how long a transient object-store fault is retried before exit code 3
     s3_endpoint: str | None = None
     model_cache: str = field(default_factory=lambda: os.path.expanduser("~/.cache/accm-pipeline/models"))
     max_pixels: int = 4096 * 4096
@@ -103,6 +105,10 @@ class JobConfig:
                              f"got {self.fastv_layer}")
         if self.num_candidates < 1:
             raise ValueError("--num-candidates must be >= 1")
+        if self.part_rows < 1:
+            raise ValueError("--part-rows must be >= 1")
+        if self.retry_budget_s < 0:
+            raise ValueError("--retry-budget-s must be >= 0")
         if self.limit is not None and self.limit < 0:
             raise ValueError("--limit must be >= 0")
         if self.lvlm_tp is not None:
@@ -173,8 +179,15 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "only when the cluster has it (default: captioner_tier)."),
     ("--lvlm-resource", "lvlm_resource", str, "Custom Ray resource of the LVLM tier (default: lvlm_tier)."),
     ("--limit", "limit", int, "Process only the first N rows (in shard order)."),
-    ("--resume", "resume", "bool", "Skip input shards whose output is complete (_done/ markers) in --output; "
-     "without it a run starts clean and replaces earlier output of the same shards."),
+    ("--resume", "resume", "bool", "Continue a crashed or interrupted run in --output: shards with a _done/ "
+     "marker are skipped, rows already in a durable part (_parts/) are not redone. Without it a run starts "
+     "clean and replaces earlier output of the same shards."),
+    ("--part-rows", "part_rows", int, "Write unit: finished rows are written by Ray workers as durable parts of "
+     "at most this many rows, so a crash loses fewer than this many finished rows plus the rows inside the "
+     "tiers (default: 128)."),
+    ("--retry-budget-s", "retry_budget_s", float, "Seconds a transient object-store fault (connection reset, "
+     "timeout, 5xx, SlowDown) is retried with exponential backoff before the job exits with code 3; --resume "
+     "then continues (default: 180)."),
     ("--s3-endpoint", "s3_endpoint", str, "S3 endpoint URL (else AWS_ENDPOINT_URL / the AWS environment)."),
     ("--model-cache", "model_cache", str, "Local directory s3:// models are copied into (per node)."),
     ("--max-pixels", "max_pixels", int, "Images with more pixels are rejected per row (default: 4096*4096)."),

@@ -3,6 +3,10 @@
 A bad row must become an output row with an ``error`` (see ``pipeline.schema.error_row``), never a
 crashed task that takes its whole block with it. So every function here returns ``(value, error)``
 or ``error``, with errors phrased as ``"<column>: <what is wrong>"``.
+
+An unreachable object store is not a bad row: ``image_uri`` reads are retried (``pipeline.retry``), and
+once the retry budget is spent ``RetryBudgetExceeded`` propagates and fails the task, so the run can be
+resumed later instead of recording every remaining row as an error.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageSequence
 
+from pipeline.retry import RetryBudgetExceeded
 from pipeline.storage import read_bytes, redact
 
 # A generous default (4096 x 4096): far above any vision tower's input, far below PIL's bomb limit.
@@ -58,7 +63,8 @@ def decode_image(
     ``image`` (encoded bytes) wins when non-null, else ``image_uri`` is read with ``read_uri``
     (default: ``pipeline.storage.read_bytes``, i.e. paths, file:// and s3:// with the AWS env vars).
     Errors: missing/empty/undecodable/truncated data, decompression bombs (PIL's warning is an error
-    here), images over ``max_pixels``. Animated images give their first frame.
+    here), images over ``max_pixels``. Animated images give their first frame. The one exception raised:
+    ``RetryBudgetExceeded`` (the store stayed unreachable; a missing object is a row error at once).
     """
     column = "image"
     try:
@@ -69,6 +75,8 @@ def decode_image(
             reader = read_uri or read_bytes
             try:
                 data = reader(str(image_uri))
+            except RetryBudgetExceeded:
+                raise
             except Exception as exc:  # noqa: BLE001 - a bad URI is a bad row
                 return None, redact(f"image_uri: cannot read {image_uri}: {type(exc).__name__}: {exc}")
         else:
@@ -91,6 +99,8 @@ def decode_image(
                 frame = next(iter(ImageSequence.Iterator(opened)))  # first frame of an animation
                 frame.load()
                 return _to_rgb(frame.copy()), None
+    except RetryBudgetExceeded:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         return None, f"{column}: decompression bomb refused ({exc})"
     except Exception as exc:  # noqa: BLE001 - undecodable, truncated, unsupported mode, ...

@@ -1,91 +1,123 @@
 """The Ray Data graph of the main job and its driver (SPEC §4).
 
-    read_parquet (pending shards) -> decode/validate (CPU tasks)
+    read_parquet (pending shards) -> decode/validate (CPU tasks; rows already in parts are skipped)
       -> captioner tier (actor pool: vision tower once, pruner, ACCM caption model + selector)
       -> LVLM tier (actor pool: projector + pruned LLM + caption splice)
-      -> scoring (CPU tasks) -> driver: one Parquet file per input shard + completion marker
+      -> scoring -> write_parts (CPU tasks: durable parts of --part-rows rows, pipeline.progress)
+      -> driver: tiny per-part records -> finalize_shard (a Ray task per complete shard: one Parquet file per
+         input shard, same relative name, then its completion marker with the shard's statistics)
 
-Why the driver writes: every input shard maps to exactly one output file with the same relative name,
-written whole and then marked done (``pipeline.resume``). That makes file names deterministic and
-``--resume`` exact (a shard is either marked and complete, or redone), which Ray's block-wise
-``write_parquet`` cannot promise per input file. The rows reaching the driver are small (no image, no
-features), and each shard's rows are released as soon as it is written.
+The driver coordinates and never holds output rows: planning runs in Ray tasks (each returns a shard's small
+facts and keeps its row filter in the object store), output bytes are written by workers, and the summary
+is merged from the markers' statistics. Its memory grows with the number of shards, not of rows.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import signal
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import resume, storage
+from pipeline import progress, resume, retry, storage
 from pipeline.config import JobConfig
-from pipeline.schema import (
-    NOT_PASSED_THROUGH,
-    OUTPUT_COLUMNS,
-    SchemaError,
-    output_schema,
-    validate_input_schema,
-    validate_unique_ids,
-)
+from pipeline.schema import SchemaError
 from pipeline.stages import CaptionerTier, LVLMTier, decode_batch, score_batch
-from pipeline.summary import format_table, summarize, to_json
+from pipeline.summary import empty_stats, format_table, merge_stats, summarize_stats, to_json
 
 log = logging.getLogger("accm.job")
 
-CRASH_ENV = "ACCM_JOB_CRASH_AFTER_SHARDS"  # test hook: kill -9 the job's process group after N shards
+MAIN = ""  # the main job's one output label (the sweep has one per setting)
 
 
 @dataclass
 class Shard:
-    """One input Parquet file and the rows of it this run covers."""
+    """One input Parquet file as planned: small facts only (its rows stay in the file)."""
 
+    rel: str  # relative name under --input = output file name under --output
     url: str  # as listed (keeps the scheme)
     path: str  # inside the pyarrow filesystem
-    rel: str  # relative name under --input = output file name under --output
-    schema: pa.Schema
+    schema: Any  # pyarrow.Schema
     num_rows: int
-    ids: list[str]  # planned rows, input order (--limit may cut the last shard)
+    planned: int  # rows of it this run covers (--limit may cut the last shard)
+    digest: str  # of the planned ids, in input order (the marker's check)
+    labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {done, stats | committed}
+
+    def facts(self) -> dict[str, Any]:
+        """What finalize_shard needs."""
+        return {"rel": self.rel, "url": self.url, "schema": self.schema, "planned": self.planned,
+                "digest": self.digest}
+
+
+@dataclass
+class Target:
+    """One output of a graph: the main job's --output, or one sweep setting's directory."""
+
+    cfg: JobConfig
+    const: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------------------
 # planning (driver only, before anything is written)
 
 
-def plan_shards(cfg: JobConfig) -> tuple[Any, list[Shard]]:
-    """List and validate the input shards; a broken shard stops the job here, naming the file."""
+def shard_limits(cfg: JobConfig, fs: Any, urls: list[str]) -> list[int | None]:
+    """Rows each shard contributes under ``--limit`` (None: all); reads footers only, and only with a limit."""
+    if cfg.limit is None:
+        return [None] * len(urls)
+    out, budget = [], cfg.limit
+    for url in urls:
+        if budget <= 0:
+            out.append(0)
+            continue
+        _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
+        try:
+            rows = storage.call("read footer", url, pq.read_metadata, path, filesystem=fs).num_rows
+        except storage.StorageError as exc:
+            if isinstance(exc, retry.RetryBudgetExceeded):
+                raise
+            raise SchemaError(f"{storage.redact(url)}: not a readable Parquet file: {exc}") from None
+        out.append(min(rows, budget))
+        budget -= rows
+    return out
+
+
+def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tuple[Any, list[Shard], dict[str, Any]]:
+    """List the input shards and plan each in a Ray task (schema, ids, markers and parts of every output).
+
+    Returns the input filesystem, the shards in input order and each shard's row filter as an object ref.
+    A broken shard stops the job here, naming the file, before anything is written."""
+    import ray
+
     fs, root = storage.resolve(cfg.input, s3_endpoint=cfg.s3_endpoint)
     urls = storage.list_parquet_files(cfg.input, s3_endpoint=cfg.s3_endpoint)
     if not urls:
         raise FileNotFoundError(f"no *.parquet files under --input {storage.redact(cfg.input)}")
-    shards, budget = [], cfg.limit
-    for url in urls:
+    limits = shard_limits(cfg, fs, urls)
+    task = ray.remote(progress.plan_shard).options(num_returns=2, num_cpus=task_cpus, max_retries=2)
+    refs = []
+    for url, limit in zip(urls, limits, strict=True):
         _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
-        rel = path[len(root):].lstrip("/") if path != root else os.path.basename(path)
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-            validate_input_schema(schema, url)
-            output_schema(schema)
-            ids = pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
-        except SchemaError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - unreadable footer, truncated file, ...
-            raise SchemaError(f"{storage.redact(url)}: not a readable Parquet file: {type(exc).__name__}: "
-                              f"{storage.redact(exc)}") from None
-        validate_unique_ids(ids, url)
-        num_rows = len(ids)
-        if budget is not None:
-            ids, budget = ids[:budget], max(0, budget - len(ids))
-        shards.append(Shard(url, path, rel, schema, num_rows, ids))
-    return fs, shards
+        rel = path[len(root):].lstrip("/") if path != root else path.rsplit("/", 1)[-1]
+        refs.append(task.remote(url, rel, limit, outputs, cfg.resume, cfg.s3_endpoint, cfg.retry_budget_s))
+    shards, filters, retries = [], {}, {}
+    for facts_ref, filter_ref in refs:
+        facts = ray.get(facts_ref)
+        if "error" in facts:
+            raise SchemaError(facts["error"])
+        retries = retry.merge_counts(retries, facts.pop("retries", {}))
+        shard = Shard(**{k: facts[k] for k in ("rel", "url", "path", "schema", "num_rows", "planned", "digest",
+                                               "labels")})
+        shards.append(shard)
+        if any(not v["done"] and v["committed"] for v in shard.labels.values()) or shard.planned < shard.num_rows:
+            filters[shard.rel] = filter_ref  # only shards whose rows need filtering keep theirs
+    if retries:
+        retry_ledger(cfg.run_id).add.remote(retries)
+    return fs, shards, filters
 
 
 def effective_method(cfg: JobConfig) -> JobConfig:
@@ -190,151 +222,217 @@ def node_gpus(ray) -> list[float]:
 # the graph
 
 
-def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, *, captioner: type = CaptionerTier,
-                  captioner_kwargs: dict[str, Any] | None = None):
-    """Ray Data graph over ``shards`` (lazy): rows with ``_shard``, ``id`` and the output columns.
+def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, outputs: dict[str, str],
+                  filters: dict[str, Any], *, captioner: type = CaptionerTier,
+                  captioner_kwargs: dict[str, Any] | None = None, lvlm: type = LVLMTier):
+    """Ray Data graph over ``shards`` (lazy) ending in the writer stage: one small record per part written.
 
-    ``captioner``: the captioner-tier actor class (the shared-encoding sweep passes ``SweepCaptionerTier``
-    and its extra constructor arguments in ``captioner_kwargs``)."""
+    ``captioner``/``lvlm``: the tiers' actor classes (the shared-encoding sweep passes ``SweepCaptionerTier``
+    and its extra constructor arguments in ``captioner_kwargs``); ``filters``: shard -> object ref of its
+    row filter (``progress.plan_shard``)."""
     import ray.data
     from ray.data import ActorPoolStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    limited = any(len(s.ids) < s.num_rows for s in shards)
+    retry.configure_ray_data(ctx)
     ds = ray.data.read_parquet([s.path for s in shards], filesystem=fs, include_paths=True,
                                num_cpus=res.task_cpus)
+    # blocks of --batch-size rows (a Parquet file is otherwise one block): an actor task then holds one batch,
+    # which keeps the rows a crash can catch inside the tiers bounded (see pipeline.progress)
+    ds = ds.repartition(target_num_rows_per_block=cfg.batch_size, strict=True)
     ds = ds.map_batches(
         decode_batch, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=res.task_cpus,
         fn_kwargs={"max_pixels": cfg.max_pixels, "s3_endpoint": cfg.s3_endpoint,
-                   "shard_names": {s.path: s.rel for s in shards},
-                   "allowed_ids": {s.rel: set(s.ids) for s in shards} if limited else None},
+                   "shard_names": {s.path: s.rel for s in shards}, "row_filters": filters or None,
+                   "run_id": cfg.run_id, "budget_s": cfg.retry_budget_s},
     )
+    # two batches in flight per actor (Ray's default is 4): the rows a crash can catch inside a tier
     cap_gpus = res.captioner.get("num_gpus", 0.0)
     ds = ds.map_batches(
         captioner, batch_format="pyarrow", batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.captioner_actors[0], max_size=cfg.captioner_actors[1]),
+        compute=ActorPoolStrategy(min_size=cfg.captioner_actors[0], max_size=cfg.captioner_actors[1],
+                                  max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": cap_gpus, **(captioner_kwargs or {})}, **res.captioner,
     )
     lvlm_gpus = res.lvlm.get("num_gpus", 0.0)
     ds = ds.map_batches(
-        LVLMTier, batch_format="pyarrow", batch_size=cfg.batch_size,
-        compute=ActorPoolStrategy(min_size=cfg.lvlm_actors[0], max_size=cfg.lvlm_actors[1]),
+        lvlm, batch_format="pyarrow", batch_size=cfg.batch_size,
+        compute=ActorPoolStrategy(min_size=cfg.lvlm_actors[0], max_size=cfg.lvlm_actors[1],
+                                  max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": lvlm_gpus}, **res.lvlm,
     )
-    return ds.map_batches(score_batch, batch_format="pyarrow", num_cpus=res.task_cpus)
+    ds = ds.map_batches(score_batch, batch_format="pyarrow", num_cpus=res.task_cpus)
+    return ds.map_batches(
+        progress.write_parts, batch_format="pyarrow", batch_size=cfg.part_rows, num_cpus=res.task_cpus,
+        fn_kwargs={"outputs": outputs, "s3_endpoint": cfg.s3_endpoint, "budget_s": cfg.retry_budget_s,
+                   "run_id": cfg.run_id},
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
-# writing
+# running a graph to completion
 
 
-def write_shard(cfg: JobConfig, fs: Any, shard: Shard, results: dict[str, dict[str, Any]],
-                const: dict[str, Any]) -> int:
-    """Join results with the shard's passthrough columns, write ``<output>/<rel>``, then its marker."""
-    columns = [c for c in shard.schema.names if c not in NOT_PASSED_THROUGH]
-    passthrough = pq.read_table(shard.path, filesystem=fs, columns=columns)
-    if len(shard.ids) < shard.num_rows:
-        passthrough = passthrough.slice(0, len(shard.ids))
-    schema = output_schema(shard.schema)
-    rows = []
-    for row in passthrough.to_pylist():
-        result = results[row["id"]]
-        row.update({k: result.get(k) for k in OUTPUT_COLUMNS if k in result})
-        row.update(const)
-        rows.append(row)
-    table = pa.Table.from_pylist(rows, schema=schema)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    resume.write_atomic(resume.output_url(cfg.output, shard.rel), sink.getvalue().to_pybytes(), cfg.s3_endpoint)
-    resume.write_marker(cfg.output, shard.rel, shard.ids, const["run_id"], cfg.s3_endpoint)
-    return table.num_rows
+def retry_ledger(run_id: str | None):
+    """The run's retry-count actor (created on first use; workers find it by name)."""
+    import ray
+
+    return ray.remote(progress.RetryLedger).options(
+        name=progress.LEDGER_PREFIX + str(run_id), get_if_exists=True, num_cpus=0, lifetime=None).remote()
 
 
-def _maybe_crash(written: int) -> None:
-    after = os.environ.get(CRASH_ENV)
-    if after and written >= int(after):
-        log.error("%s=%s: killing this job's process group with SIGKILL (test hook)", CRASH_ENV, after)
-        logging.shutdown()
-        os.killpg(os.getpgid(0), signal.SIGKILL)
+@dataclass
+class LabelResult:
+    """What one output of a graph run adds up to."""
+
+    stats: dict[str, Any] = field(default_factory=empty_stats)  # all its shards, resumed ones too
+    processed: int = 0  # rows this run wrote
+    busy_s: float = 0.0  # captioner + LVLM stage time of those rows
+    skipped: int = 0  # shards already done (--resume)
 
 
-def read_outputs(cfg: JobConfig, shards: list[Shard]) -> pa.Table:
-    fs, _ = storage.resolve(cfg.output, s3_endpoint=cfg.s3_endpoint)
-    tables = []
+def run_graph(base: JobConfig, targets: dict[str, Target], *, captioner: type = CaptionerTier,
+              captioner_kwargs: Any = None, lvlm: type = LVLMTier) -> tuple[list[Shard], dict[str, LabelResult]]:
+    """Plan, run the graph over what is left, finalize each shard as it completes; per-label results.
+
+    ``captioner_kwargs``: a function of (shards, filters) giving the captioner tier's extra arguments."""
+    import ray
+
+    res = tier_resources(base, ray.cluster_resources(), node_gpus(ray))
+    outputs = {label: t.cfg.output for label, t in targets.items()}
+    retry_ledger(base.run_id)
+    fs, shards, filters = plan_shards(base, outputs, res.task_cpus)
+    for output in dict.fromkeys(outputs.values()):
+        preflight(output, str(base.run_id), base.s3_endpoint)
+    results = {label: LabelResult() for label in targets}
+    finalize = ray.remote(progress.finalize_shard).options(num_cpus=res.task_cpus, max_retries=2)
+    pending: dict[tuple[str, str], int] = {}  # (label, shard) -> rows still to come
+    finals = []
+
+    def submit(label: str, shard: Shard) -> None:
+        t = targets[label]
+        finals.append(finalize.remote(shard.facts(), t.cfg.output, t.const, base.s3_endpoint, base.retry_budget_s))
+
     for shard in shards:
-        _, path = storage.resolve(resume.output_url(cfg.output, shard.rel), s3_endpoint=cfg.s3_endpoint)
-        t = pq.read_table(path, filesystem=fs)
-        keep = [c for c in t.column_names if c in OUTPUT_COLUMNS or c in ("id", "question_type")]
-        tables.append(t.select(keep))
-    return pa.concat_tables(tables, promote_options="default")
+        for label, state in shard.labels.items():
+            if state["done"]:
+                results[label].skipped += 1
+                results[label].stats = merge_stats(results[label].stats, state["stats"] or empty_stats())
+            elif state["committed"] >= shard.planned:  # every row in parts already (a crash before finalize)
+                submit(label, shard)
+            else:
+                pending[(label, shard.rel)] = shard.planned - state["committed"]
+    work = [s for s in shards if any((label, s.rel) in pending for label in targets)]
+    log.info("run %s: %d shards, %d rows planned; %d (output, shard) pairs already done (--resume), %d to process",
+             base.run_id, len(shards), sum(s.planned for s in shards), sum(r.skipped for r in results.values()),
+             len(pending))
+    if work:
+        log.info("resources: tasks %.2f CPU; captioner actors %s x %s; LVLM actors %s x %s", res.task_cpus,
+                 base.captioner_actors, res.captioner, base.lvlm_actors, res.lvlm)
+        extra = captioner_kwargs(work, filters) if callable(captioner_kwargs) else captioner_kwargs
+        ds = build_dataset(base, fs, work, res, outputs, {s.rel: filters[s.rel] for s in work if s.rel in filters},
+                           captioner=captioner, captioner_kwargs=extra, lvlm=lvlm)
+        by_rel = {s.rel: s for s in work}
+        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+            for record in batch.to_pylist():
+                key = (record["label"], record["shard"])
+                result = results[record["label"]]
+                result.processed += record["rows"]
+                result.busy_s += record["busy_s"]
+                pending[key] -= record["rows"]
+                if pending[key] == 0:
+                    del pending[key]
+                    submit(record["label"], by_rel[record["shard"]])
+        if pending:
+            raise RuntimeError(f"rows missing after the graph finished (output shard: count): {pending}; those "
+                               "shards have no marker, rerun with --resume")
+    by_output = {t.cfg.output: label for label, t in targets.items()}
+    for done in ray.get(finals):
+        label = by_output[done["label_output"]]
+        results[label].stats = merge_stats(results[label].stats, done["stats"])
+        retry_ledger(base.run_id).add.remote(done["retries"])
+    for output in dict.fromkeys(outputs.values()):  # every shard is final: drop the emptied _parts/ folder
+        storage.delete_prefix(resume.join(output, progress.PARTS_DIR), s3_endpoint=base.s3_endpoint)
+    return shards, results
+
+
+def retry_counts(run_id: str | None) -> dict[str, int]:
+    """Retries per operation over the driver and every worker of the run (then the ledger is let go)."""
+    import ray
+
+    progress.report_retries(run_id)
+    ledger = retry_ledger(run_id)
+    counts = ray.get(ledger.get.remote())
+    ray.kill(ledger)
+    return counts
+
+
+def budget_exceeded(exc: BaseException) -> BaseException | None:
+    """The ``RetryBudgetExceeded`` behind ``exc`` (raised here, or in a Ray worker and wrapped by Ray / Ray
+    Data on its way to the driver), or None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, retry.RetryBudgetExceeded):
+            return e
+        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
+EXIT_REJECTED = 2  # bad input, a missing model, or a permanent object-store refusal: nothing was half-written
+EXIT_STORE_UNAVAILABLE = 3  # the retry budget for a transient object-store fault ran out; --resume continues
+
+
+def failure(exc: BaseException) -> tuple[int, str] | None:
+    """(exit code, one log line) for the failures a job reports without a traceback, else None."""
+    spent = budget_exceeded(exc)
+    if spent is not None:
+        return EXIT_STORE_UNAVAILABLE, str(spent)  # names the object, how long it was retried, and --resume
+    if isinstance(exc, SchemaError):
+        return EXIT_REJECTED, f"input rejected before anything was written: {exc}"
+    if isinstance(exc, FileNotFoundError):
+        return EXIT_REJECTED, str(exc)
+    if isinstance(exc, storage.StorageError):  # permanent: denied, no such bucket, bad credentials (redacted)
+        return EXIT_REJECTED, f"object store refused: {exc}"
+    return None
+
+
+def preflight(output: str, run_id: str, s3_endpoint: str | None) -> None:
+    """Write and delete one small object under ``output``: a wrong bucket or denied credentials fail here,
+    in seconds and before any work, instead of at the first part."""
+    probe = resume.join(output, f"{resume.MARKER_DIR}/.preflight-{run_id}")
+    resume.write_atomic(probe, b"", s3_endpoint)
+    storage.delete(probe, s3_endpoint=s3_endpoint)
 
 
 # ----------------------------------------------------------------------------------------------------
 # the job
 
 
-def run_job(cfg: JobConfig) -> dict[str, Any]:
-    """Run the pipeline on the current Ray (``ray.init`` done by the caller); returns the summary."""
-    import ray
+def run_job(cfg: JobConfig, *, captioner: type = CaptionerTier, lvlm: type = LVLMTier) -> dict[str, Any]:
+    """Run the pipeline on the current Ray (``ray.init`` done by the caller); returns the summary.
 
+    ``captioner``/``lvlm``: the tiers' actor classes (tests pass subclasses that fail on purpose)."""
     t0 = time.perf_counter()
+    retry.set_budget(cfg.retry_budget_s)
     run_id = cfg.run_id or time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if not storage.exists(cfg.lvlm, s3_endpoint=cfg.s3_endpoint):
         raise FileNotFoundError(f"LVLM model not found at --lvlm {storage.redact(cfg.lvlm)} (the shipped small "
                                 "models are built by jobs/train_lvlm.py into models/shapes/)")
     cfg = replace(effective_method(cfg), run_id=run_id)
     check_fastv_layer(cfg)
-    fs, shards = plan_shards(cfg)
-    const = output_constants(cfg)
-
-    pending = []
-    for shard in shards:
-        if cfg.resume and resume.is_done(cfg.output, shard.rel, shard.ids, cfg.s3_endpoint):
-            continue
-        resume.clear_marker(cfg.output, shard.rel, cfg.s3_endpoint)
-        pending.append(shard)
-    skipped = len(shards) - len(pending)
-    log.info("run %s: %d shards, %d rows planned; %d shards already done (--resume), %d to process",
-             run_id, len(shards), sum(len(s.ids) for s in shards), skipped, len(pending))
-
-    written = processed = 0
-    for shard in [s for s in pending if not s.ids]:  # nothing to compute: empty output with the schema
-        write_shard(cfg, fs, shard, {}, const)
-        written += 1
-    work = [s for s in pending if s.ids]
-    if work:
-        res = tier_resources(cfg, ray.cluster_resources(), node_gpus(ray))
-        log.info("resources: tasks %.2f CPU; captioner actors %s x %s; LVLM actors %s x %s", res.task_cpus,
-                 cfg.captioner_actors, res.captioner, cfg.lvlm_actors, res.lvlm)
-        ds = build_dataset(cfg, fs, work, res)
-        by_rel = {s.rel: s for s in work}
-        results: dict[str, dict[str, dict[str, Any]]] = {s.rel: {} for s in work}
-        for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            for row in batch.to_pylist():
-                rel = row.pop("_shard")
-                bucket = results.get(rel)
-                if bucket is None:
-                    log.warning("row %r of unknown or finished shard %r ignored", row.get("id"), rel)
-                    continue
-                bucket[row["id"]] = row  # a retried batch cannot duplicate a row
-                shard = by_rel[rel]
-                if len(bucket) == len(shard.ids):
-                    processed += write_shard(cfg, fs, shard, bucket, const)
-                    del results[rel]
-                    written += 1
-                    log.info("shard %s: %d rows written (%d/%d shards)", rel, len(shard.ids), written, len(pending))
-                    _maybe_crash(written)
-        if results:
-            missing = {rel: len(by_rel[rel].ids) - len(rows) for rel, rows in results.items()}
-            raise RuntimeError(f"rows missing after the graph finished (shard: count): {missing}; "
-                               "those shards have no marker, rerun with --resume")
-
-    wall = time.perf_counter() - t0
+    shards, results = run_graph(cfg, {MAIN: Target(cfg, output_constants(cfg))}, captioner=captioner, lvlm=lvlm)
+    result = results[MAIN]
     run = {"run_id": run_id, "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
-           "shards_skipped": skipped, "rows_processed": processed, "wall_s": wall}
-    return write_summary(cfg, shards, run)
+           "shards_skipped": result.skipped, "rows_processed": result.processed,
+           "wall_s": time.perf_counter() - t0, "retries": retry_counts(run_id)}
+    return write_summary(cfg, result.stats, run)
 
 
 def check_fastv_layer(cfg: JobConfig) -> None:
@@ -369,12 +467,13 @@ def output_constants(cfg: JobConfig) -> dict[str, Any]:
             "text_pick": cfg.text_pick if guided else None}
 
 
-def write_summary(cfg: JobConfig, shards: list[Shard], run: dict[str, Any]) -> dict[str, Any]:
-    """``<output>/summary.json`` from the output files of all ``shards`` (resumed ones too); printed too."""
-    table = read_outputs(cfg, shards)
-    kept = [k for k in table.column("keep_tokens").to_pylist() if k is not None]
-    run["keep_tokens"] = kept[0] if kept else cfg.keep_tokens
-    summary = summarize(table, run=run)
+def write_summary(cfg: JobConfig, stats: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+    """``<output>/summary.json`` from the merged statistics of all shards (resumed ones too); printed too."""
+    from pipeline.summary import stats_mode
+
+    kept = stats_mode(stats, "keep_tokens")
+    run["keep_tokens"] = int(kept) if kept is not None else cfg.keep_tokens
+    summary = summarize_stats(stats, run=run)
     resume.write_atomic(resume.join(cfg.output, "summary.json"), to_json(summary), cfg.s3_endpoint)
     print(format_table(summary), flush=True)
     return summary

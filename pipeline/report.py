@@ -127,43 +127,42 @@ def sort_settings(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def read_setting_rows(url: str) -> pd.DataFrame:
-    """All per-row Parquet under ``url`` (local path, file:// or s3://) as one DataFrame.
+def summarize_stats_row(stats: Mapping[str, Any], *, method: str, prune_rate: float,
+                        wall_time_s: float | None = None) -> dict[str, Any]:
+    """``summarize_rows``'s record from a setting's merged shard statistics (``pipeline.summary.table_stats``,
+    kept in its ``summary.json``): the sweep's summary without reading an output row back."""
+    from pipeline.summary import stats_mean, stats_mode
 
-    Only ``*.parquet`` files count: the main job's ``summary.json`` and ``_done/`` markers lie beside them.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    keep, total = stats_mode(stats, "keep_tokens"), stats_mode(stats, "visual_tokens_total")
+    keep, total = (int(keep) if keep is not None else None), (int(total) if total is not None else None)
+    out: dict[str, Any] = {
+        "method": method,
+        "items": stats["items"],
+        "errors": stats["errors"],
+        "scored": stats["scored"],
+        "accuracy": stats["score_sum"] / stats["scored"] if stats["scored"] else math.nan,
+        "keep_tokens": keep,
+        "visual_tokens_total": total,
+        "prune_rate": float(prune_rate),
+    }
+    for qtype, (scored, score_sum) in sorted(stats["by_type"].items()):
+        out[f"acc_{qtype or 'unknown'}"] = score_sum / scored if scored else math.nan
+    for col in FLOPS_SUMMARY:
+        if col in stats["means"]:
+            mean = stats_mean(stats, col)
+            out[col] = mean if mean is not None else math.nan
+    for col, _ in sorted(stats["means"].items()):
+        if col.startswith("latency_"):
+            out[f"mean_{col}"] = stats_mean(stats, col)
+    out["wall_time_s"] = float(wall_time_s) if wall_time_s is not None else math.nan
+    out["items_per_s"] = stats["items"] / wall_time_s if wall_time_s else math.nan
+    return out
 
-    from pipeline import storage
 
-    fs, _ = storage.resolve(url)
-    tables = []
-    for f in storage.list_parquet_files(url):
-        _, path = storage.resolve(f)
-        tables.append(pq.read_table(path, filesystem=fs))
-    if not tables:
-        raise FileNotFoundError(f"no Parquet rows under {storage.redact(url)}")
-    return pa.concat_tables(tables, promote_options="default").to_pandas()
-
-
-def summary_from_outputs(
-    output: str, settings: Iterable[tuple[str, float]], wall_times: Mapping | None = None
-) -> pd.DataFrame:
-    """The summary of a sweep's output tree ``output/<method>/<rate>/`` for the given settings."""
-    wall_times = wall_times or {}
-    items = []
-    for method, rate in settings:
-        rows = read_setting_rows(f"{output.rstrip('/')}/{method}/{rate_label(rate)}")
-        items.append(
-            {
-                "rows": rows,
-                "method": method,
-                "prune_rate": rate,
-                "wall_time_s": wall_times.get((method, rate)),
-            }
-        )
-    return build_summary(items)
+def summary_from_stats(settings: Iterable[tuple[str, float, Mapping[str, Any], float | None]]) -> pd.DataFrame:
+    """The sweep's combined summary from ``(method, rate, stats, wall time)`` per setting, sorted."""
+    records = [summarize_stats_row(stats, method=m, prune_rate=r, wall_time_s=w) for m, r, stats, w in settings]
+    return sort_settings(pd.DataFrame.from_records(records))
 
 
 ESTIMATE_MODELS = ("llava-1.5-7b", "llava-1.5-13b")

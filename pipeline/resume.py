@@ -38,6 +38,7 @@ class Marker:
     rows: int
     ids_digest: str
     run_id: str
+    stats: dict | None = None  # the shard's summary statistics (pipeline.summary.table_stats)
 
 
 def ids_digest(ids: list[str]) -> str:
@@ -54,8 +55,8 @@ def write_atomic(url: str, data: bytes, s3_endpoint: str | None = None) -> None:
     """Write ``data`` so that readers see all of it or nothing (rename locally, one PUT on S3)."""
     scheme_local = not url.startswith(("s3://", "s3a://"))
     if scheme_local:
-        path = url.removeprefix("file://")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        path = os.path.abspath(url.removeprefix("file://"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
@@ -66,31 +67,26 @@ def write_atomic(url: str, data: bytes, s3_endpoint: str | None = None) -> None:
         storage.write_bytes(url, data, s3_endpoint=s3_endpoint)
 
 
-def write_marker(output: str, rel: str, ids: list[str], run_id: str, s3_endpoint: str | None = None) -> None:
-    body = {"file": rel, "rows": len(ids), "ids_digest": ids_digest(ids), "run_id": run_id,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def write_marker(output: str, rel: str, rows: int, digest: str, run_id: str, stats: dict | None = None,
+                 s3_endpoint: str | None = None) -> None:
+    body = {"file": rel, "rows": rows, "ids_digest": digest, "run_id": run_id,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stats": stats}
     write_atomic(marker_url(output, rel), json.dumps(body).encode(), s3_endpoint)
 
 
 def read_marker(output: str, rel: str, s3_endpoint: str | None = None) -> Marker | None:
+    """The shard's marker, or None when there is none (or it is unreadable: then the shard is redone).
+    Transient store errors are retried inside ``storage``; a spent retry budget propagates."""
     url = marker_url(output, rel)
     try:
         body = json.loads(storage.read_bytes(url, s3_endpoint=s3_endpoint))
-    except (FileNotFoundError, storage.StorageError, ValueError):
+    except FileNotFoundError:
         return None
-    return Marker(rel=body["file"], rows=int(body["rows"]), ids_digest=body["ids_digest"], run_id=body["run_id"])
-
-
-def is_done(output: str, rel: str, ids: list[str], s3_endpoint: str | None = None) -> bool:
-    """Whether the output of shard ``rel`` holds exactly ``ids`` (marker present and matching)."""
-    marker = read_marker(output, rel, s3_endpoint)
-    return marker is not None and marker.rows == len(ids) and marker.ids_digest == ids_digest(ids)
+    except ValueError:
+        return None
+    return Marker(rel=body["file"], rows=int(body["rows"]), ids_digest=body["ids_digest"], run_id=body["run_id"],
+                  stats=body.get("stats"))
 
 
 def clear_marker(output: str, rel: str, s3_endpoint: str | None = None) -> None:
-    url = marker_url(output, rel)
-    fs, path = storage.resolve(url, s3_endpoint=s3_endpoint)
-    try:
-        fs.delete_file(path)
-    except (FileNotFoundError, OSError):
-        pass
+    storage.delete(marker_url(output, rel), s3_endpoint=s3_endpoint)

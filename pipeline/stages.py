@@ -74,21 +74,52 @@ def _column(batch: pa.Table, name: str) -> list[Any]:
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
+def row_filter(ref: Any) -> dict[str, Any]:
+    """A shard's row filter (``pipeline.progress.plan_shard``) from its object ref, fetched once per process."""
+    key = ref.hex() if hasattr(ref, "hex") else id(ref)
+    if key not in _FILTERS:
+        import ray
+
+        _FILTERS[key] = ray.get(ref) if hasattr(ref, "hex") else ref
+    return _FILTERS[key]
+
+
+_FILTERS: dict[Any, dict[str, Any]] = {}
+
+
+def _skipped(filters: dict[str, Any] | None, shard: str, id_: str, label: str | None = None) -> bool:
+    """Whether a row is not this run's work: cut by --limit, or already in a durable part (for ``label``, or
+    for every pending output when ``label`` is None)."""
+    if not filters or shard not in filters:
+        return False
+    f = row_filter(filters[shard])
+    if f.get("keep") is not None and id_ not in f["keep"]:
+        return True
+    return id_ in (f["skip_all"] if label is None else f["skip"].get(label, ()))
+
+
 def decode_batch(batch: pa.Table, *, max_pixels: int, s3_endpoint: str | None = None,
-                 allowed_ids: dict[str, set[str]] | None = None, shard_names: dict[str, str] | None = None,
-                 ) -> pa.Table:
-    """Input rows -> decoded RGB images (or a per-row ``error``); never raises on bad data."""
+                 row_filters: dict[str, Any] | None = None, shard_names: dict[str, str] | None = None,
+                 run_id: str | None = None, budget_s: float | None = None) -> pa.Table:
+    """Input rows -> decoded RGB images (or a per-row ``error``); never raises on bad data.
+
+    ``row_filters``: shard -> its row filter (an object ref, or the dict itself): rows of ``--limit``'s cut
+    and rows already in durable parts (``--resume``) are dropped here, before any work."""
+    from pipeline import retry
     from pipeline.decode import decode_image, validate_question
+    from pipeline.progress import report_retries
     from pipeline.storage import read_bytes
 
+    if budget_s is not None:
+        retry.set_budget(budget_s)
     paths = _column(batch, PATH_COLUMN)
     ids, questions, images = _column(batch, "id"), _column(batch, "question"), _column(batch, "image")
     uris, answers = _column(batch, "image_uri"), _column(batch, "answers")
     out = []
     for path, id_, question, image, uri, ans in zip(paths, ids, questions, images, uris, answers, strict=True):
         shard = (shard_names or {}).get(path, path)
-        if allowed_ids is not None and id_ not in allowed_ids.get(shard, ()):
-            continue  # --limit: not part of this run
+        if _skipped(row_filters, shard, id_):
+            continue
         t0 = time.perf_counter()
         row: dict[str, Any] = {SHARD: shard, "id": id_, "question": question}
         error = validate_question(question)
@@ -106,6 +137,7 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, s3_endpoint: str | None = 
         row["error"] = error
         row["latency_decode_s"] = time.perf_counter() - t0
         out.append(row)
+    report_retries(run_id)
     return _table(out, DECODED_SCHEMA)
 
 
@@ -263,6 +295,7 @@ class CaptionerTier:
         import torch
 
         torch.set_grad_enabled(False)
+        set_retry_budget(cfg)
         self.cfg = cfg
         self.engine = load_engine(cfg, num_gpus, "captioner tier", vision_only=True)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
@@ -288,6 +321,7 @@ class CaptionerTier:
         dt = (time.perf_counter() - t0) / max(len(good), 1)
         for r in good:
             r["latency_captioner_s"] = dt
+        report_retries(self.cfg.run_id)
         return _table(rows, CAPTIONED_SCHEMA)
 
 
@@ -304,13 +338,15 @@ class SweepCaptionerTier:
     """
 
     def __init__(self, cfg: JobConfig, settings: list[tuple[str, str, float | None]],
-                 todo: dict[str, set[str]] | None = None, num_gpus: float = 0.0) -> None:
+                 todo: dict[str, set[str]] | None = None, row_filters: dict[str, Any] | None = None,
+                 num_gpus: float = 0.0) -> None:
         import torch
 
         from pipeline.config import CAPTION_METHODS
 
         torch.set_grad_enabled(False)
-        self.cfg, self.settings, self.todo = cfg, list(settings), todo
+        set_retry_budget(cfg)
+        self.cfg, self.settings, self.todo, self.row_filters = cfg, list(settings), todo, row_filters
         self.engine = load_engine(cfg, num_gpus, "captioner tier (sweep)", vision_only=True)
         needs_accm = any(method in CAPTION_METHODS for _, method, _ in self.settings)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if needs_accm else (None, None)
@@ -353,7 +389,8 @@ class SweepCaptionerTier:
         where = {id(r): i for i, r in enumerate(encoded)}
         out: list[dict[str, Any]] = []
         for label, method, prune_rate in self.settings:
-            mine = [r for r in rows if self.todo is None or label in self.todo.get(r[SHARD], ())]
+            mine = [r for r in rows if (self.todo is None or label in self.todo.get(r[SHARD], ()))
+                    and not _skipped(self.row_filters, r[SHARD], r["id"], label)]
             copies = [dict(r, _method=method, _setting=label) for r in mine]
             good = [(where[id(r)], c) for r, c in zip(mine, copies, strict=True) if id(r) in where]
             t1 = time.perf_counter()
@@ -368,6 +405,7 @@ class SweepCaptionerTier:
                 if c["error"] is None:
                     c["latency_captioner_s"] = dt + vision_share
             out.extend(copies)
+        report_retries(self.cfg.run_id)
         return _table(out, CAPTIONED_SCHEMA)
 
 
@@ -388,22 +426,17 @@ def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:
             r["error"] = f"{stage}: {_short(exc)}"
 
 
-ACTOR_DEATH_ENV = "ACCM_TEST_ACTOR_DEATH_DIR"  # test hook: the first LVLM batch kills its actor process
-TP_HELPER_DEATH_ENV = "ACCM_TEST_TP_HELPER_DEATH_DIR"  # test hook: the first tp helper call kills the helper
+def set_retry_budget(cfg: JobConfig) -> None:
+    """Actors retry object-store faults (model downloads, ...) for as long as the job says."""
+    from pipeline import retry
+
+    retry.set_budget(cfg.retry_budget_s)
 
 
-def _maybe_die_once(env: str = ACTOR_DEATH_ENV, marker: str = "lvlm-actor-died") -> None:
-    """If ``env`` names a directory, the first call in that directory's lifetime exits the process mid-batch
-    (as an OOM kill or a node loss would), so tests can check Ray's restart + retry."""
-    where = os.environ.get(env)
-    if where:
-        try:
-            fd = os.open(os.path.join(where, marker), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return
-        os.close(fd)
-        log.error("%s: exiting this actor process mid-batch (test hook)", env)
-        os._exit(1)
+def report_retries(run_id: str | None) -> None:
+    from pipeline.progress import report_retries as report
+
+    report(run_id)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -446,10 +479,13 @@ class LVLMTier:
     the main job's all use ``cfg.method``). With ``--lvlm-tp`` this actor is rank 0 of a tp group.
     """
 
+    rank_class: type | None = None  # tp helper ranks' actor class (None: pipeline.tp_replica.LVLMRank)
+
     def __init__(self, cfg: JobConfig, num_gpus: float = 0.0) -> None:
         import torch
 
         torch.set_grad_enabled(False)
+        set_retry_budget(cfg)
         self.cfg = cfg
         self.helpers: list[Any] = []  # tp ranks 1..N-1
         if cfg.lvlm_tp is None:
@@ -457,7 +493,7 @@ class LVLMTier:
         else:
             from pipeline.tp_replica import start_tp_replica
 
-            self.engine, self.helpers = start_tp_replica(cfg, num_gpus)
+            self.engine, self.helpers = start_tp_replica(cfg, num_gpus, rank_class=self.rank_class)
 
     def _generate(self, inputs: dict[str, Any]):
         if not self.helpers:
@@ -486,7 +522,6 @@ class LVLMTier:
                 r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _maybe_die_once()
         rows = batch.to_pylist()
         good = [r for r in rows if r["error"] is None]
         t0 = time.perf_counter()
@@ -495,6 +530,7 @@ class LVLMTier:
         dt = (time.perf_counter() - t0) / max(len(good), 1)
         for r in good:
             r["latency_lvlm_s"] = dt
+        report_retries(self.cfg.run_id)
         return _table(rows, ANSWERED_SCHEMA)
 
 

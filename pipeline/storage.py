@@ -9,6 +9,11 @@ the SDK's own chain (profiles, instance roles).
 
 Secrets never leave this module in text: ``S3Config``'s repr hides them, every error raised here goes
 through ``redact()``, and ``RedactingFilter`` scrubs log records of the job's loggers.
+
+Every operation here runs through ``call()``: transient faults are retried by ``pipeline.retry`` (the one
+place that classifies them) and whatever still fails leaves through the redaction gate. The clients' own
+retries are off (one attempt) so that every retry is ours: budgeted, logged and counted in the summary;
+their timeouts are short enough that a stalled connection becomes a (transient) error instead of a hang.
 """
 
 from __future__ import annotations
@@ -75,25 +80,46 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def _guarded(action: str, url: str, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(*args)``; re-raise a failure with a redacted message and without the original error.
+class _NoSuchBucket(FileNotFoundError):
+    """A read found no bucket (pyarrow only says "Path does not exist" for a bodiless 404)."""
+
+
+def _guarded(action: str, url: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)``; re-raise a failure with a redacted message and without the original error.
 
     The new error is raised after the ``except`` block has ended, so the unredacted original is not
     even kept as ``__context__`` (tracebacks, Ray's error reports and debuggers never see it).
     """
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except StorageError:
         raise
-    except FileNotFoundError:
-        error: OSError = FileNotFoundError(redact(f"{action} {url}: not found"))
+    except FileNotFoundError as exc:
+        detail = f" (NoSuchBucket: {exc})" if isinstance(exc, _NoSuchBucket) else ""
+        error: OSError = FileNotFoundError(redact(f"{action} {url}: not found{detail}"))
     except Exception as exc:  # noqa: BLE001 - every backend error passes the redaction gate
         error = StorageError(redact(f"{action} {url}: {type(exc).__name__}: {exc}"))
     raise error
 
 
+def call(action: str, url: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` with transient faults retried (``pipeline.retry``) and errors redacted.
+
+    For wrapping pyarrow calls elsewhere, e.g. ``call("read schema", url, pq.read_schema, path,
+    filesystem=fs)``; ``action`` and ``url`` name the operation in logs, retry counts and errors.
+    """
+    from pipeline import retry  # retry imports this module
+
+    return _guarded(action, url, retry.retry_call, action, url, fn, *args, **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------------
 # configuration
+
+# The clients do not retry and time out early: ``pipeline.retry`` owns every retry (budget, log, count).
+CLIENT_MAX_ATTEMPTS = 1
+CONNECT_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 60.0  # pyarrow on Linux: abort when under 1 byte/s for this long (curl's low-speed limit)
 
 
 @dataclass(frozen=True)
@@ -130,7 +156,11 @@ class S3Config:
         return config
 
     def pyarrow(self) -> pafs.S3FileSystem:
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_MAX_ATTEMPTS),
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "request_timeout": REQUEST_TIMEOUT_S,
+        }
         if self.endpoint:
             parsed = urlparse(self.endpoint)
             kwargs["endpoint_override"] = parsed.netloc + parsed.path.rstrip("/")
@@ -153,7 +183,9 @@ class S3Config:
             client_kwargs["endpoint_url"] = self.endpoint
         if self.region:
             client_kwargs["region_name"] = self.region
-        kwargs: dict[str, Any] = {"client_kwargs": client_kwargs}
+        config_kwargs = {"retries": {"total_max_attempts": CLIENT_MAX_ATTEMPTS, "mode": "standard"},
+                         "connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": REQUEST_TIMEOUT_S}
+        kwargs: dict[str, Any] = {"client_kwargs": client_kwargs, "config_kwargs": config_kwargs}
         if self.anonymous:
             kwargs["anon"] = True
         elif self.access_key and self.secret_key:
@@ -205,27 +237,44 @@ def fsspec_filesystem(url: str, *, s3_endpoint: str | None = None, **options: An
 
 
 # ----------------------------------------------------------------------------------------------------
-# helpers
+# helpers: every one goes through call(), so retried and redacted alike
 
 
 def exists(url: str, **options: Any) -> bool:
     """Whether a file or directory (for S3: any object under the prefix) exists at ``url``."""
     fs, path = resolve(url, **options)
-    return _guarded("stat", url, fs.get_file_info, path).type != pafs.FileType.NotFound
+    return call("stat", url, fs.get_file_info, path).type != pafs.FileType.NotFound
+
+
+def _missing_bucket(fs: pafs.FileSystem, path: str) -> str | None:
+    """The bucket of ``path`` when it does not exist (asked only once a read found nothing), else None."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return None
+    bucket = path.split("/", 1)[0]
+    try:
+        return bucket if fs.get_file_info(bucket).type == pafs.FileType.NotFound else None
+    except OSError:
+        return None
 
 
 def read_bytes(url: str, **options: Any) -> bytes:
+    """The whole object at ``url``. A missing bucket is named as such: pyarrow only says "not found"."""
     fs, path = resolve(url, **options)
 
     def read() -> bytes:
-        with fs.open_input_stream(path) as f:
-            return f.read()
+        try:
+            with fs.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError:
+            if (bucket := _missing_bucket(fs, path)) is not None:
+                raise _NoSuchBucket(f"bucket {bucket!r} does not exist") from None
+            raise
 
-    return _guarded("read", url, read)
+    return call("read", url, read)
 
 
 def write_bytes(url: str, data: bytes, **options: Any) -> None:
-    """Write ``data`` to ``url``, creating local parent directories."""
+    """Write ``data`` to ``url``, creating local parent directories (a retry rewrites the whole object)."""
     fs, path = resolve(url, **options)
 
     def write() -> None:
@@ -234,7 +283,7 @@ def write_bytes(url: str, data: bytes, **options: Any) -> None:
         with fs.open_output_stream(path) as f:
             f.write(data)
 
-    _guarded("write", url, write)
+    call("write", url, write)
 
 
 def _list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
@@ -255,7 +304,7 @@ def list_parquet_files(url: str, **options: Any) -> list[str]:
     """
     scheme, _ = _split(url)
     fs, path = resolve(url, **options)
-    infos = _guarded("list", url, _list_files, fs, path)
+    infos = call("list", url, _list_files, fs, path)
     out = []
     for info in infos:
         relative = info.path[len(path):].lstrip("/")
@@ -266,6 +315,58 @@ def list_parquet_files(url: str, **options: Any) -> list[str]:
         if info.base_name.endswith(".parquet"):
             out.append(("s3://" + info.path) if scheme == "s3" else info.path)
     return out
+
+
+def list_files(url: str, **options: Any) -> list[str]:
+    """Sorted URLs of every file under ``url`` (recursive, ``_``/``.`` names included), ``[url]`` for one
+    file, ``[]`` when nothing is there. URLs keep the scheme (``s3://``, ``file://`` or a plain path)."""
+    scheme, _ = _split(url)
+    fs, path = resolve(url, **options)
+
+    def listing() -> list[pafs.FileInfo]:
+        try:
+            return _list_files(fs, path)
+        except FileNotFoundError:
+            return []
+
+    prefix = "s3://" if scheme == "s3" else "file://" if url.startswith("file://") else ""
+    return [prefix + info.path for info in call("list", url, listing)]
+
+
+def delete(url: str, **options: Any) -> None:
+    """Delete the file at ``url``; a missing one is fine (a retried delete may find its work done).
+
+    On S3, pyarrow then keeps the parent "directory" with an empty ``parent/`` marker object."""
+    fs, path = resolve(url, **options)
+
+    def remove() -> None:
+        try:
+            fs.delete_file(path)
+        except FileNotFoundError:
+            pass
+
+    call("delete", url, remove)
+
+
+def delete_prefix(url: str, **options: Any) -> None:
+    """Delete everything under ``url`` (a directory or S3 prefix; also a single file); nothing there is fine.
+
+    An S3 bucket root is emptied, never deleted."""
+    fs, path = resolve(url, **options)
+
+    def remove() -> None:
+        kind = fs.get_file_info(path).type
+        try:
+            if kind == pafs.FileType.File:
+                fs.delete_file(path)
+            elif kind == pafs.FileType.Directory and isinstance(fs, pafs.S3FileSystem) and "/" not in path:
+                fs.delete_dir_contents(path, missing_dir_ok=True)
+            elif kind == pafs.FileType.Directory:
+                fs.delete_dir(path)
+        except FileNotFoundError:  # gone meanwhile, e.g. deleted by an attempt that seemed to fail
+            pass
+
+    call("delete", url, remove)
 
 
 def _cache_name(url: str) -> str:
@@ -291,20 +392,19 @@ def download_dir(url: str, local_cache: str | os.PathLike[str], **options: Any) 
     staging = Path(local_cache) / f".staging-{uuid.uuid4().hex}"
     staging.mkdir(parents=True)
 
-    def copy() -> int:
-        infos = _list_files(fs, path)
-        if not infos:
-            raise FileNotFoundError(path)
-        for info in infos:
-            relative = info.path[len(path):].lstrip("/") or info.base_name
-            dest = staging / relative
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with fs.open_input_stream(info.path) as src, open(dest, "wb") as out:
-                shutil.copyfileobj(src, out, length=1 << 20)
-        return len(infos)
+    def copy_one(src: str, dest: Path) -> None:  # a retry starts the file over
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(src) as f, open(dest, "wb") as out:
+            shutil.copyfileobj(f, out, length=1 << 20)
 
     try:
-        n_files = _guarded("download", url, copy)
+        infos = call("list", url, _list_files, fs, path)
+        if not infos:
+            raise FileNotFoundError(redact(f"download {url}: not found (no files)"))
+        for info in infos:
+            relative = info.path[len(path):].lstrip("/") or info.base_name
+            call("download", "s3://" + info.path, copy_one, info.path, staging / relative)
+        n_files = len(infos)
         (staging / ".complete").touch()
         try:
             staging.rename(target)

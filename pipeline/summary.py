@@ -1,7 +1,8 @@
 """Run summary: ``summary.json`` beside the output and a printed table.
 
-Computed from the output files themselves (all shards of the input, resumed ones included), so a
-resumed run reports the whole dataset, while throughput counts only the rows this run processed.
+Computed from per-shard statistics (``table_stats``, kept in each shard's ``_done/`` marker and merged), so
+a resumed run reports the whole dataset without reading an output row back, while throughput counts only the
+rows this run processed.
 
 ``accuracy`` is the project's one accuracy definition (mean score over rows with ground-truth answers and
 no error; errored and scored row counts beside it): ``summarize`` and the sweep's ``pipeline.report``
@@ -51,43 +52,116 @@ def accuracy(scores: Iterable[float | None], errors: Iterable[str | None]) -> Ac
     return Accuracy(sum(values) / len(values) if values else None, len(values), n_err)
 
 
-def summarize(table: pa.Table, *, run: dict[str, Any]) -> dict[str, Any]:
-    """Summary of an output table; ``run`` adds run facts (wall time, rows processed, config)."""
+def table_stats(table: pa.Table) -> dict[str, Any]:
+    """Mergeable statistics of output rows: what a summary needs, without the rows.
+
+    The write path keeps one of these per finished shard (in its ``_done/`` marker), so a run's summary is
+    the merge of its shards' stats and never reads the output files back (``pipeline.progress``)."""
     cols = {name: table.column(name).to_pylist() for name in table.column_names}
     n = table.num_rows
     error_col = cols.get("error", [None] * n)
-    errors = [e for e in error_col if e is not None]
-    ok = [i for i in range(n) if error_col[i] is None]
     scores = cols.get("score", [None] * n)
     qtypes = cols.get("question_type", [None] * n)
-    acc = accuracy(scores, error_col)
-    by_type: dict[str, list[int]] = {}
+    stats = empty_stats()
+    stats["items"] = n
     for i in range(n):
-        by_type.setdefault(qtypes[i] or "all", []).append(i)
-    per_type = {qt: accuracy([scores[i] for i in idx], [error_col[i] for i in idx]) for qt, idx in by_type.items()}
-    flops = {name: _mean([cols[name][i] for i in ok]) for name in FLOPS_COLUMNS if name in cols}
-    total_flops = sum(v for v in (cols.get("flops_total") or []) if v is not None)
-    latency = {name: _mean([cols[name][i] for i in ok]) for name in LATENCY_COLUMNS if name in cols}
-    error_kinds: dict[str, int] = {}
-    for e in errors:
-        key = e.split(":", 1)[0]
-        error_kinds[key] = error_kinds.get(key, 0) + 1
+        error, qt = error_col[i], qtypes[i] or ""
+        per_type = stats["by_type"].setdefault(qt, [0, 0.0])
+        if not _missing(error):
+            stats["errors"] += 1
+            kind = error.split(":", 1)[0]
+            stats["error_kinds"][kind] = stats["error_kinds"].get(kind, 0) + 1
+            continue
+        if not _missing(scores[i]):
+            stats["scored"] += 1
+            stats["score_sum"] += float(scores[i])
+            per_type[0] += 1
+            per_type[1] += float(scores[i])
+        for name in (*FLOPS_COLUMNS, *LATENCY_COLUMNS):
+            value = cols.get(name, [None] * n)[i]
+            if not _missing(value):
+                acc = stats["means"].setdefault(name, [0.0, 0])
+                acc[0] += float(value)
+                acc[1] += 1
+    stats["flops_total_sum"] = sum(v for v in cols.get("flops_total", []) if not _missing(v))
+    for name in _MODE_COLUMNS:
+        for v in cols.get(name, []):
+            if v is not None:
+                stats["values"].setdefault(name, {})
+                stats["values"][name][str(v)] = stats["values"][name].get(str(v), 0) + 1
+    return stats
+
+
+_MODE_COLUMNS = ("keep_tokens", "visual_tokens_total", "method")
+
+
+def empty_stats() -> dict[str, Any]:
+    return {"items": 0, "errors": 0, "error_kinds": {}, "scored": 0, "score_sum": 0.0, "by_type": {},
+            "means": {}, "flops_total_sum": 0.0, "values": {}}
+
+
+def merge_stats(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """``a`` + ``b`` (new dict; both as ``table_stats`` makes them or as read back from JSON)."""
+    out = json.loads(json.dumps(a))
+    for key in ("items", "errors", "scored", "score_sum", "flops_total_sum"):
+        out[key] += b[key]
+    for kind, count in b["error_kinds"].items():
+        out["error_kinds"][kind] = out["error_kinds"].get(kind, 0) + count
+    for qt, (scored, total) in b["by_type"].items():
+        acc = out["by_type"].setdefault(qt, [0, 0.0])
+        acc[0] += scored
+        acc[1] += total
+    for name, (total, count) in b["means"].items():
+        acc = out["means"].setdefault(name, [0.0, 0])
+        acc[0] += total
+        acc[1] += count
+    for name, counts in b["values"].items():
+        mine = out["values"].setdefault(name, {})
+        for value, count in counts.items():
+            mine[value] = mine.get(value, 0) + count
+    return out
+
+
+def stats_mean(stats: dict[str, Any], name: str) -> float | None:
+    """Mean of a FLOPs/latency column over rows without error (None if no row has it)."""
+    total, count = stats["means"].get(name, (0.0, 0))
+    return total / count if count else None
+
+
+def stats_mode(stats: dict[str, Any], name: str) -> str | None:
+    """The most common value of ``keep_tokens`` / ``visual_tokens_total`` / ``method`` (as text)."""
+    counts = stats["values"].get(name) or {}
+    return max(counts, key=lambda v: (counts[v], v)) if counts else None
+
+
+def summarize(table: pa.Table, *, run: dict[str, Any]) -> dict[str, Any]:
+    """Summary of an output table; ``run`` adds run facts (wall time, rows processed, config)."""
+    return summarize_stats(table_stats(table), run=run)
+
+
+def summarize_stats(stats: dict[str, Any], *, run: dict[str, Any]) -> dict[str, Any]:
+    """Summary from merged per-shard stats (``table_stats``/``merge_stats``): summary.json's content."""
+    per_type = {qt or "all": total / scored for qt, (scored, total) in sorted(stats["by_type"].items()) if scored}
+    flops = {name: stats_mean(stats, name) for name in FLOPS_COLUMNS if name in stats["means"]}
+    latency = {name: stats_mean(stats, name) for name in LATENCY_COLUMNS if name in stats["means"]}
     wall = run.get("wall_s") or 0.0
     processed = run.get("rows_processed", 0)
     return {
         **run,
-        "items": n,
-        "errors": acc.errors,
-        "error_kinds": error_kinds,
-        "accuracy": acc.accuracy,  # pipeline.summary.accuracy: over rows with answers and no error
-        "scored_items": acc.scored,
-        "accuracy_per_question_type": {k: v.accuracy for k, v in sorted(per_type.items()) if v.scored},
+        "items": stats["items"],
+        "errors": stats["errors"],
+        "error_kinds": stats["error_kinds"],
+        # pipeline.summary.accuracy's definition: over rows with answers and no error
+        "accuracy": stats["score_sum"] / stats["scored"] if stats["scored"] else None,
+        "scored_items": stats["scored"],
+        "accuracy_per_question_type": dict(sorted(per_type.items())),
         "flops_mean_per_item": flops,
         "flops_saving": (1 - flops["flops_total"] / flops["flops_reference_total"])
         if flops.get("flops_total") and flops.get("flops_reference_total") else None,
-        "flops_total": total_flops,
+        "flops_total": stats["flops_total_sum"],
         "latency_mean_s": latency,
         "items_per_s": processed / wall if wall > 0 else None,
+        "stats": stats,
     }
 
 

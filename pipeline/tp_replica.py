@@ -10,9 +10,7 @@ from typing import Any
 
 from pipeline.config import JobConfig
 from pipeline.stages import (
-    TP_HELPER_DEATH_ENV,
     _device,
-    _maybe_die_once,
     _short,
     load_engine,
     log,
@@ -43,17 +41,17 @@ class LVLMRank:
         return True
 
     def generate(self, inputs: dict[str, Any]) -> None:
-        _maybe_die_once(TP_HELPER_DEATH_ENV, "tp-helper-died")
         lvlm_generate(self.engine, self.cfg, inputs)
 
 
-def start_tp_replica(cfg: JobConfig, num_gpus: float):
+def start_tp_replica(cfg: JobConfig, num_gpus: float, rank_class: type | None = None):
     """``--lvlm-tp N``: this process becomes rank 0 of a tp group, with N-1 ``LVLMRank`` helpers.
 
     This actor holds the replica's N GPUs (one Ray actor's resources are always on one node); the helpers
     ask Ray for nothing, are pinned to this node, see the same GPUs and use ``cuda:<rank>``. They are owned
     by this actor, so they die with it (Ray Data then restarts the replica, helpers included). Without GPUs
     (``num_gpus`` 0) every rank is a CPU process and the group uses gloo.
+    ``rank_class``: the helpers' actor class (default ``LVLMRank``; a test passes a subclass that fails).
     Returns (rank 0's engine, helper actor handles).
     """
     import ray
@@ -71,7 +69,7 @@ def start_tp_replica(cfg: JobConfig, num_gpus: float):
         addr = ray.util.get_node_ip_address()
         port = free_port(addr)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        rank_actor = ray.remote(LVLMRank).options(num_cpus=0, num_gpus=0, scheduling_strategy=here, max_restarts=0)
+        rank_actor = ray.remote(rank_class or LVLMRank).options(num_cpus=0, num_gpus=0, scheduling_strategy=here, max_restarts=0)
         helpers = [rank_actor.remote(cfg, r, addr, port, visible) for r in range(1, tp)]
     else:
         port = free_port(addr)

@@ -117,6 +117,15 @@ def tmp_bucket(s3_server: S3Server) -> Iterator[str]:
         pass
 
 
+@pytest.fixture
+def fault_proxy(s3_server: S3Server) -> Iterator[Any]:
+    """A ``tests.faultproxy.FaultProxy`` in front of the moto server (point clients at ``.endpoint``)."""
+    from tests.faultproxy import FaultProxy
+
+    with FaultProxy(s3_server.endpoint) as proxy:
+        yield proxy
+
+
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """Tiny tensors on a shared 2-core box: one intra-op thread is 5-10x faster than two (no spin waits).

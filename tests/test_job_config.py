@@ -89,13 +89,19 @@ def test_broken_shard_stops_the_job_before_writing(tmp_path) -> None:
     pq.write_table(pa.table({"id": ["x"], "image": [b"png"], "question": [3]}), src / "b.parquet")
     out = tmp_path / "out"
     cfg = JobConfig(input=str(src), output=str(out), method="random", lvlm=str(tmp_path)).validate()
-    with pytest.raises(SchemaError, match=r"b\.parquet.*question"):
-        run_job(cfg)
-    assert not out.exists()
-    (src / "b.parquet").write_bytes(b"PAR1 truncated")
-    with pytest.raises(SchemaError, match=r"b\.parquet.*not a readable Parquet"):
-        run_job(cfg)
-    assert not os.path.exists(out)
+    import ray  # shards are planned in Ray tasks
+
+    ray.init(address="local", num_cpus=1, include_dashboard=False)
+    try:
+        with pytest.raises(SchemaError, match=r"b\.parquet.*question"):
+            run_job(cfg)
+        assert not out.exists()
+        (src / "b.parquet").write_bytes(b"PAR1 truncated")
+        with pytest.raises(SchemaError, match=r"b\.parquet.*not a readable Parquet"):
+            run_job(cfg)
+        assert not os.path.exists(out)
+    finally:
+        ray.shutdown()
 
 
 def test_lvlm_tp_is_checked_at_parsing_and_sizes_the_replica() -> None:

@@ -38,16 +38,14 @@ def helper_death_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ray_session(helper_death_dir):
-    """Workers inherit a test hook: the first tp helper call of the module exits its process mid-batch."""
+def ray_session():
     import ray
 
-    from pipeline.stages import TP_HELPER_DEATH_ENV
+    from tests import faults
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(TP_HELPER_DEATH_ENV, str(helper_death_dir))
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    faults.by_value()
     yield ray
     ray.shutdown()
 
@@ -85,7 +83,12 @@ def test_lvlm_tp1_and_tp2_give_the_plain_models_answers(ray_session, tmp_path, h
     assert job.main([*common, "--output", str(tmp_path / "plain")]) == 0
     assert job.main([*common, "--output", str(tmp_path / "tp1"), "--lvlm-tp", "1"]) == 0
     assert "DeepSpeed tp=1" in _worker_logs(ray_session), "the LVLM tier did not go through shard_model"
-    assert job.main([*common, "--output", str(tmp_path / "tp2"), "--lvlm-tp", "2"]) == 0
+    from pipeline.config import parse_args
+    from pipeline.graph import run_job
+    from tests.faults import DyingHelperLVLMTier, DyingRank
+
+    DyingRank.death_dir = str(helper_death_dir)  # its first generate exits the helper's process mid-batch
+    run_job(parse_args([*common, "--output", str(tmp_path / "tp2"), "--lvlm-tp", "2"]), lvlm=DyingHelperLVLMTier)
     logs = _worker_logs(ray_session)
     assert "LVLM tier (tp rank 1)" in logs and "DeepSpeed tp=2" in logs, "no second rank sharded the model"
     assert "tensor-parallel replica of 2 rank(s) ready" in logs
