@@ -117,7 +117,7 @@ def main() -> None:
     from pipeline.graph import run_job
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-driver-memory-"))
-    build_tiny_llava(tmp / "lvlm", vision_layers=1, text_layers=1)  # only its existence is checked
+    build_tiny_llava(tmp / "lvlm", vision_layers=2, text_layers=1)  # only its existence is checked
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     results = []
     try:

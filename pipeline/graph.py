@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline import progress, resume, retry, storage
 from pipeline.config import JobConfig
+from pipeline.retrying_fs import retrying
 from pipeline.schema import SchemaError
 from pipeline.stages import CaptionerTier, LVLMTier, decode_batch, score_batch
 from pipeline.summary import empty_stats, format_table, merge_stats, summarize_stats, to_json
@@ -236,7 +238,7 @@ def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     retry.configure_ray_data(ctx)
-    ds = ray.data.read_parquet([s.path for s in shards], filesystem=fs, include_paths=True,
+    ds = ray.data.read_parquet([s.path for s in shards], filesystem=retrying(fs), include_paths=True,
                                num_cpus=res.task_cpus)
     # blocks of --batch-size rows (a Parquet file is otherwise one block): an actor task then holds one batch,
     # which keeps the rows a crash can catch inside the tiers bounded (see pipeline.progress)
@@ -274,12 +276,19 @@ def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, 
 # running a graph to completion
 
 
+_LEDGERS: dict[str, Any] = {}  # run id -> its ledger's handle: a named actor dies with its last handle
+
+
 def retry_ledger(run_id: str | None):
-    """The run's retry-count actor (created on first use; workers find it by name)."""
+    """The run's retry-count actor (created on first use; workers find it by name). The driver holds its
+    handle until ``retry_counts`` lets it go."""
     import ray
 
-    return ray.remote(progress.RetryLedger).options(
-        name=progress.LEDGER_PREFIX + str(run_id), get_if_exists=True, num_cpus=0, lifetime=None).remote()
+    key = str(run_id)
+    if key not in _LEDGERS:
+        _LEDGERS[key] = ray.remote(progress.RetryLedger).options(
+            name=progress.LEDGER_PREFIX + key, get_if_exists=True, num_cpus=0, lifetime=None).remote()
+    return _LEDGERS[key]
 
 
 @dataclass
@@ -361,10 +370,9 @@ def retry_counts(run_id: str | None) -> dict[str, int]:
     """Retries per operation over the driver and every worker of the run (then the ledger is let go)."""
     import ray
 
-    progress.report_retries(run_id)
     ledger = retry_ledger(run_id)
-    counts = ray.get(ledger.get.remote())
-    ray.kill(ledger)
+    counts = retry.merge_counts(ray.get(ledger.get.remote()), retry.take_retry_counts())  # workers' + the driver's
+    ray.kill(_LEDGERS.pop(str(run_id)))
     return counts
 
 
@@ -381,7 +389,12 @@ def budget_exceeded(exc: BaseException) -> BaseException | None:
         if isinstance(e, retry.RetryBudgetExceeded):
             return e
         todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+    # Ray Data re-raises a UDF's error as a UserCodeException whose original survives only as text
+    found = re.search(r"RetryBudgetExceeded: ([^\n]+)", str(exc))
+    return retry.RetryBudgetExceeded(_ANSI.sub("", found.group(1)).strip()) if found else None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 EXIT_REJECTED = 2  # bad input, a missing model, or a permanent object-store refusal: nothing was half-written

@@ -55,8 +55,7 @@ DEFAULT_BUDGET_S = 180.0
 BASE_DELAY_S = 0.2
 MAX_DELAY_S = 10.0
 
-# Texts of transient faults. Plain words only (no regex metacharacters): Ray Data matches each pattern
-# as a substring and then as a regex, so the same table serves ``ray_data_retried_io_errors``.
+# Texts of transient faults (plain substrings).
 _TRANSIENT_TEXT = (
     "AWS Error NETWORK_CONNECTION", "AWS Error SLOW_DOWN", "AWS Error SERVICE_UNAVAILABLE",
     "AWS Error INTERNAL_FAILURE", "AWS Error THROTTLING", "AWS Error REQUEST_TIMEOUT",
@@ -190,24 +189,17 @@ def _is_transient(exc: BaseException, depth: int) -> bool:
     return inner is not None and depth < 3 and _is_transient(inner, depth + 1)
 
 
-def ray_data_retried_io_errors() -> list[str]:
-    """Patterns for ``DataContext.retried_io_errors`` so Ray Data's own reads retry the same faults.
-
-    Ray 2.60 (``ray/data/context.py``: ``retried_io_errors``, default ``DEFAULT_RETRIED_IO_ERRORS`` =
-    AWS Error INTERNAL_FAILURE / NETWORK_CONNECTION / SLOW_DOWN / UNKNOWN (HTTP status 503) /
-    SERVICE_UNAVAILABLE) wraps the filesystems of its file datasources (read_parquet, file datasinks) in
-    ``RetryingPyFileSystem`` and ``call_with_retry`` matches each pattern against ``"ExcType: message"``,
-    first as a substring, then as a regex; up to 10 attempts, backoff 1..32 s. Ray cannot apply our
-    permanent-first rule, so only transient words go here (none of them occurs in a permanent error)."""
-    return list(_TRANSIENT_TEXT)
-
-
 def configure_ray_data(ctx: Any) -> None:
-    """Extend ``ctx.retried_io_errors`` (a ``ray.data.DataContext``) in place with our transient patterns.
+    """Turn Ray Data's own I/O retries off (``ctx``: a ``ray.data.DataContext``): the job hands Ray Data a
+    filesystem whose every call already runs under this module (``pipeline.retrying_fs``).
 
-    In place on purpose: assigning a new list makes Ray warn that substring matching is deprecated."""
-    current = ctx.retried_io_errors
-    current.extend(p for p in ray_data_retried_io_errors() if p not in current)
+    Ray 2.60 (``ray/data/context.py``: ``retried_io_errors``, default AWS Error INTERNAL_FAILURE /
+    NETWORK_CONNECTION / SLOW_DOWN / UNKNOWN (HTTP status 503) / SERVICE_UNAVAILABLE) wraps the filesystems of
+    its file datasources in ``RetryingPyFileSystem``, which retries opens and listings (not reads) up to 10
+    times with up to 32 s of backoff, matching ``"ExcType: message"`` against those texts. Stacked on ours it
+    would retry our ``RetryBudgetExceeded`` (its message quotes the last transient error) for minutes more.
+    Cleared in place: assigning a new list makes Ray warn that substring matching is deprecated."""
+    ctx.retried_io_errors.clear()
 
 
 # ----------------------------------------------------------------------------------------------------

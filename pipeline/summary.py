@@ -194,6 +194,9 @@ def format_table(s: dict[str, Any]) -> str:
         f"{'wall time (s)':<28}{_fmt(s.get('wall_s'))}",
         f"{'items/s':<28}{_fmt(s['items_per_s'])}",
     ]
+    if s.get("retries"):
+        counts = ", ".join(f"{op} {n}" for op, n in sorted(s["retries"].items()))
+        lines.append(f"{'object-store retries':<28}{sum(s['retries'].values())}  ({counts})")
     return "\n".join(lines)
 
 

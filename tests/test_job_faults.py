@@ -35,7 +35,7 @@ def ray_session(s3_server):
     from tests import faults
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
     faults.by_value()
     yield ray
     ray.shutdown()
@@ -46,7 +46,7 @@ def lvlm(tmp_path_factory) -> str:
     from actors.tiny import build_tiny_llava
 
     root = tmp_path_factory.mktemp("fault-models")
-    build_tiny_llava(root / "lvlm", vision_layers=1, text_layers=1)
+    build_tiny_llava(root / "lvlm", vision_layers=2, text_layers=1)
     return str(root / "lvlm")
 
 
@@ -133,7 +133,7 @@ def test_a_20s_outage_mid_sweep_is_ridden_out(ray_session, s3_server, tmp_bucket
         summary = json.loads(s3_server.client.get_object(Bucket=tmp_bucket, Key=f"out/{setting}/summary.json")
                              ["Body"].read())
         assert summary["items"] == SHARDS * ROWS and summary["errors"] == 0
-        assert sum(summary["run"]["retries"].values()) > 0
+        assert sum(summary["retries"].values()) > 0
     assert "out/summary.parquet" in s3_server.keys(tmp_bucket, "out/")  # the report went through too
 
 

@@ -158,3 +158,26 @@ def test_counts_are_per_process_and_thread_safe() -> None:
         t.join()
     assert retry.take_retry_counts() == {"stat": 16}
     assert retry.take_retry_counts() == {}
+
+
+def test_the_filesystem_ray_data_reads_with_retries_every_call(s3_server, tmp_bucket, fault_proxy) -> None:
+    """pipeline.retrying_fs: listing, footer and column reads of a Parquet file through 30% SlowDown answers
+    and an outage, byte for byte the file; it pickles (Ray ships it to read tasks)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.retrying_fs import retrying
+
+    table = pa.table({"id": [f"r{i}" for i in range(5000)], "x": list(range(5000))})
+    raw, _ = storage.resolve(f"s3://{tmp_bucket}/t.parquet", s3_endpoint=s3_server.endpoint)
+    pq.write_table(table, f"{tmp_bucket}/t.parquet", filesystem=raw, row_group_size=500)
+    fs, path = storage.resolve(f"s3://{tmp_bucket}/t.parquet", s3_endpoint=fault_proxy.endpoint)
+    wrapped = pickle.loads(pickle.dumps(retrying(fs)))
+    fault_proxy.set_error_rate(0.3)
+    assert pq.read_schema(path, filesystem=wrapped).names == ["id", "x"]
+    assert pq.read_table(path, filesystem=wrapped).equals(table)
+    fault_proxy.heal()
+    fault_proxy.outage(1.5)
+    assert pq.read_table(path, filesystem=wrapped, columns=["x"]).column("x").to_pylist() == list(range(5000))
+    counts = retry.take_retry_counts()
+    assert counts.get("read", 0) + counts.get("stat", 0) > 0, counts
