@@ -13,10 +13,11 @@ skips those rows before decoding them; finalize keeps each planned id once and r
 missing row. The marker is written last and proves a complete output file, so ``--resume`` trusts it on any
 store with single-object atomicity (S3 and compatibles, local disks).
 
-The bound: a ``kill -9`` at any moment loses only rows not yet in a part: fewer than ``--part-rows``
-finished rows per shard waiting for their part, plus the rows inside the stages (at most
-``(captioner + LVLM actors) x 2 x --batch-size`` in the actor pools, and the decoded blocks queued before
-them). ``--resume`` redoes exactly the rows that are in no part.
+The bound: a ``kill -9`` at any moment loses only rows not yet in a part: the rows inside the stages (at
+most ``(captioner + LVLM actors) x 2 x --batch-size`` in the actor pools; blocks are cut to ``--batch-size``
+rows), fewer than ``--part-rows`` answered rows per shard in the writer's current batch, and answered blocks
+queued for the writer (none while the models are the bottleneck; otherwise capped by Ray Data's
+backpressure). ``--resume`` redoes exactly the rows that are in no part.
 """
 
 from __future__ import annotations

@@ -1,10 +1,13 @@
 """Per-shard completion markers: what makes ``--resume`` exact after a crash.
 
 Protocol: a shard's output file ``<output>/<rel>`` is written in full (one PUT on S3, write-then-rename
-on a local disk), and only then the marker ``<output>/_done/<rel>.json``. A marker therefore proves a
-complete output file; a crash between the two leaves an output without marker, which the resumed run
-simply writes again under the same deterministic name. No duplicates, no loss, no listing tricks:
-S3 gives read-after-write consistency for single objects, which is all this needs.
+on a local disk) by its finalize task, from the parts the writer stage left under ``_parts/<rel>/``
+(``pipeline.progress``), and only then the marker ``<output>/_done/<rel>.json`` (rows, digest of the ids,
+run id, the shard's summary statistics); then the parts are deleted. A marker therefore proves a complete
+output file; a crash before it leaves the parts, which the resumed run keeps (their rows are not redone)
+and finalizes again under the same deterministic name. No duplicates, no loss, no listing tricks beyond
+one prefix per unmarked shard: S3 gives read-after-write consistency for single objects, which is all
+this needs.
 """
 
 from __future__ import annotations

@@ -173,19 +173,18 @@ def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket,
     assert written["items"] == n_in and written["flops_saving"] > 0
 
 
-@pytest.mark.parametrize("fraction", [0.25, 0.5, 0.9])
-def test_kill_9_at_a_fraction_then_resume_redoes_only_rows_in_no_part(ray_session, models, tmp_path,
-                                                                      fraction) -> None:
-    """kill -9 of the job's whole process tree (driver + its local Ray) once ``fraction`` of the rows are
-    durable. Finished work lost (rows the LVLM had answered that are in no part) stays within the stated
-    bound (--part-rows + 2 x --batch-size per LVLM actor, pipeline.progress); the --resume run processes
-    exactly the rows in no part or marked shard, and the output holds every row exactly once."""
+def test_kill_9_at_25_50_90_percent_then_resume_redoes_only_rows_in_no_part(ray_session, models, tmp_path) -> None:
+    """kill -9 of the job's whole process tree (driver + its local Ray) once 25% of the rows are durable,
+    then of a --resume run at 50%, then of another at 90%; a last --resume finishes. Each kill loses at most
+    the stated bound of finished work (rows the LVLM had answered that are in no part: --part-rows + 2 x
+    --batch-size per LVLM actor, pipeline.progress) and nothing durable; no resumed run answers a row that was
+    durable when it started; the last one processes exactly the rows in no part or marked shard; the output
+    holds every row exactly once, in input order."""
     from pipeline.config import parse_args
     from pipeline.graph import run_job
     from tests.faults import answered_ids, durable_ids, kill_at
 
-    src, out, answered = tmp_path / "in", tmp_path / "out", tmp_path / "answered"
-    answered.mkdir()
+    src, out = tmp_path / "in", tmp_path / "out"
     shards = [_rows(20 + 12 * i, 12) for i in range(5)]
     for i, rows in enumerate(shards):
         _write(src / f"s{i}.parquet", rows)
@@ -195,17 +194,24 @@ def test_kill_9_at_a_fraction_then_resume_redoes_only_rows_in_no_part(ray_sessio
             "--captioner", models["captioner"], "--selector", models["selector"], "--batch-size", str(batch_size),
             "--part-rows", str(part_rows)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    code, seen = kill_at([sys.executable, str(REPO / "tests/faults.py"), "--slow-lvlm-s", "0.15",
-                          "--answered-dir", str(answered), *args], out, int(fraction * n), env=env)
-    assert code == -signal.SIGKILL, f"the job was not killed (exit {code})"
-    durable = len(durable_ids(out))
-    assert seen >= fraction * n and durable >= seen  # nothing durable was lost by the kill
-    assert durable < n  # the kill came before the end
-    lost = answered_ids(answered) - durable_ids(out)
-    assert len(lost) <= part_rows + 2 * batch_size, sorted(lost)
+    before: set[str] = set()
+    for k, fraction in enumerate((0.25, 0.5, 0.9)):
+        answered = tmp_path / f"answered-{k}"
+        answered.mkdir()
+        code, seen = kill_at([sys.executable, str(REPO / "tests/faults.py"), "--slow-lvlm-s", "0.15",
+                              "--answered-dir", str(answered), *args, *(["--resume"] if k else [])],
+                             out, int(fraction * n), env=env)
+        assert code == -signal.SIGKILL, f"the job was not killed (exit {code})"
+        durable = durable_ids(out)
+        assert before <= durable and len(durable) >= seen >= fraction * n  # nothing durable was lost
+        assert len(durable) < n  # the kill came before the end
+        assert not answered_ids(answered) & before  # a resumed run redid nothing that was durable
+        lost = answered_ids(answered) - durable
+        assert len(lost) <= part_rows + 2 * batch_size, sorted(lost)
+        before = durable
 
     summary = run_job(parse_args([*args, "--resume"]))
-    assert summary["rows_processed"] == n - durable  # redone: only what was in no part
+    assert summary["rows_processed"] == n - len(before)  # redone: only what was in no part
     assert summary["items"] == n and summary["errors"] == 0
     table = pa.concat_tables([pq.read_table(out / f"s{i}.parquet") for i in range(len(shards))])
     for i, rows in enumerate(shards):  # one row per input row, in input order, per shard
