@@ -46,12 +46,16 @@ class EchoCaptionerTier(CaptionerTier):
 
 
 class EchoLVLMTier(LVLMTier):
-    """The LVLM tier's contract without its model: a constant answer, zero FLOPs."""
+    """The LVLM tier's contract without its model: a constant answer, zero FLOPs; ``ms_per_row`` of sleep
+    stands in for a model's time (then the LVLM, not the writer, is the bottleneck, as in real runs)."""
+
+    ms_per_row: float = 0.0
 
     def __init__(self, cfg, num_gpus: float = 0.0) -> None:
         self.cfg, self.helpers = cfg, []
 
     def _run(self, rows) -> None:
+        time.sleep(self.ms_per_row * len(rows) / 1000)
         for r in rows:
             r.update(prediction="yes", flops_projector=0.0, flops_llm_prefill=0.0, flops_llm_decode=0.0,
                      flops_total=0.0, flops_reference_total=1.0)
@@ -108,7 +112,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--part-rows", type=int, default=1024)
     parser.add_argument("--num-cpus", type=int, default=2)
+    parser.add_argument("--lvlm-ms-per-row", type=float, default=0.0, help="model time to stand in for (sleep)")
     args = parser.parse_args()
+    EchoLVLMTier.ms_per_row = args.lvlm_ms_per_row
 
     import ray
 
@@ -133,7 +139,7 @@ def main() -> None:
                 wall = time.perf_counter() - t0
             assert summary["items"] == rows and summary["errors"] == 0, summary
             results.append((rows, before, rss.peak, wall))
-            print(f"rows={rows:>9,d}  driver RSS before {before / 2**20:7.1f} MiB  peak {rss.peak / 2**20:7.1f} MiB"
+            print(f"lvlm_ms_per_row={args.lvlm_ms_per_row:g} rows={rows:>9,d}  driver RSS before {before / 2**20:7.1f} MiB  peak {rss.peak / 2**20:7.1f} MiB"
                   f"  (+{(rss.peak - before) / 2**20:6.1f})  wall {wall:7.1f} s  {rows / wall:8.0f} rows/s", flush=True)
             shutil.rmtree(src)
             shutil.rmtree(out)

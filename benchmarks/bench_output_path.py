@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--input", default=str(REPO / "data/shapes_vqa/test"))
     parser.add_argument("--repeat", type=int, default=4, help="copies of the input shards")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--method", default="prumerge_plus")
+    parser.add_argument("--method", default="accm", help="the embedded default's method")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
 

@@ -14,8 +14,8 @@ missing row. The marker is written last and proves a complete output file, so ``
 store with single-object atomicity (S3 and compatibles, local disks).
 
 The bound: a ``kill -9`` at any moment loses only rows not yet in a part: the rows inside the stages (at
-most ``(captioner + LVLM actors) x 2 x --batch-size`` in the actor pools; blocks are cut to ``--batch-size``
-rows), fewer than ``--part-rows`` answered rows per shard in the writer's current batch, and answered blocks
+most ``(captioner + LVLM actors) x 2 x BLOCK_BATCHES x --batch-size`` in the actor pools: two tasks in flight
+per actor, blocks cut to ``graph.BLOCK_BATCHES`` (4) batches), fewer than ``--part-rows`` answered rows per shard in the writer's current batch, and answered blocks
 queued for the writer (none while the models are the bottleneck; otherwise capped by Ray Data's
 backpressure). ``--resume`` redoes exactly the rows that are in no part.
 """

@@ -177,19 +177,19 @@ def test_kill_9_at_25_50_90_percent_then_resume_redoes_only_rows_in_no_part(ray_
     """kill -9 of the job's whole process tree (driver + its local Ray) once 25% of the rows are durable,
     then of a --resume run at 50%, then of another at 90%; a last --resume finishes. Each kill loses at most
     the stated bound of finished work (rows the LVLM had answered that are in no part: --part-rows + 2 x
-    --batch-size per LVLM actor, pipeline.progress) and nothing durable; no resumed run answers a row that was
+    BLOCK_BATCHES x --batch-size per LVLM actor, pipeline.progress) and nothing durable; no resumed run answers a row that was
     durable when it started; the last one processes exactly the rows in no part or marked shard; the output
     holds every row exactly once, in input order."""
     from pipeline.config import parse_args
-    from pipeline.graph import run_job
+    from pipeline.graph import BLOCK_BATCHES, run_job
     from tests.faults import answered_ids, durable_ids, kill_at
 
     src, out = tmp_path / "in", tmp_path / "out"
-    shards = [_rows(20 + 12 * i, 12) for i in range(5)]
+    shards = [_rows(20 + 16 * i, 16) for i in range(5)]
     for i, rows in enumerate(shards):
         _write(src / f"s{i}.parquet", rows)
     n = sum(len(s) for s in shards)
-    part_rows, batch_size = 4, 4
+    part_rows, batch_size = 4, 1  # blocks of BLOCK_BATCHES x 1 = 4 rows: parts land a few rows at a time
     args = ["--input", str(src), "--output", str(out), "--method", "accm", "--lvlm", models["lvlm"],
             "--captioner", models["captioner"], "--selector", models["selector"], "--batch-size", str(batch_size),
             "--part-rows", str(part_rows)]
@@ -207,7 +207,7 @@ def test_kill_9_at_25_50_90_percent_then_resume_redoes_only_rows_in_no_part(ray_
         assert len(durable) < n  # the kill came before the end
         assert not answered_ids(answered) & before  # a resumed run redid nothing that was durable
         lost = answered_ids(answered) - durable
-        assert len(lost) <= part_rows + 2 * batch_size, sorted(lost)
+        assert len(lost) <= part_rows + 2 * BLOCK_BATCHES * batch_size, sorted(lost)
         before = durable
 
     summary = run_job(parse_args([*args, "--resume"]))
