@@ -28,6 +28,8 @@ class RetryingHandler(pafs.FileSystemHandler):
         self.fs, self.prefix = fs, prefix
 
     def __reduce__(self) -> tuple[Any, ...]:
+        if isinstance(self.fs, pafs.S3FileSystem):  # pyarrow's own pickle drops retry_strategy (SDK retries back on)
+            return _s3_handler, (self.fs.__reduce__()[1][0], self.prefix)
         return type(self), (self.fs, self.prefix)
 
     def call(self, op: str, path: str, fn, *args: Any) -> Any:
@@ -143,6 +145,14 @@ class RetryingReader(io.RawIOBase):
     def close(self) -> None:
         self._drop()
         super().close()
+
+
+def _s3_handler(options: dict[str, Any], prefix: str) -> RetryingHandler:
+    """Unpickle: the S3 filesystem rebuilt from its options with the clients' retries off again."""
+    from pipeline.storage import CLIENT_MAX_ATTEMPTS
+
+    strategy = pafs.AwsStandardS3RetryStrategy(max_attempts=CLIENT_MAX_ATTEMPTS)
+    return RetryingHandler(pafs.S3FileSystem(**options, retry_strategy=strategy), prefix)
 
 
 def retrying(fs: pafs.FileSystem) -> pafs.FileSystem:

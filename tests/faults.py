@@ -124,7 +124,7 @@ def _durable_ids(output: Path) -> set[str]:
         ids.update(pq.read_table(output / rel, columns=["id"]).column("id").to_pylist())
     parts = output / "_parts"
     for part in parts.rglob("*.parquet") if parts.exists() else ():
-        if str(part.parent.relative_to(parts)) not in marked:
+        if part.is_file() and str(part.parent.relative_to(parts)) not in marked:  # (shard folders match too)
             ids.update(pq.read_table(part, columns=["id"]).column("id").to_pylist())
     return ids
 
