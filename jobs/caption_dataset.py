@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline.graph import failure, run_job
+    from pipeline.graph import exit_code, run_job
 
     started = False
     if not ray.is_initialized():
@@ -44,11 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = run_job(cfg)
     except Exception as exc:  # noqa: BLE001 - the known failures exit with their code, the rest re-raise
-        known = failure(exc)
-        if known is None:
-            raise
-        log.error("%s", known[1])
-        return known[0]
+        return exit_code(exc, log)
     finally:
         if started:
             ray.shutdown()

@@ -303,16 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.estimate:
         return run_estimate(args, cost)
-    from pipeline.graph import failure
+    from pipeline.graph import exit_code
 
     try:
         return run_sweep(args, job_argv, cost)
     except Exception as exc:  # noqa: BLE001 - the known failures exit with their code, the rest re-raise
-        known = failure(exc)
-        if known is None:
-            raise
-        log.error("%s", known[1])
-        return known[0]
+        return exit_code(exc, log)
 
 
 if __name__ == "__main__":

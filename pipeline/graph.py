@@ -421,6 +421,15 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     return None
 
 
+def exit_code(exc: BaseException, logger: logging.Logger) -> int:
+    """A job's exit code for ``exc``: the known failures get one log line, anything else re-raises."""
+    known = failure(exc)
+    if known is None:
+        raise exc
+    logger.error("%s", known[1])
+    return known[0]
+
+
 def preflight(output: str, run_id: str, s3_endpoint: str | None) -> None:
     """Write and delete one small object under ``output``: a wrong bucket or denied credentials fail here,
     in seconds and before any work, instead of at the first part."""

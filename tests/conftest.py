@@ -166,3 +166,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_EXIT_STATUS[-1])
+
+
+@pytest.fixture(scope="module")
+def ray_session(s3_server):
+    """One local Ray for a module, started after the moto env vars so that workers inherit them."""
+    import ray
+
+    from tests import faults
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
+    faults.by_value()
+    yield ray
+    ray.shutdown()

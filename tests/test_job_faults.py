@@ -27,21 +27,6 @@ SHARDS, ROWS = 3, 12
 
 
 @pytest.fixture(scope="module")
-def ray_session(s3_server):
-    import os
-
-    import ray
-
-    from tests import faults
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    faults.by_value()
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def lvlm(tmp_path_factory) -> str:
     from actors.tiny import build_tiny_llava
 

@@ -101,20 +101,6 @@ def death_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("actor-death")
 
 
-@pytest.fixture(scope="module")
-def ray_session(s3_server):
-    """One local Ray for the module, started after the moto env vars so that workers inherit them."""
-    import ray
-
-    from tests import faults
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    faults.by_value()
-    yield ray
-    ray.shutdown()
-
-
 def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket, models, tmp_path,
                                              death_dir) -> None:
     """Also: the LVLM actor dies in its first batch (tests/faults.py); Ray restarts it and retries, counts exact."""

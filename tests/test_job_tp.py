@@ -37,19 +37,6 @@ def helper_death_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tp-helper-death")
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from tests import faults
-
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=True)
-    faults.by_value()
-    yield ray
-    ray.shutdown()
-
-
 def _worker_logs(ray) -> str:
     session = ray._private.worker._global_node.get_session_dir_path()
     text = []
