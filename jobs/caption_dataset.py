@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from pipeline.graph import exit_code, run_job
+    from pipeline.exits import exit_code
+    from pipeline.graph import run_job
 
     started = False
     if not ray.is_initialized():

@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     if args.estimate:
         return run_estimate(args, cost)
-    from pipeline.graph import exit_code
+    from pipeline.exits import exit_code
 
     try:
         return run_sweep(args, job_argv, cost)

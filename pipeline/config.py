@@ -18,6 +18,8 @@ METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
 CAPTION_METHODS = ("accm",)
 TEXT_PICK_METHODS = ("prumerge_plus", "accm")  # the methods whose pruner has text-guided picks
 TEXT_PICKS = ("nearest", "farthest")
+EXPORTS = ("llava-answers",)
+DEFAULT_MAX_NEW_TOKENS = 8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,6 +50,11 @@ class JobConfig:
 
     input: str = field(default_factory=lambda: _repo_path("data/shapes_vqa/test/"))
     output: str = "out/caption_dataset"
+    task: str | None = None  # a benchmark (pipeline.tasks): its prompt, answer length and official metric
+    input_format: str | None = None  # pipeline.sources.FORMATS; None: detected from the file names
+    image_root: str | None = None  # where a question file's images lie (default: the file's folder)
+    annotations: str | None = None  # the benchmark's ground truth as it ships (a file or a folder)
+    export: str | None = None  # llava-answers: also write LLaVA's answer JSONL
     method: str = "accm"
     keep_tokens: int | None = None
     prune_rate: float | None = 0.875
@@ -60,7 +67,7 @@ class JobConfig:
     conv: str = "llava_hf"  # LVLM conversation format (actors.prompt.CONVERSATIONS)
     answer_suffix: str = "none"  # answer-format line appended to each question (actors.prompt.ANSWER_SUFFIXES)
     num_candidates: int = 3
-    max_new_tokens: int = 8
+    max_new_tokens: int | None = None  # None: the task's length (LLaVA's evaluation scripts), else 8
     batch_size: int = 16
     captioner_actors: tuple[int, int] = (1, 1)
     lvlm_actors: tuple[int, int] = (1, 1)
@@ -76,7 +83,7 @@ class JobConfig:
     retry_budget_s: float = 180.0  # how long a transient object-store fault is retried before exit code 3
     s3_endpoint: str | None = None
     model_cache: str = field(default_factory=lambda: os.path.expanduser("~/.cache/accm-pipeline/models"))
-    max_pixels: int = 4096 * 4096
+    max_pixels: int = 2**28  # decompression-bomb bound (pipeline.decode.DEFAULT_MAX_PIXELS)
     ray_address: str | None = None
     run_id: str | None = None
     seed: int = 0
@@ -86,6 +93,17 @@ class JobConfig:
     def validate(self) -> JobConfig:
         if self.method not in METHODS:
             raise ValueError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        from pipeline.sources import FORMATS
+
+        if self.input_format is not None and self.input_format not in FORMATS:
+            raise ValueError(f"--input-format must be one of {', '.join(FORMATS)}, got {self.input_format!r}")
+        if self.export not in (None, *EXPORTS):
+            raise ValueError(f"--export must be one of {', '.join(EXPORTS)}, got {self.export!r}")
+        task = self.task_module  # an unknown --task fails here
+        if self.max_new_tokens is None:
+            self.max_new_tokens = task.MAX_NEW_TOKENS if task else DEFAULT_MAX_NEW_TOKENS
+        if self.max_new_tokens < 1:
+            raise ValueError("--max-new-tokens must be >= 1")
         if self.keep_tokens is not None and self.keep_tokens < 0:
             raise ValueError("--keep-tokens must be >= 0")
         if self.prune_rate is not None and not 0.0 <= self.prune_rate < 1.0:
@@ -124,6 +142,13 @@ class JobConfig:
         return self
 
     @property
+    def task_module(self):
+        """The ``--task`` module (``pipeline.tasks``), or None; raises on an unknown name."""
+        from pipeline import tasks
+
+        return tasks.get(self.task) if self.task else None
+
+    @property
     def uses_captions(self) -> bool:
         return self.method in CAPTION_METHODS
 
@@ -137,6 +162,18 @@ _FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
 _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--input", "input", str, "Input Parquet shards: a directory or file, local path, file:// or s3:// "
      "(default: the bundled Shapes-VQA test shards)."),
+    ("--task", "task", str, "Benchmark task (pipeline/tasks): vqav2, textvqa, gqa, pope, mme, mmbench, seed, "
+     "scienceqa, mmvp, flickr30k. It fixes the prompt, --max-new-tokens and the official metric, and reads "
+     "the benchmark's own files (see README, Benchmarks). Default: none (the project's Parquet, VQA accuracy)."),
+    ("--input-format", "input_format", str, "Input format: parquet (the project's), llava-jsonl, llava-json, "
+     "mmbench-tsv, mmvp-csv or hf-parquet (lmms-eval's Hugging Face shards). Default: from the file names."),
+    ("--image-root", "image_root", str, "Folder (path, file:// or s3://) the question file's image names are "
+     "relative to (default: the question file's folder)."),
+    ("--annotations", "annotations", str, "The benchmark's ground truth as it ships (a file or a folder), where "
+     "the question file does not carry the answers (e.g. POPE's coco_pope_*.json, GQA's "
+     "testdev_balanced_questions.json, MME's folder)."),
+    ("--export", "export", str, "llava-answers: also write LLaVA's answer JSONL to <output>/llava_answers.jsonl "
+     "(question_id, prompt, text, answer_id, model_id, metadata), for the benchmarks' own scripts."),
     ("--output", "output", str, "Output directory (local path, file:// or s3://): one Parquet file per input "
      "shard, same relative name, plus summary.json and _done/ completion markers (default: out/caption_dataset)."),
     ("--method", "method", str, f"Pruning method, one of {', '.join(METHODS)} (default: accm)."),
@@ -159,7 +196,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "'none' (default), 'short' (Answer the question using a single word or phrase.), 'option' (Answer with "
      "the option's letter from the given choices directly.) or any literal text."),
     ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size, default: 3)."),
-    ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: 8)."),
+    ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: the task's, "
+     "as LLaVA's evaluation scripts set it; 8 without --task)."),
     ("--batch-size", "batch_size", int, "Rows per model batch in both tiers (default: 16)."),
     ("--captioner-actors", "captioner_actors", str, "Captioner tier actor pool size MIN:MAX (default: 1:1)."),
     ("--lvlm-actors", "lvlm_actors", str, "LVLM tier actor pool size MIN:MAX (default: 1:1)."),
@@ -190,7 +228,7 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "then continues (default: 180)."),
     ("--s3-endpoint", "s3_endpoint", str, "S3 endpoint URL (else AWS_ENDPOINT_URL / the AWS environment)."),
     ("--model-cache", "model_cache", str, "Local directory s3:// models are copied into (per node)."),
-    ("--max-pixels", "max_pixels", int, "Images with more pixels are rejected per row (default: 4096*4096)."),
+    ("--max-pixels", "max_pixels", int, "Decompression-bomb bound: images claiming more pixels are refused per row before decoding; any photo below it is decoded reduced for the model (default: 2**28)."),
     ("--ray-address", "ray_address", str, "Ray cluster to join (default: RAY_ADDRESS, as `ray job submit` "
      "sets it, else a new local Ray)."),
     ("--run-id", "run_id", str, "Run id written to every row (default: a fresh one)."),

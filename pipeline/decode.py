@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image, ImageSequence, JpegImagePlugin
 
 from pipeline.retry import RetryBudgetExceeded
 from pipeline.storage import read_bytes, redact
 
-# A generous default (4096 x 4096): far above any vision tower's input, far below PIL's bomb limit.
-DEFAULT_MAX_PIXELS = 4096 * 4096
+# The decompression-bomb bound: images claiming more pixels are refused per row before any pixel is decoded.
+# 2**28 (~268 MP) is far above any camera photo (36 MP: 6000x6000; 100-150 MP medium format). It replaces PIL's
+# own, process-wide limit (Image.MAX_IMAGE_PIXELS, ~89 MP warning / ~179 MP error), so that it is configurable
+# per job (--max-pixels) in both directions. Ordinary images are never near it: they are decoded reduced.
+DEFAULT_MAX_PIXELS = 2**28
+# Images are decoded reduced to keep their shortest side >= this (and < 2x this where the image allows):
+# twice a CLIP-style tower's input (336), whose processor resizes the shortest side to 336 anyway.
+DEFAULT_MIN_SIDE = 2 * 336
 MAX_QUESTION_CHARS = 2000
 
 # Modes holding more than 8 bits per channel: scaled down, not clipped, to 8 bits.
@@ -56,14 +63,24 @@ def decode_image(
     image_uri: str | None = None,
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int | None = DEFAULT_MIN_SIDE,
     read_uri: Callable[[str], bytes] | None = None,
 ) -> tuple[Image.Image | None, str | None]:
     """Decode one row's image to RGB: ``(image, None)`` or ``(None, error)``; never raises.
 
     ``image`` (encoded bytes) wins when non-null, else ``image_uri`` is read with ``read_uri``
     (default: ``pipeline.storage.read_bytes``, i.e. paths, file:// and s3:// with the AWS env vars).
-    Errors: missing/empty/undecodable/truncated data, decompression bombs (PIL's warning is an error
-    here), images over ``max_pixels``. Animated images give their first frame. The one exception raised:
+
+    Large images are decoded reduced, aspect ratio kept, to a shortest side of at least ``min_side``
+    (below ``2 * min_side`` where the image allows; smaller images are left as they are): JPEGs through
+    the decoder's DCT scaling (``Image.draft``: 1/2, 1/4, 1/8, so a 36 MP photo never lives in memory at
+    full size), then, like every other format, by an integer box reduction (``Image.reduce``). Pass the
+    tower's input size times 2 (the default: 2 x 336) or ``None`` for full resolution.
+
+    Errors: missing/empty/undecodable/truncated data, and decompression bombs: images whose header
+    claims more than ``max_pixels`` (refused before any pixel is decoded; this bound replaces PIL's
+    process-wide ``Image.MAX_IMAGE_PIXELS``), and whatever PIL still refuses as one itself (e.g. a GIF
+    frame growing its canvas). Animated images give their first frame. The one exception raised:
     ``RetryBudgetExceeded`` (the store stayed unreachable; a missing object is a row error at once).
     """
     column = "image"
@@ -86,19 +103,33 @@ def decode_image(
         if len(data) == 0:
             return None, f"{column}: empty (0 bytes)"
 
+        data = bytes(data)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(bytes(data))) as opened:
+            # max_pixels is the bound: PIL's warning (Image.MAX_IMAGE_PIXELS < size <= 2x) is not a refusal here
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                opened = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:
+                # over 2x PIL's limit: read the header without PIL's check, so max_pixels decides (and the
+                # row gets its size in the error); where that fails too, PIL's refusal is the row's error
+                opened = _open_header(data)
+                if opened is None:
+                    raise exc from None
+            with opened:
                 width, height = opened.size
                 if width < 1 or height < 1:
                     return None, f"{column}: invalid size {width}x{height}"
                 if width * height > max_pixels:
                     return None, (
-                        f"{column}: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+                        f"{column}: {width}x{height} = {width * height} pixels exceeds the "
+                        f"decompression-bomb bound of {max_pixels}"
                     )
                 frame = next(iter(ImageSequence.Iterator(opened)))  # first frame of an animation
+                if min_side and isinstance(frame, JpegImagePlugin.JpegImageFile):
+                    _draft_jpeg(frame, min_side)
                 frame.load()
-                return _to_rgb(frame.copy()), None
+                image = _reduce(_to_rgb(frame), min_side)
+                return (image.copy() if image is frame else image), None
     except RetryBudgetExceeded:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -111,6 +142,46 @@ def decode_image(
 
 
 _OBJECT_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+>")
+
+
+def _open_header(data: bytes) -> Image.Image | None:
+    """``Image.open`` minus PIL's process-wide pixel-count check, for images PIL refuses outright (over
+    2 x ``Image.MAX_IMAGE_PIXELS``, ~179 MP): the same plugin search (PIL's registry, as ``Image.open``
+    does it), no pixel decoded. ``None`` where no plugin reads the header (or one refuses it as a bomb
+    itself): the caller then reports PIL's own refusal. Setting ``Image.MAX_IMAGE_PIXELS`` instead would
+    change it for every thread of the process."""
+    prefix = data[:16]
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None:
+            accepted = accept(prefix)
+            if not accepted or isinstance(accepted, str):
+                continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+        except Exception:  # noqa: BLE001 - e.g. a plugin's own bomb check: PIL's refusal stands
+            return None
+    return None
+
+
+def _draft_jpeg(frame: JpegImagePlugin.JpegImageFile, min_side: int) -> None:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale (the largest that keeps the shortest side >= min_side)."""
+    width, height = frame.size
+    scale = next(s for s in (8, 4, 2, 1) if min(width, height) // s >= min_side or s == 1)
+    if scale > 1:
+        # draft picks the largest of 8/4/2/1 <= min(width // w, height // h): exactly ``scale`` here
+        frame.draft("RGB", (width // scale, height // scale))
+
+
+def _reduce(image: Image.Image, min_side: int | None) -> Image.Image:
+    """Box-reduce by the largest integer factor that keeps the shortest side >= min_side (same aspect)."""
+    if not min_side:
+        return image
+    factor = min(image.size) // min_side
+    return image.reduce(factor) if factor >= 2 else image
 
 
 def validate_question(question: object, *, max_chars: int = MAX_QUESTION_CHARS) -> str | None:

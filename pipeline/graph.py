@@ -16,15 +16,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import re
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from pipeline import progress, resume, retry, storage
+from pipeline import progress, resume, retry, sources, storage
 from pipeline.config import JobConfig
 from pipeline.retrying_fs import retrying
 from pipeline.schema import SchemaError
@@ -52,11 +49,12 @@ class Shard:
     planned: int  # rows of it this run covers (--limit may cut the last shard)
     digest: str  # of the planned ids, in input order (the marker's check)
     labels: dict[str, dict[str, Any]] = field(default_factory=dict)  # label -> {done, stats | committed}
+    source: sources.Source = field(default_factory=sources.Source)  # how the file is read
 
     def facts(self) -> dict[str, Any]:
         """What finalize_shard needs."""
         return {"rel": self.rel, "url": self.url, "schema": self.schema, "planned": self.planned,
-                "digest": self.digest}
+                "digest": self.digest, "source": self.source}
 
 
 @dataclass
@@ -71,45 +69,58 @@ class Target:
 # planning (driver only, before anything is written)
 
 
-def shard_limits(cfg: JobConfig, fs: Any, urls: list[str]) -> list[int | None]:
-    """Rows each shard contributes under ``--limit`` (None: all); reads footers only, and only with a limit."""
+def source_of(cfg: JobConfig, urls: list[str]) -> sources.Source:
+    """The input's format (given or detected) and what its task needs to read it."""
+    fmt = cfg.input_format or sources.detect_format(urls, cfg.task, cfg.s3_endpoint)
+    return sources.Source(fmt=fmt, task=cfg.task, image_root=cfg.image_root, annotations=cfg.annotations,
+                          s3_endpoint=cfg.s3_endpoint)
+
+
+def shard_limits(cfg: JobConfig, source: sources.Source, urls: list[str], task_cpus: float) -> list[int | None]:
+    """Rows each shard contributes under ``--limit`` (None: all); only with a limit, and only footers (Parquet)
+    or a count in a Ray task (the other formats)."""
     if cfg.limit is None:
         return [None] * len(urls)
+    import ray
+
     out, budget = [], cfg.limit
+    count = ray.remote(progress.count_rows).options(num_cpus=task_cpus)
     for url in urls:
         if budget <= 0:
             out.append(0)
             continue
-        _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
         try:
-            rows = storage.call("read footer", url, pq.read_metadata, path, filesystem=fs).num_rows
+            rows = ray.get(count.remote(url, source))
         except storage.StorageError as exc:
             if isinstance(exc, retry.RetryBudgetExceeded):
                 raise
-            raise SchemaError(f"{storage.redact(url)}: not a readable Parquet file: {exc}") from None
+            raise SchemaError(f"{storage.redact(url)}: not a readable {source.kind} file: {exc}") from None
         out.append(min(rows, budget))
         budget -= rows
     return out
 
 
-def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tuple[Any, list[Shard], dict[str, Any]]:
+def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tuple[list[Shard], dict[str, Any]]:
     """List the input shards and plan each in a Ray task (schema, ids, markers and parts of every output).
 
-    Returns the input filesystem, the shards in input order and each shard's row filter as an object ref.
-    A broken shard stops the job here, naming the file, before anything is written."""
+    Returns the shards in input order and each shard's row filter as an object ref. A broken shard stops the
+    job here, naming the file, before anything is written."""
     import ray
 
-    fs, root = storage.resolve(cfg.input, s3_endpoint=cfg.s3_endpoint)
-    urls = storage.list_parquet_files(cfg.input, s3_endpoint=cfg.s3_endpoint)
+    _, root = storage.resolve(cfg.input, s3_endpoint=cfg.s3_endpoint)
+    urls = sources.list_inputs(cfg.input, cfg.input_format, s3_endpoint=cfg.s3_endpoint)
     if not urls:
-        raise FileNotFoundError(f"no *.parquet files under --input {storage.redact(cfg.input)}")
-    limits = shard_limits(cfg, fs, urls)
+        raise FileNotFoundError(f"no input files ({cfg.input_format or 'any known format'}) under --input "
+                                f"{storage.redact(cfg.input)}")
+    source = source_of(cfg, urls)
+    limits = shard_limits(cfg, source, urls, task_cpus)
     task = ray.remote(progress.plan_shard).options(num_returns=2, num_cpus=task_cpus, max_retries=2)
     refs = []
     for url, limit in zip(urls, limits, strict=True):
         _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
-        rel = path[len(root):].lstrip("/") if path != root else path.rsplit("/", 1)[-1]
-        refs.append(task.remote(url, rel, limit, outputs, cfg.resume, cfg.s3_endpoint, cfg.retry_budget_s))
+        rel = sources.output_name(path[len(root):].lstrip("/") if path != root else path.rsplit("/", 1)[-1],
+                                  source.fmt)
+        refs.append(task.remote(url, rel, source, limit, outputs, cfg.resume, cfg.retry_budget_s))
     shards, filters, retries = [], {}, {}
     for facts_ref, filter_ref in refs:
         facts = ray.get(facts_ref)
@@ -117,13 +128,13 @@ def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tu
             raise SchemaError(facts["error"])
         retries = retry.merge_counts(retries, facts.pop("retries", {}))
         shard = Shard(**{k: facts[k] for k in ("rel", "url", "path", "schema", "num_rows", "planned", "digest",
-                                               "labels")})
+                                               "labels")}, source=source)
         shards.append(shard)
         if any(not v["done"] and v["committed"] for v in shard.labels.values()) or shard.planned < shard.num_rows:
             filters[shard.rel] = filter_ref  # only shards whose rows need filtering keep theirs
     if retries:
         retry_ledger(cfg.run_id).add.remote(retries)
-    return fs, shards, filters
+    return shards, filters
 
 
 def effective_method(cfg: JobConfig) -> JobConfig:
@@ -228,7 +239,23 @@ def node_gpus(ray) -> list[float]:
 # the graph
 
 
-def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, outputs: dict[str, str],
+def read_shards(shards: list[Shard], task_cpus: float):
+    """The read stage: the project's Parquet through Ray Data's reader; any other format through the task's
+    reader in Ray tasks (one per file, yielding blocks of ``sources.CHUNK_ROWS``). Both carry each row's file
+    as ``path``."""
+    import ray.data
+
+    source = shards[0].source
+    if source.native:
+        fs, _ = storage.resolve(shards[0].url, s3_endpoint=source.s3_endpoint)
+        return ray.data.read_parquet([s.path for s in shards], filesystem=retrying(fs), include_paths=True,
+                                     num_cpus=task_cpus)
+    files = ray.data.from_items([{"url": s.url, "path": s.path} for s in shards], override_num_blocks=len(shards))
+    return files.map_batches(sources.read_files, batch_size=1, batch_format="pyarrow", num_cpus=task_cpus,
+                             fn_kwargs={"source": source})
+
+
+def build_dataset(cfg: JobConfig, shards: list[Shard], res: Resources, outputs: dict[str, str],
                   filters: dict[str, Any], *, captioner: type = CaptionerTier,
                   captioner_kwargs: dict[str, Any] | None = None, lvlm: type = LVLMTier):
     """Ray Data graph over ``shards`` (lazy) ending in the writer stage: one small record per part written.
@@ -242,8 +269,7 @@ def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     retry.configure_ray_data(ctx)
-    ds = ray.data.read_parquet([s.path for s in shards], filesystem=retrying(fs), include_paths=True,
-                               num_cpus=res.task_cpus)
+    ds = read_shards(shards, res.task_cpus)
     # blocks of at most BLOCK_BATCHES batches (a Parquet file is otherwise one block, and an actor task takes a
     # whole block): this bounds the rows a crash can catch inside the tiers (see pipeline.progress)
     ds = ds.repartition(target_num_rows_per_block=BLOCK_BATCHES * cfg.batch_size)
@@ -268,7 +294,8 @@ def build_dataset(cfg: JobConfig, fs: Any, shards: list[Shard], res: Resources, 
                                   max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": lvlm_gpus}, **res.lvlm,
     )
-    ds = ds.map_batches(score_batch, batch_format="pyarrow", num_cpus=res.task_cpus / 4)
+    ds = ds.map_batches(score_batch, batch_format="pyarrow", num_cpus=res.task_cpus / 4,
+                        fn_kwargs={"task": cfg.task})
     # the writer is I/O: a quarter CPU, so Ray Data's CPU budget never starves it behind decode (answered rows
     # queued for it are rows a crash loses) nor it the decode stage
     return ds.map_batches(
@@ -317,7 +344,7 @@ def run_graph(base: JobConfig, targets: dict[str, Target], *, captioner: type = 
     res = tier_resources(base, ray.cluster_resources(), node_gpus(ray))
     outputs = {label: t.cfg.output for label, t in targets.items()}
     retry_ledger(base.run_id)
-    fs, shards, filters = plan_shards(base, outputs, res.task_cpus)
+    shards, filters = plan_shards(base, outputs, res.task_cpus)
     for output in dict.fromkeys(outputs.values()):
         preflight(output, str(base.run_id), base.s3_endpoint)
     results = {label: LabelResult() for label in targets}
@@ -346,7 +373,7 @@ def run_graph(base: JobConfig, targets: dict[str, Target], *, captioner: type = 
         log.info("resources: tasks %.2f CPU; captioner actors %s x %s; LVLM actors %s x %s", res.task_cpus,
                  base.captioner_actors, res.captioner, base.lvlm_actors, res.lvlm)
         extra = captioner_kwargs(work, filters) if callable(captioner_kwargs) else captioner_kwargs
-        ds = build_dataset(base, fs, work, res, outputs, {s.rel: filters[s.rel] for s in work if s.rel in filters},
+        ds = build_dataset(base, work, res, outputs, {s.rel: filters[s.rel] for s in work if s.rel in filters},
                            captioner=captioner, captioner_kwargs=extra, lvlm=lvlm)
         by_rel = {s.rel: s for s in work}
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -382,54 +409,6 @@ def retry_counts(run_id: str | None) -> dict[str, int]:
     return counts
 
 
-def budget_exceeded(exc: BaseException) -> BaseException | None:
-    """The ``RetryBudgetExceeded`` behind ``exc`` (raised here, or in a Ray worker and wrapped by Ray / Ray
-    Data on its way to the driver), or None."""
-    seen: set[int] = set()
-    todo: list[BaseException | None] = [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, retry.RetryBudgetExceeded):
-            return e
-        todo += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    # Ray Data re-raises a UDF's error as a UserCodeException whose original survives only as text
-    found = re.search(r"RetryBudgetExceeded: ([^\n]+)", str(exc))
-    return retry.RetryBudgetExceeded(_ANSI.sub("", found.group(1)).strip()) if found else None
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-EXIT_REJECTED = 2  # bad input, a missing model, or a permanent object-store refusal: nothing was half-written
-EXIT_STORE_UNAVAILABLE = 3  # the retry budget for a transient object-store fault ran out; --resume continues
-
-
-def failure(exc: BaseException) -> tuple[int, str] | None:
-    """(exit code, one log line) for the failures a job reports without a traceback, else None."""
-    spent = budget_exceeded(exc)
-    if spent is not None:
-        return EXIT_STORE_UNAVAILABLE, str(spent)  # names the object, how long it was retried, and --resume
-    if isinstance(exc, SchemaError):
-        return EXIT_REJECTED, f"input rejected before anything was written: {exc}"
-    if isinstance(exc, FileNotFoundError):
-        return EXIT_REJECTED, str(exc)
-    if isinstance(exc, storage.StorageError):  # permanent: denied, no such bucket, bad credentials (redacted)
-        return EXIT_REJECTED, f"object store refused: {exc}"
-    return None
-
-
-def exit_code(exc: BaseException, logger: logging.Logger) -> int:
-    """A job's exit code for ``exc``: the known failures get one log line, anything else re-raises."""
-    known = failure(exc)
-    if known is None:
-        raise exc
-    logger.error("%s", known[1])
-    return known[0]
-
-
 def preflight(output: str, run_id: str, s3_endpoint: str | None) -> None:
     """Write and delete one small object under ``output``: a wrong bucket or denied credentials fail here,
     in seconds and before any work, instead of at the first part."""
@@ -456,11 +435,26 @@ def run_job(cfg: JobConfig, *, captioner: type = CaptionerTier, lvlm: type = LVL
     check_fastv_layer(cfg)
     shards, results = run_graph(cfg, {MAIN: Target(cfg, output_constants(cfg))}, captioner=captioner, lvlm=lvlm)
     result = results[MAIN]
-    run = {"run_id": run_id, "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
+    evaluated = evaluate(cfg, [s.rel for s in shards])
+    run = {"run_id": run_id, "task": cfg.task, "benchmark": evaluated["task"], "export": evaluated["export"], "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
            "shards_skipped": result.skipped, "rows_processed": result.processed,
            "wall_s": time.perf_counter() - t0, "retries": retry_counts(run_id)}
     return write_summary(cfg, result.stats, run)
+
+
+def evaluate(cfg: JobConfig, rels: list[str], output: str | None = None) -> dict[str, Any]:
+    """The task's official aggregate(s) and the ``--export`` file, computed in a Ray task over the output."""
+    if not cfg.task and not cfg.export:
+        return {"task": None, "export": None}
+    import ray
+
+    from pipeline.evaluate import evaluate_output
+
+    model_id = cfg.lvlm.rstrip("/").rsplit("/", 1)[-1]
+    task = ray.remote(evaluate_output).options(num_cpus=0.5, max_retries=2)
+    return ray.get(task.remote(output or cfg.output, rels, cfg.task, cfg.export, model_id, str(cfg.run_id),
+                               cfg.s3_endpoint))
 
 
 def check_fastv_layer(cfg: JobConfig) -> None:

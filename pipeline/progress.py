@@ -28,7 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import resume, retry, storage
+from pipeline import resume, retry, sources, storage
 from pipeline.schema import NOT_PASSED_THROUGH, OUTPUT_COLUMNS, output_schema
 from pipeline.summary import table_stats
 
@@ -83,8 +83,16 @@ class RetryLedger:
 # planning one shard (a Ray task: the driver only gets small facts and object refs back)
 
 
-def plan_shard(url: str, rel: str, limit: int | None, outputs: dict[str, str], resume_run: bool,
-               s3_endpoint: str | None, budget_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def count_rows(url: str, source: sources.Source) -> int:
+    """Rows of one input file (``--limit``): a Parquet footer, or the file's records counted."""
+    if source.native:
+        fs, path = storage.resolve(url, s3_endpoint=source.s3_endpoint)
+        return storage.call("read footer", url, pq.read_metadata, path, filesystem=fs).num_rows
+    return sources.read_table(url, source, columns=["id"]).num_rows
+
+
+def plan_shard(url: str, rel: str, source: sources.Source, limit: int | None, outputs: dict[str, str],
+               resume_run: bool, budget_s: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """(facts, row filter) of one input shard for each output (``outputs``: label -> output root).
 
     facts: schema, rows, planned rows, their digest, and per label ``done`` (a matching marker: its stats)
@@ -95,20 +103,20 @@ def plan_shard(url: str, rel: str, limit: int | None, outputs: dict[str, str], r
     from pipeline.schema import SchemaError, validate_input_schema, validate_unique_ids
 
     retry.set_budget(budget_s)
-    fs, path = storage.resolve(url, s3_endpoint=s3_endpoint)
+    s3_endpoint = source.s3_endpoint
+    _, path = storage.resolve(url, s3_endpoint=s3_endpoint)
     try:
-        schema = storage.call("read schema", url, pq.read_schema, path, filesystem=fs)
+        schema = sources.read_schema(url, source)
         validate_input_schema(schema, url)
         output_schema(schema)
-        ids = storage.call("read ids", url, pq.read_table, path, filesystem=fs, columns=["id"]).column("id")
-        ids = ids.to_pylist()
+        ids = sources.read_table(url, source, columns=["id"]).column("id").to_pylist()
         validate_unique_ids(ids, url)
-    except SchemaError as exc:
-        return {"rel": rel, "error": str(exc)}, {}
+    except (SchemaError, ValueError) as exc:  # a malformed file, or ground truth the task cannot read
+        return {"rel": rel, "error": storage.redact(str(exc))}, {}
     except storage.StorageError as exc:
         if isinstance(exc, retry.RetryBudgetExceeded):
             raise
-        return {"rel": rel, "error": f"{storage.redact(url)}: not a readable Parquet file: {exc}"}, {}
+        return {"rel": rel, "error": f"{storage.redact(url)}: not a readable {source.kind} file: {exc}"}, {}
     num_rows = len(ids)
     planned = ids if limit is None else ids[:limit]
     keep = set(planned) if len(planned) < num_rows else None
@@ -192,10 +200,8 @@ def finalize_shard(facts: dict[str, Any], output: str, const: dict[str, Any], s3
         fs, path = storage.resolve(part, s3_endpoint=s3_endpoint)
         for row in storage.call("read part", part, pq.read_table, path, filesystem=fs).to_pylist():
             results.setdefault(row["id"], row)  # a row is in one part; keep the first if ever twice
-    in_fs, in_path = storage.resolve(facts["url"], s3_endpoint=s3_endpoint)
     columns = [c for c in facts["schema"].names if c not in NOT_PASSED_THROUGH]
-    passthrough = storage.call("read", facts["url"], pq.read_table, in_path, filesystem=in_fs, columns=columns)
-    passthrough = passthrough.slice(0, planned)
+    passthrough = sources.read_table(facts["url"], facts["source"], columns=columns).slice(0, planned)
     rows, missing = [], []
     for row in passthrough.to_pylist():
         result = results.get(row["id"])

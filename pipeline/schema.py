@@ -51,7 +51,8 @@ REQUIRED_COLUMNS = ("id", "question")
 IMAGE_COLUMNS = ("image", "image_uri")
 OPTIONAL_COLUMNS = ("answers", "question_type", "scene", "fact")
 # Columns the job consumes and does not copy to the output (the image bytes are large and decoded).
-NOT_PASSED_THROUGH = ("image",)
+# (``input_error``: a benchmark record a task could not map, pipeline.sources; it becomes the row's ``error``.)
+NOT_PASSED_THROUGH = ("image", "input_error")
 
 _KNOWN = {f.name: f for f in INPUT_FIELDS}
 

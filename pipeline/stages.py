@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import tasks
 from pipeline.config import JobConfig
 
 log = logging.getLogger("accm.stages")
@@ -115,14 +116,16 @@ def decode_batch(batch: pa.Table, *, max_pixels: int, s3_endpoint: str | None = 
     paths = _column(batch, PATH_COLUMN)
     ids, questions, images = _column(batch, "id"), _column(batch, "question"), _column(batch, "image")
     uris, answers = _column(batch, "image_uri"), _column(batch, "answers")
+    read_errors = _column(batch, "input_error")
     out = []
-    for path, id_, question, image, uri, ans in zip(paths, ids, questions, images, uris, answers, strict=True):
+    for path, id_, question, image, uri, ans, read_error in zip(paths, ids, questions, images, uris, answers,
+                                                                read_errors, strict=True):
         shard = (shard_names or {}).get(path, path)
         if _skipped(row_filters, shard, id_):
             continue
         t0 = time.perf_counter()
         row: dict[str, Any] = {SHARD: shard, "id": id_, "question": question}
-        error = validate_question(question)
+        error = read_error or validate_question(question)
         if error is None and ans is not None:
             if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
                 error = f"answers: expected a list of strings, got {type(ans).__name__}"
@@ -538,13 +541,16 @@ class LVLMTier:
 # scoring (CPU tasks)
 
 
-def score_batch(batch: pa.Table) -> pa.Table:
-    """VQA soft accuracy per row (null without answers or with an error)."""
+def score_batch(batch: pa.Table, *, task: str | None = None) -> pa.Table:
+    """The per-row score: the task's official per-item rule (``pipeline.tasks``), VQA soft accuracy without a
+    task; null without answers or with an error."""
     from pipeline.scoring import score_item
 
+    score = tasks.get(task).score if task else score_item
     rows = batch.to_pylist()
     for r in rows:
         answers = json.loads(r["_answers"]) if r.get("_answers") else None
-        r["score"] = None if r["error"] is not None or not answers else score_item(r["prediction"], answers)
+        r["score"] = None if r["error"] is not None or not answers or r["prediction"] is None else score(
+            r["prediction"], answers)
     return _table(rows, SCORED_SCHEMA)
 

@@ -297,7 +297,13 @@ def _list_files(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
 
 
 def list_parquet_files(url: str, **options: Any) -> list[str]:
-    """Sorted URLs of the ``*.parquet`` files under ``url`` (recursive), or ``[url]`` for one file.
+    """Sorted URLs of the ``*.parquet`` files under ``url`` (recursive), or ``[url]`` for one file."""
+    return list_data_files(url, (".parquet",), **options)
+
+
+def list_data_files(url: str, suffixes: tuple[str, ...], **options: Any) -> list[str]:
+    """Sorted URLs of the files under ``url`` (recursive) whose names end in one of ``suffixes``, or ``[url]``
+    for one file.
 
     Names starting with ``_`` or ``.`` (``_SUCCESS``, ``.crc``, hidden staging files) are skipped.
     Returned URLs keep the input's scheme, so they can be handed back to ``resolve``.
@@ -312,7 +318,7 @@ def list_parquet_files(url: str, **options: Any) -> list[str]:
             return [url]
         if any(part.startswith(("_", ".")) for part in relative.split("/")):
             continue
-        if info.base_name.endswith(".parquet"):
+        if info.base_name.endswith(suffixes):
             out.append(("s3://" + info.path) if scheme == "s3" else info.path)
     return out
 

@@ -8,9 +8,9 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
-from pipeline.decode import decode_image, validate_question
+from pipeline.decode import DEFAULT_MIN_SIDE, decode_image, validate_question
 from pipeline.shapes import item_row, make_item
 
 
@@ -127,18 +127,112 @@ def test_truncated_png_and_jpeg():
         failed(decode_image(data[: len(data) // 2]), "image: cannot decode")
 
 
-def test_pixel_limit_and_decompression_bombs():
+def gif_with_frame(screen: int, frame: int) -> bytes:
+    """A GIF whose 1st frame (``frame`` x ``frame``) outgrows its ``screen`` x ``screen`` canvas: PIL grows the
+    canvas while opening it and runs its own bomb check on the grown size (not visible in the header)."""
+    header = b"GIF89a" + struct.pack("<HHBBB", screen, screen, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, frame, frame, 0)
+    return header + descriptor + b"\x02\x02\x4c\x01\x00;"
+
+
+def test_pixel_bound_and_decompression_bombs():
     data = encode(Image.new("RGB", (64, 64)))
-    failed(decode_image(data, max_pixels=1000), "64x64 = 4096 pixels exceeds the limit of 1000")
+    failed(decode_image(data, max_pixels=1000), "64x64 = 4096 pixels exceeds the decompression-bomb bound of 1000")
     assert decode_image(data, max_pixels=4096)[1] is None
+    # far over the default bound (and PIL's own hard limit): refused from the header, before any pixel is decoded
+    failed(decode_image(png_header_only(50000, 50000)),
+           f"image: 50000x50000 = 2500000000 pixels exceeds the decompression-bomb bound of {2**28}")
     limit = Image.MAX_IMAGE_PIXELS
-    # between PIL's limit and twice it PIL only warns; the warning counts as an error here
-    side = int((1.5 * limit) ** 0.5)
-    failed(decode_image(png_header_only(side, side), max_pixels=10 * limit), "decompression bomb")
-    side = int((3 * limit) ** 0.5)  # above 2x PIL raises DecompressionBombError itself
-    failed(decode_image(png_header_only(side, side), max_pixels=10 * limit), "decompression bomb")
-    # below PIL's limit, above the configurable default: refused before any pixel is decoded
-    failed(decode_image(png_header_only(5000, 5000)), "5000x5000 = 25000000 pixels exceeds the limit")
+    # max_pixels, not PIL's process-wide limit, is the bound: a header between PIL's warning and error limits
+    # (1.5x) or above its error limit (3x) but within max_pixels is decoded (here: no pixel data -> cannot decode)
+    for factor in (1.5, 3):
+        side = int((factor * limit) ** 0.5)
+        failed(decode_image(png_header_only(side, side), max_pixels=10 * limit), "image: cannot decode")
+        failed(decode_image(png_header_only(side, side), max_pixels=limit),
+               f"{side}x{side} = {side * side} pixels exceeds the decompression-bomb bound of {limit}")
+    # PIL's own refusal (a size the header does not show) stays a row error
+    failed(decode_image(gif_with_frame(1, 20000)), "image: decompression bomb refused", "DOS attack")
+
+
+def structured(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A photo-like test image: smooth gradients and shapes plus mild noise (not a flat colour)."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 127 + 100 * np.sin(x / 97.0) * np.cos(y / 131.0)
+    g = 255 * x / width
+    b = 127 + 100 * np.sin((x + y) / 211.0)
+    rgb = np.stack([r, g, b], axis=-1)
+    rgb[(x - width / 3) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 5) ** 2] = (240, 30, 30)
+    rgb += np.random.default_rng(seed).normal(0, 6, rgb.shape).astype(np.float32)
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
+def processor_view(image: Image.Image, side: int = 336) -> np.ndarray:
+    """What a CLIP-style processor sees: shortest side resized to ``side`` (bicubic), center crop."""
+    scale = side / min(image.size)
+    w, h = max(side, round(image.width * scale)), max(side, round(image.height * scale))
+    resized = image.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - side) // 2, (h - side) // 2
+    return np.asarray(resized.crop((left, top, left + side, top + side)), dtype=np.float32)
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("big") / "camera.jpg"
+    structured(6000, 6000).save(path, "JPEG", quality=85)
+    return path.read_bytes()
+
+
+def test_camera_jpeg_decoded_reduced_with_draft(big_jpeg, monkeypatch):
+    decoded_at = []  # the size the JPEG decoder fills: what the decode holds in memory
+    original_load = JpegImagePlugin.JpegImageFile.load
+
+    def spy(self):
+        decoded_at.append(self.size)
+        return original_load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", spy)
+    image = ok(decode_image(big_jpeg))
+    # ~1.7 MB decoded instead of 108 MB: never a full-size buffer
+    assert decoded_at and set(decoded_at) == {(750, 750)}
+    monkeypatch.undo()
+    # 6000 / 8 = 750: libjpeg's 1/8 DCT scaling was used (a box reduction of a full decode would give 857 or 6000)
+    assert image.size == (750, 750)
+    assert DEFAULT_MIN_SIDE <= min(image.size) <= 2 * DEFAULT_MIN_SIDE
+    # the tower's input size sets the target: 1/4 keeps 1500 >= 2 x 448 (1/8 would give 750 < 896)
+    assert ok(decode_image(big_jpeg, min_side=2 * 448)).size == (1500, 1500)
+    assert ok(decode_image(big_jpeg, min_side=None)).size == (6000, 6000)  # full resolution on request
+    with Image.open(io.BytesIO(big_jpeg)) as full:
+        reference = processor_view(full.convert("RGB"))
+    diff = np.abs(processor_view(image) - reference).mean()
+    assert diff < 3.0, diff  # what the model sees does not change meaningfully
+
+
+def test_large_png_reduced_aspect_kept():
+    source = structured(6000, 4000, seed=1)
+    image = ok(decode_image(encode(source, "PNG", compress_level=1)))
+    assert image.size == (1200, 800)  # 4000 // 672 = 5: box-reduced by 5, 3:2 kept
+    assert DEFAULT_MIN_SIDE <= min(image.size) <= 2 * DEFAULT_MIN_SIDE
+    diff = np.abs(processor_view(image) - processor_view(source)).mean()
+    assert diff < 3.0, diff
+    # odd sizes round up, aspect ratio within a pixel; small images are left as they are
+    odd = ok(decode_image(encode(Image.new("RGB", (2001, 1403), (5, 6, 7)))))
+    assert odd.size == (1001, 702) and odd.getpixel((1000, 701)) == (5, 6, 7)
+    assert ok(decode_image(encode(Image.new("RGB", (1000, 700))))).size == (1000, 700)
+    assert ok(decode_image(encode(Image.new("RGB", (1, 1), (1, 2, 3))))).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_reduced_modes_keep_their_conversion():
+    rgba = Image.new("RGBA", (2000, 1400), (0, 0, 255, 255))
+    rgba.paste((0, 0, 0, 0), (0, 0, 1000, 1400))  # transparent left half -> white
+    image = ok(decode_image(encode(rgba)))
+    assert image.size == (1000, 700)
+    assert image.getpixel((10, 10)) == (255, 255, 255) and image.getpixel((990, 10)) == (0, 0, 255)
+    wide = ok(decode_image(encode(Image.fromarray(np.full((1400, 2000), 65535, dtype=np.uint16)))))
+    assert wide.size == (1000, 700) and wide.getpixel((5, 5)) == (255, 255, 255)
+    cmyk = ok(decode_image(encode(Image.new("CMYK", (6000, 4000), (0, 255, 255, 0)), "JPEG", quality=90)))
+    assert cmyk.size == (1500, 1000)  # draft on a CMYK JPEG: 1/4 keeps 1000 >= 672
+    r, g, b = cmyk.getpixel((700, 500))
+    assert r > 200 and g < 60 and b < 60
 
 
 def test_image_uri_local_and_errors(tmp_path):

@@ -139,7 +139,8 @@ def test_ten_percent_slowdown_for_a_whole_run(ray_session, s3_server, tmp_bucket
 def test_an_outage_past_the_budget_exits_3_and_resume_finishes(ray_session, s3_server, tmp_bucket, dataset,
                                                               fault_proxy, lvlm) -> None:
     from pipeline.config import parse_args
-    from pipeline.graph import EXIT_STORE_UNAVAILABLE, failure, run_job
+    from pipeline.exits import EXIT_STORE_UNAVAILABLE, failure
+    from pipeline.graph import run_job
     from tests.faults import SlowLVLMTier
 
     SlowLVLMTier.seconds_per_row = 0.1
@@ -161,7 +162,8 @@ def test_an_outage_past_the_budget_exits_3_and_resume_finishes(ray_session, s3_s
 def test_permanent_faults_fail_in_seconds_writing_nothing(ray_session, s3_server, tmp_bucket, dataset, fault_proxy,
                                                           lvlm) -> None:
     from pipeline.config import parse_args
-    from pipeline.graph import EXIT_REJECTED, failure, run_job
+    from pipeline.exits import EXIT_REJECTED, failure
+    from pipeline.graph import run_job
 
     before = sorted(s3_server.keys(tmp_bucket))
     fault_proxy.set_error_rate(1.0, 403, "AccessDenied", methods=("PUT", "POST", "DELETE"))  # reads allowed
