@@ -31,6 +31,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # repo root, any cwd
@@ -64,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--prune-rates",
         default=DEFAULT_RATES,
         help=f"Comma-separated rates in (0, 1) (default: {DEFAULT_RATES}).",
+    )
+    p.add_argument(
+        "--tasks",
+        help="Comma-separated benchmark tasks (pipeline/tasks) run in the same graph, e.g. pope,mmbench; each "
+        "one's input, image root and ground truth come from --benchmarks. The report then has the papers' "
+        "table: a column per benchmark in its own unit. A single task can also be given the main job's way "
+        "(--task NAME --input ... --annotations ...).",
+    )
+    p.add_argument(
+        "--benchmarks",
+        help="YAML file: task -> {input, input_format, image_root, annotations} (paths relative to the file; "
+        "local, file:// or s3://). Default: the bundled Shapes-VQA demo in benchmark formats "
+        "(data/shapes_vqa/benchmarks/benchmarks.yaml).",
     )
     p.add_argument(
         "--estimate",
@@ -185,10 +199,42 @@ def run_estimate(args: argparse.Namespace, cost) -> int:
     return 0
 
 
+DEFAULT_BENCHMARKS = "data/shapes_vqa/benchmarks/benchmarks.yaml"
+
+
+def benchmark_inputs(args: argparse.Namespace, base) -> list | None:
+    """``--tasks``: one input config per task from the ``--benchmarks`` file (None without ``--tasks``)."""
+    if not args.tasks:
+        return None
+    import yaml
+
+    from pipeline import storage
+    from pipeline.config import _repo_path
+    from pipeline.resume import join
+    from pipeline.sweep import task_inputs
+
+    if args.sequential:
+        raise SystemExit("--tasks runs every task in one graph; --sequential takes one input (--task)")
+    path = args.benchmarks or _repo_path(DEFAULT_BENCHMARKS)
+    folder = path.rsplit("/", 1)[0] if "/" in path else "."
+    entries = yaml.safe_load(storage.read_bytes(path, s3_endpoint=base.s3_endpoint)) or {}
+
+    def located(value: str | None) -> str | None:
+        if value is None or "://" in value or value.startswith("/"):
+            return value
+        return join(folder, value)
+
+    benchmarks = {task: {k: located(v) if k != "input_format" else v for k, v in entry.items()}
+                  for task, entry in entries.items()}
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    return task_inputs(base, tasks, benchmarks)
+
+
 def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     import ray
 
     from pipeline import storage
+    from pipeline.benchmark_table import add_benchmark_columns
     from pipeline.config import METHODS, parse_args
     from pipeline.graph import run_job
     from pipeline.report import summary_from_stats, write_report
@@ -202,6 +248,9 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     if any(not 0.0 < r < 1.0 for r in rates):
         raise SystemExit("--prune-rates must lie in (0, 1)")
     base = parse_args(job_argv + (["--input", args.input] if args.input else []))
+    inputs = benchmark_inputs(args, base)
+    if inputs:
+        base = replace(base, max_new_tokens=max(c.max_new_tokens for c in inputs))
     output = (args.output or "out/sweep").rstrip("/")
     settings = [Setting(m, r) for m, r in settings_for(methods, rates)]
     log.info(
@@ -232,7 +281,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
                 log.info("sweep: setting %s (sequential)", setting.label)
                 summaries[setting] = run_job(setting_config(base, setting, output, sweep_id))
         else:
-            summaries = run_shared_sweep(base, settings, output, sweep_id)
+            summaries = run_shared_sweep(base, settings, output, sweep_id, inputs=inputs)
         for setting, s in summaries.items():  # no throughput for a setting this run did not process (--resume)
             walls[(setting.method, setting.rate)] = float(s["wall_s"]) if s.get("rows_processed") else None
     finally:
@@ -242,6 +291,8 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
 
     summary = summary_from_stats([(s.method, s.rate, summaries[s]["stats"], walls[(s.method, s.rate)])
                                   for s in settings])
+    summary = add_benchmark_columns(summary, {(s.method, float(s.rate)): summaries[s].get("benchmarks")
+                                              for s in settings})
     sink = tempfile.NamedTemporaryFile(suffix=".parquet", delete=False)
     sink.close()
     summary.to_parquet(sink.name, index=False)

@@ -100,29 +100,34 @@ def shard_limits(cfg: JobConfig, source: sources.Source, urls: list[str], task_c
     return out
 
 
-def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tuple[list[Shard], dict[str, Any]]:
+def plan_shards(inputs: list[JobConfig], outputs: dict[str, str], task_cpus: float
+                ) -> tuple[list[Shard], dict[str, Any]]:
     """List the input shards and plan each in a Ray task (schema, ids, markers and parts of every output).
 
-    Returns the shards in input order and each shard's row filter as an object ref. A broken shard stops the
-    job here, naming the file, before anything is written."""
+    ``inputs``: one config per input (the main job: one; a sweep over several tasks: one per task, whose
+    shards are then named ``<task>/<file>`` in every output). Returns the shards in input order and each
+    shard's row filter as an object ref. A broken shard stops the job here, naming the file, before anything
+    is written."""
     import ray
 
-    _, root = storage.resolve(cfg.input, s3_endpoint=cfg.s3_endpoint)
-    urls = sources.list_inputs(cfg.input, cfg.input_format, s3_endpoint=cfg.s3_endpoint)
-    if not urls:
-        raise FileNotFoundError(f"no input files ({cfg.input_format or 'any known format'}) under --input "
-                                f"{storage.redact(cfg.input)}")
-    source = source_of(cfg, urls)
-    limits = shard_limits(cfg, source, urls, task_cpus)
     task = ray.remote(progress.plan_shard).options(num_returns=2, num_cpus=task_cpus, max_retries=2)
-    refs = []
-    for url, limit in zip(urls, limits, strict=True):
-        _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
-        rel = sources.output_name(path[len(root):].lstrip("/") if path != root else path.rsplit("/", 1)[-1],
-                                  source.fmt)
-        refs.append(task.remote(url, rel, source, limit, outputs, cfg.resume, cfg.retry_budget_s))
+    refs, sources_of = [], []
+    for cfg in inputs:
+        _, root = storage.resolve(cfg.input, s3_endpoint=cfg.s3_endpoint)
+        urls = sources.list_inputs(cfg.input, cfg.input_format, s3_endpoint=cfg.s3_endpoint)
+        if not urls:
+            raise FileNotFoundError(f"no input files ({cfg.input_format or 'any known format'}) under --input "
+                                    f"{storage.redact(cfg.input)}")
+        source = source_of(cfg, urls)
+        prefix = f"{cfg.task}/" if len(inputs) > 1 else ""
+        for url, limit in zip(urls, shard_limits(cfg, source, urls, task_cpus), strict=True):
+            _, path = storage.resolve(url, s3_endpoint=cfg.s3_endpoint)
+            rel = prefix + sources.output_name(path[len(root):].lstrip("/") if path != root
+                                               else path.rsplit("/", 1)[-1], source.fmt)
+            refs.append(task.remote(url, rel, source, limit, outputs, cfg.resume, cfg.retry_budget_s))
+            sources_of.append(source)
     shards, filters, retries = [], {}, {}
-    for facts_ref, filter_ref in refs:
+    for (facts_ref, filter_ref), source in zip(refs, sources_of, strict=True):
         facts = ray.get(facts_ref)
         if "error" in facts:
             raise SchemaError(facts["error"])
@@ -133,7 +138,7 @@ def plan_shards(cfg: JobConfig, outputs: dict[str, str], task_cpus: float) -> tu
         if any(not v["done"] and v["committed"] for v in shard.labels.values()) or shard.planned < shard.num_rows:
             filters[shard.rel] = filter_ref  # only shards whose rows need filtering keep theirs
     if retries:
-        retry_ledger(cfg.run_id).add.remote(retries)
+        retry_ledger(inputs[0].run_id).add.remote(retries)
     return shards, filters
 
 
@@ -240,9 +245,9 @@ def node_gpus(ray) -> list[float]:
 
 
 def read_shards(shards: list[Shard], task_cpus: float):
-    """The read stage: the project's Parquet through Ray Data's reader; any other format through the task's
-    reader in Ray tasks (one per file, yielding blocks of ``sources.CHUNK_ROWS``). Both carry each row's file
-    as ``path``."""
+    """The read stage of shards of one source: the project's Parquet through Ray Data's reader; any other
+    format through the task's reader in Ray tasks (one per file, yielding blocks of ``sources.CHUNK_ROWS``).
+    Both carry each row's file as ``path``."""
     import ray.data
 
     source = shards[0].source
@@ -269,16 +274,19 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], res: Resources, outputs: 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     retry.configure_ray_data(ctx)
-    ds = read_shards(shards, res.task_cpus)
-    # blocks of at most BLOCK_BATCHES batches (a Parquet file is otherwise one block, and an actor task takes a
-    # whole block): this bounds the rows a crash can catch inside the tiers (see pipeline.progress)
-    ds = ds.repartition(target_num_rows_per_block=BLOCK_BATCHES * cfg.batch_size)
-    ds = ds.map_batches(
-        decode_batch, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=res.task_cpus,
-        fn_kwargs={"max_pixels": cfg.max_pixels, "s3_endpoint": cfg.s3_endpoint,
-                   "shard_names": {s.path: s.rel for s in shards}, "row_filters": filters or None,
-                   "run_id": cfg.run_id, "budget_s": cfg.retry_budget_s},
-    )
+    branches = []
+    for source in dict.fromkeys(s.source for s in shards):  # one read stage per input (a sweep: per task)
+        ds = read_shards([s for s in shards if s.source == source], res.task_cpus)
+        # blocks of at most BLOCK_BATCHES batches (a Parquet file is otherwise one block, and an actor task takes
+        # a whole block): this bounds the rows a crash can catch inside the tiers (see pipeline.progress)
+        ds = ds.repartition(target_num_rows_per_block=BLOCK_BATCHES * cfg.batch_size)
+        branches.append(ds.map_batches(
+            decode_batch, batch_format="pyarrow", batch_size=cfg.batch_size, num_cpus=res.task_cpus,
+            fn_kwargs={"max_pixels": cfg.max_pixels, "s3_endpoint": cfg.s3_endpoint,
+                       "shard_names": {s.path: s.rel for s in shards}, "row_filters": filters or None,
+                       "run_id": cfg.run_id, "budget_s": cfg.retry_budget_s},
+        ))
+    ds = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     # two batches in flight per actor (Ray's default is 4): the rows a crash can catch inside a tier
     cap_gpus = res.captioner.get("num_gpus", 0.0)
     ds = ds.map_batches(
@@ -295,7 +303,7 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], res: Resources, outputs: 
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": lvlm_gpus}, **res.lvlm,
     )
     ds = ds.map_batches(score_batch, batch_format="pyarrow", num_cpus=res.task_cpus / 4,
-                        fn_kwargs={"task": cfg.task})
+                        fn_kwargs={"task_of": {s.rel: s.source.task for s in shards}})
     # the writer is I/O: a quarter CPU, so Ray Data's CPU budget never starves it behind decode (answered rows
     # queued for it are rows a crash loses) nor it the decode stage
     return ds.map_batches(
@@ -335,16 +343,18 @@ class LabelResult:
 
 
 def run_graph(base: JobConfig, targets: dict[str, Target], *, captioner: type = CaptionerTier,
-              captioner_kwargs: Any = None, lvlm: type = LVLMTier) -> tuple[list[Shard], dict[str, LabelResult]]:
+              captioner_kwargs: Any = None, lvlm: type = LVLMTier,
+              inputs: list[JobConfig] | None = None) -> tuple[list[Shard], dict[str, LabelResult]]:
     """Plan, run the graph over what is left, finalize each shard as it completes; per-label results.
 
-    ``captioner_kwargs``: a function of (shards, filters) giving the captioner tier's extra arguments."""
+    ``captioner_kwargs``: a function of (shards, filters) giving the captioner tier's extra arguments;
+    ``inputs``: the configs whose inputs the graph reads (default: ``base``'s; a multi-task sweep: one per task)."""
     import ray
 
     res = tier_resources(base, ray.cluster_resources(), node_gpus(ray))
     outputs = {label: t.cfg.output for label, t in targets.items()}
     retry_ledger(base.run_id)
-    shards, filters = plan_shards(base, outputs, res.task_cpus)
+    shards, filters = plan_shards(inputs or [base], outputs, res.task_cpus)
     for output in dict.fromkeys(outputs.values()):
         preflight(output, str(base.run_id), base.s3_endpoint)
     results = {label: LabelResult() for label in targets}
@@ -435,26 +445,13 @@ def run_job(cfg: JobConfig, *, captioner: type = CaptionerTier, lvlm: type = LVL
     check_fastv_layer(cfg)
     shards, results = run_graph(cfg, {MAIN: Target(cfg, output_constants(cfg))}, captioner=captioner, lvlm=lvlm)
     result = results[MAIN]
-    evaluated = evaluate(cfg, [s.rel for s in shards])
-    run = {"run_id": run_id, "task": cfg.task, "benchmark": evaluated["task"], "export": evaluated["export"], "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
+    from pipeline.evaluate import evaluate_run
+
+    run = {"run_id": run_id, "task": cfg.task, **evaluate_run(cfg, shards), "method": cfg.method, "keep_tokens": cfg.keep_tokens, "prune_rate": cfg.prune_rate,
            "input": storage.redact(cfg.input), "output": storage.redact(cfg.output), "shards": len(shards),
            "shards_skipped": result.skipped, "rows_processed": result.processed,
            "wall_s": time.perf_counter() - t0, "retries": retry_counts(run_id)}
     return write_summary(cfg, result.stats, run)
-
-
-def evaluate(cfg: JobConfig, rels: list[str], output: str | None = None) -> dict[str, Any]:
-    """The task's official aggregate(s) and the ``--export`` file, computed in a Ray task over the output."""
-    if not cfg.task and not cfg.export:
-        return {"task": None, "export": None}
-    import ray
-
-    from pipeline.evaluate import evaluate_output
-
-    model_id = cfg.lvlm.rstrip("/").rsplit("/", 1)[-1]
-    task = ray.remote(evaluate_output).options(num_cpus=0.5, max_retries=2)
-    return ray.get(task.remote(output or cfg.output, rels, cfg.task, cfg.export, model_id, str(cfg.run_id),
-                               cfg.s3_endpoint))
 
 
 def check_fastv_layer(cfg: JobConfig) -> None:

@@ -18,6 +18,12 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.benchmark_table import (
+    benchmark_names,
+    paper_table_markdown,
+    plot_benchmarks_vs_flops,
+    with_relative_accuracy,
+)
 from pipeline.cost import ALL_COMPONENTS, CostConfig, cost_columns
 
 SETTING_KEYS = ("method", "prune_rate")
@@ -587,13 +593,22 @@ def write_report(
     md = [f"# {title}", ""]
     md += [f"- {n}" for n in notes]
     md += ["", "## Recommendation", ""]
+    benchmarks = benchmark_names(table)
+    if benchmarks:
+        plots.insert(0, ("Each benchmark vs FLOPs per item", plot_benchmarks_vs_flops(table, out / "benchmarks.png")))
     if has_acc:
-        rec = recommend(table, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
+        rec = recommend(with_relative_accuracy(table), tolerance_points=tolerance_points,
+                        target_accuracy=target_accuracy)
         md.append(
             recommendation_markdown(rec, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
         )
     else:
         md.append("No accuracy in this report (FLOPs-only estimate): pick a rate from measured accuracy.")
+    if benchmarks:
+        md += ["", "## Benchmarks (the papers' table)", "",
+               "Each benchmark's official metric in its own unit (pipeline/tasks); *relative %*: the mean over the "
+               "benchmarks of each score / the unpruned row's, which the recommendation reads as accuracy.", "",
+               paper_table_markdown(table)]
     md += ["", "## Cost per 1M items", "", config.describe(), ""]
     md += [
         "*cluster*: the configured cluster paced by its bottleneck tier, all its GPUs paid for; "

@@ -541,14 +541,15 @@ class LVLMTier:
 # scoring (CPU tasks)
 
 
-def score_batch(batch: pa.Table, *, task: str | None = None) -> pa.Table:
-    """The per-row score: the task's official per-item rule (``pipeline.tasks``), VQA soft accuracy without a
-    task; null without answers or with an error."""
+def score_batch(batch: pa.Table, *, task_of: dict[str, str | None] | None = None) -> pa.Table:
+    """The per-row score: its shard's task's official per-item rule (``task_of``: shard -> task,
+    ``pipeline.tasks``), VQA soft accuracy without a task; null without answers or with an error."""
     from pipeline.scoring import score_item
 
-    score = tasks.get(task).score if task else score_item
     rows = batch.to_pylist()
     for r in rows:
+        task = (task_of or {}).get(r[SHARD])
+        score = tasks.get(task).score if task else score_item
         answers = json.loads(r["_answers"]) if r.get("_answers") else None
         r["score"] = None if r["error"] is not None or not answers or r["prediction"] is None else score(
             r["prediction"], answers)

@@ -31,6 +31,7 @@ from typing import Any
 
 from pipeline import retry, storage
 from pipeline.config import JobConfig
+from pipeline.evaluate import evaluate_run
 from pipeline.graph import (
     Target,
     check_fastv_layer,
@@ -75,9 +76,28 @@ def setting_config(base: JobConfig, setting: Setting, output: str, sweep_id: str
     )
 
 
-def run_shared_sweep(base: JobConfig, settings: list[Setting], output: str,
-                     sweep_id: str | None = None) -> dict[Setting, dict[str, Any]]:
-    """Run every setting over ``base.input`` in one graph (``ray.init`` done by the caller).
+def task_inputs(base: JobConfig, tasks: list[str], benchmarks: dict[str, dict[str, Any]]) -> list[JobConfig]:
+    """One input config per task of a multi-task sweep, from a benchmarks file (task -> input, input_format,
+    image_root, annotations; relative paths are relative to that file's folder, already resolved)."""
+    missing = [t for t in tasks if t not in benchmarks]
+    if missing:
+        raise ValueError(f"--tasks {','.join(missing)}: not in the benchmarks file (it has "
+                         f"{', '.join(benchmarks) or 'none'})")
+    allowed = {"input", "input_format", "image_root", "annotations"}
+    out = []
+    for task in tasks:
+        entry = benchmarks[task]
+        unknown = set(entry) - allowed
+        if unknown or "input" not in entry:
+            raise ValueError(f"benchmarks file, {task}: needs 'input' and only {sorted(allowed)}, got {sorted(entry)}")
+        out.append(replace(base, task=task, **entry).validate())
+    return out
+
+
+def run_shared_sweep(base: JobConfig, settings: list[Setting], output: str, sweep_id: str | None = None,
+                     inputs: list[JobConfig] | None = None) -> dict[Setting, dict[str, Any]]:
+    """Run every setting over ``base.input`` (or over every task's input: ``inputs``) in one graph
+    (``ray.init`` done by the caller).
 
     Returns each setting's summary (the dict its ``summary.json`` holds), ``wall_s`` being its share.
     """
@@ -99,8 +119,9 @@ def run_shared_sweep(base: JobConfig, settings: list[Setting], output: str,
                                                                    if s.rel in filters} or None}
 
     log.info("sweep %s: %d settings over %s, one vision encoding per item", sweep_id, len(settings),
-             storage.redact(base.input))
-    shards, results = run_graph(base, targets, captioner=SweepCaptionerTier, captioner_kwargs=captioner_kwargs)
+             ", ".join(f"{c.task or 'input'} {storage.redact(c.input)}" for c in inputs or [base]))
+    shards, results = run_graph(base, targets, captioner=SweepCaptionerTier, captioner_kwargs=captioner_kwargs,
+                                inputs=inputs)
     wall = time.perf_counter() - t0
     retries = retry_counts(sweep_id)
     total_busy = sum(r.busy_s for r in results.values())
@@ -108,7 +129,7 @@ def run_shared_sweep(base: JobConfig, settings: list[Setting], output: str,
     for s, cfg in cfgs.items():
         result = results[s.label]
         share = result.busy_s / total_busy if total_busy > 0 else 1.0 / len(settings)
-        run = {"run_id": cfg.run_id, "method": s.method, "keep_tokens": None, "prune_rate": s.prune_rate,
+        run = {"run_id": cfg.run_id, **evaluate_run(cfg, shards), "method": s.method, "keep_tokens": None, "prune_rate": s.prune_rate,
                "input": storage.redact(base.input), "output": storage.redact(cfg.output), "shards": len(shards),
                "shards_skipped": result.skipped, "rows_processed": result.processed, "wall_s": wall * share,
                "sweep_wall_s": wall, "shared_vision_settings": len(settings), "retries": retries}

@@ -4,6 +4,8 @@
 
 * ``NAME`` (str) and ``FORMATS`` (tuple of input formats it reads, ``pipeline.sources.FORMATS``);
 * ``MAX_NEW_TOKENS`` (int): the generation length LLaVA's evaluation uses for it;
+* ``HEADLINE`` / ``HEADLINE_UNIT``: the key of ``aggregate``'s result the papers' tables show, and its unit;
+* optionally ``LLAVA_QUESTION_ID``: the field exported as LLaVA's ``question_id`` (default ``question_id``);
 * ``EXTRA_FIELDS`` (``pyarrow.Schema``): the benchmark's own ids and fields kept in every output row (typed as
   the benchmark ships them, e.g. ``question_id`` int for POPE, string for GQA), never clashing with
   ``pipeline.schema`` column names;

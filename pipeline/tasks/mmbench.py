@@ -32,6 +32,8 @@ from pipeline.tasks.options import (
 NAME = "mmbench"
 FORMATS = ("mmbench-tsv", "hf-parquet")
 MAX_NEW_TOKENS = 1024  # model_vqa_mmbench.py line 120 (max_new_tokens=1024)
+HEADLINE = "accuracy"  # the number the papers' tables show (pipeline/benchmark_table.py)
+HEADLINE_UNIT = "acc %"
 OPTION_KEYS = ("A", "B", "C", "D")  # model_vqa_mmbench.py line 19
 EXTRA_FIELDS = pa.schema(
     [

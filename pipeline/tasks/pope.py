@@ -27,6 +27,8 @@ from pipeline.tasks.yesno import (
 NAME = "pope"
 FORMATS = ("llava-jsonl", "hf-parquet")
 MAX_NEW_TOKENS = 128  # model_vqa_loader.py L141 default; pope.sh passes none
+HEADLINE = "f1_mean_pct"  # the number the papers' tables show (pipeline/benchmark_table.py)
+HEADLINE_UNIT = "F1 %"
 EXTRA_FIELDS = pa.schema([pa.field("question_id", pa.int64()), pa.field("image_name", pa.string())])
 CATEGORIES = ("adversarial", "popular", "random")
 
@@ -49,7 +51,9 @@ def load_truth(annotations: str | None, read: Reader) -> dict | None:
     if not annotations:
         return None
     files = read.list(annotations)
-    labelled = [u for u in files if _category(u) is not None] or [u for u in files if u.endswith((".json", ".jsonl"))]
+    labelled = [u for u in files if _category(u) is not None] or [
+        u for u in files if u.endswith((".json", ".jsonl"))
+    ]
     if not labelled:
         raise ValueError(f"--task pope: no coco_pope_*.json under {annotations}")
     by_key: dict[tuple, str] = {}
@@ -70,9 +74,8 @@ def to_row(record: dict, fmt: str, truth: Any, index: int) -> dict:
         category = record.get("category")
         if truth is not None and text:
             key = (record.get("image"), first_line(text))
-            label = truth["by_key"].get((category, *key), truth["any_category"].get(key)) if category else (
-                truth["any_category"].get(key)
-            )
+            found = truth["by_key"].get((category, *key)) if category else None
+            label = found or truth["any_category"].get(key) or label
         qid_raw, image_name = record.get("question_id"), record.get("image")
     elif fmt == "hf-parquet":  # lmms-lab/POPE: question_id, question, answer, image, category, image_source
         text, label, category = record.get("question") or "", record.get("answer"), record.get("category")
@@ -116,7 +119,9 @@ def _metrics(pairs: list[tuple[bool, bool]]) -> dict[str, Any]:
     fn = sum(not p and g for p, g in pairs)
     precision = ratio(tp, tp + fp)  # L53; the script raises ZeroDivisionError there: None here
     recall = ratio(tp, tp + fn)  # L54
-    f1 = None if precision is None or recall is None else ratio(2 * precision * recall, precision + recall)  # L55
+    f1 = (
+        None if precision is None or recall is None else ratio(2 * precision * recall, precision + recall)
+    )  # L55
     return {
         "n": len(pairs),
         "TP": tp,

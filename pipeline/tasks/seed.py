@@ -14,11 +14,19 @@ from typing import Any
 import pyarrow as pa
 
 from pipeline.tasks.common import OPTION_ANSWER, Reader, require, with_suffix
-from pipeline.tasks.options import choice_aggregate, choice_answers, image_bytes, option_lines, parse_option_lines
+from pipeline.tasks.options import (
+    choice_aggregate,
+    choice_answers,
+    image_bytes,
+    option_lines,
+    parse_option_lines,
+)
 
 NAME = "seed"
 FORMATS = ("llava-jsonl", "hf-parquet")
 MAX_NEW_TOKENS = 128  # model_vqa_loader.py line 141 (default; seed.sh passes none)
+HEADLINE = "accuracy"  # the number the papers' tables show (pipeline/benchmark_table.py)
+HEADLINE_UNIT = "image acc %"
 EXTRA_FIELDS = pa.schema(
     [
         pa.field("question_id", pa.string()),  # SEED-Bench.json ships question ids as strings
