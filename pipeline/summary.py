@@ -194,12 +194,11 @@ def format_table(s: dict[str, Any]) -> str:
         f"{'wall time (s)':<28}{_fmt(s.get('wall_s'))}",
         f"{'items/s':<28}{_fmt(s['items_per_s'])}",
     ]
-    if s.get("benchmark"):
-        lines.append(f"{'benchmark ' + s['benchmark']['name']:<28}(its official metrics)")
-        lines += [f"{'  ' + k:<28}{_fmt(v)}" for k, v in s["benchmark"].items()
-                  if k != "name" and isinstance(v, (int, float))]
-    if s.get("export"):
-        lines.append(f"{'answers for LLaVA scripts':<28}{s['export']}")
+    for task, metrics in (s.get("benchmarks") or {}).items():
+        lines.append(f"{task + ' (official metrics)':<28}")
+        lines += [f"{'  ' + k:<28}{_fmt(v)}" for k, v in metrics.items() if isinstance(v, (int, float))]
+    for task, url in (s.get("exports") or {}).items():
+        lines.append(f"{task + ' answers (LLaVA)':<28}{url}")
     if s.get("retries"):
         counts = ", ".join(f"{op} {n}" for op, n in sorted(s["retries"].items()))
         lines.append(f"{'object-store retries':<28}{sum(s['retries'].values())}  ({counts})")
