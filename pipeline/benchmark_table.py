@@ -46,15 +46,15 @@ def add_benchmark_columns(summary: pd.DataFrame, by_setting: Mapping[tuple[str, 
         out["relative_score"] = math.nan
         return out
     ref = {t: float(base.iloc[0][PREFIX + t]) for t in names}
+    # a benchmark without a number (e.g. POPE's precision undefined: no "yes" at all) leaves the mean undefined
     out["relative_score"] = [
-        _mean([100 * row[PREFIX + t] / ref[t] for t in names if ref[t] and not math.isnan(row[PREFIX + t])])
-        for _, row in out.iterrows()
+        _mean([100 * row[PREFIX + t] / ref[t] if ref[t] else math.nan for t in names]) for _, row in out.iterrows()
     ]
     return out
 
 
 def _mean(values: list[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
+    return math.nan if not values or any(math.isnan(v) for v in values) else sum(values) / len(values)
 
 
 def benchmark_names(table: pd.DataFrame) -> list[str]:

@@ -65,7 +65,9 @@ class JobConfig:
     clip: str | None = None  # CLIPModel folder: PruMerge+'s text guide, projected patches (ACCM reference)
     text_pick: str = "nearest"  # PruMerge+ text-guided picks: nearest (the paper) or farthest (ACCM's code)
     conv: str = "llava_hf"  # LVLM conversation format (actors.prompt.CONVERSATIONS)
-    answer_suffix: str = "none"  # answer-format line appended to each question (actors.prompt.ANSWER_SUFFIXES)
+    # answer-format line (actors.prompt.ANSWER_SUFFIXES): None = none, or with --task the benchmark's own line;
+    # with --task, "none" drops the benchmark's line and any other value replaces it
+    answer_suffix: str | None = None
     num_candidates: int = 3
     max_new_tokens: int | None = None  # None: the task's length (LLaVA's evaluation scripts), else 8
     batch_size: int = 16
@@ -193,8 +195,10 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "proving-ground models use; default) or 'vicuna_v1' (LLaVA-1.5's evaluation prompt with its system "
      "prompt, as in every published LLaVA-1.5 number)."),
     ("--answer-suffix", "answer_suffix", str, "Answer-format line added to each question after a newline: "
-     "'none' (default), 'short' (Answer the question using a single word or phrase.), 'option' (Answer with "
-     "the option's letter from the given choices directly.) or any literal text."),
+     "'none', 'short' (Answer the question using a single word or phrase.), 'option' (Answer with "
+     "the option's letter from the given choices directly.) or any literal text. Default: none; with --task, the "
+     "benchmark's own line as LLaVA's files carry it, which 'none' drops and any other value replaces (models "
+     "trained without such lines, like the shipped proving-ground ones, answer plain questions best)."),
     ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size, default: 3)."),
     ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: the task's, "
      "as LLaVA's evaluation scripts set it; 8 without --task)."),

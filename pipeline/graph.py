@@ -72,8 +72,11 @@ class Target:
 def source_of(cfg: JobConfig, urls: list[str]) -> sources.Source:
     """The input's format (given or detected) and what its task needs to read it."""
     fmt = cfg.input_format or sources.detect_format(urls, cfg.task, cfg.s3_endpoint)
+    from actors.prompt import resolve_answer_suffix
+
+    line = None if cfg.answer_suffix is None else resolve_answer_suffix(cfg.answer_suffix)
     return sources.Source(fmt=fmt, task=cfg.task, image_root=cfg.image_root, annotations=cfg.annotations,
-                          s3_endpoint=cfg.s3_endpoint)
+                          s3_endpoint=cfg.s3_endpoint, answer_line=line)
 
 
 def shard_limits(cfg: JobConfig, source: sources.Source, urls: list[str], task_cpus: float) -> list[int | None]:
@@ -482,7 +485,8 @@ def output_constants(cfg: JobConfig) -> dict[str, Any]:
             "captioner_model": storage.redact(cfg.captioner) if cfg.uses_captions else None,
             "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None,
             "clip_model": storage.redact(cfg.clip) if cfg.clip else None,
-            "conv": cfg.conv, "answer_suffix": resolve_answer_suffix(cfg.answer_suffix),
+            "conv": cfg.conv,  # with a task and no --answer-suffix: null, the benchmark's line is in the question
+            "answer_suffix": None if cfg.task and cfg.answer_suffix is None else resolve_answer_suffix(cfg.answer_suffix),
             "text_pick": cfg.text_pick if guided else None}
 
 

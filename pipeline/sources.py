@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.resume import join
-from pipeline.schema import INPUT_FIELDS, SchemaError
+from pipeline.schema import INPUT_FIELDS, SchemaError, validate_input_schema
 
 NATIVE = "parquet"
 FORMATS = (NATIVE, "llava-jsonl", "llava-json", "mmbench-tsv", "mmvp-csv", "hf-parquet")
@@ -53,6 +53,7 @@ class Source:
     image_root: str | None = None  # default: the folder of each input file
     annotations: str | None = None
     s3_endpoint: str | None = None
+    answer_line: str | None = None  # None: the benchmark's answer-format line; '' drops it; else replaces it
 
     @property
     def native(self) -> bool:
@@ -75,8 +76,8 @@ def list_inputs(url: str, fmt: str | None, s3_endpoint: str | None = None) -> li
 
 
 def detect_format(urls: list[str], task: str | None, s3_endpoint: str | None = None) -> str:
-    """The format of ``urls`` from their extensions; Parquet is the project's own unless a task reads it as
-    a Hugging Face dataset (its schema lacks the contract's ``id``/``question``)."""
+    """The format of ``urls`` from their extensions; with a task, Parquet is the project's own only if its schema
+    follows the input contract (a Hugging Face dataset's image is a ``{bytes, path}`` struct: ``hf-parquet``)."""
     kinds = {next((f for f, e in _EXTENSIONS.items() if u.endswith(e) and f != "hf-parquet"), None)
              for u in urls}
     if len(kinds) != 1 or None in kinds:
@@ -85,8 +86,10 @@ def detect_format(urls: list[str], task: str | None, s3_endpoint: str | None = N
     fmt = kinds.pop()
     if fmt == NATIVE and task is not None:
         fs, path = storage.resolve(urls[0], s3_endpoint=s3_endpoint)
-        names = storage.call("read schema", urls[0], pq.read_schema, path, filesystem=fs).names
-        if not {"id", "question"} <= set(names):
+        schema = storage.call("read schema", urls[0], pq.read_schema, path, filesystem=fs)
+        try:
+            validate_input_schema(schema, urls[0])
+        except SchemaError:
             return "hf-parquet"
     return fmt
 
@@ -147,7 +150,11 @@ def _image_root(url: str, source: Source) -> str:
 def _contract_row(row: dict[str, Any], url: str, source: Source, images: bool) -> dict[str, Any]:
     """A task's row -> contract values: the image source resolved (base64 decoded, files under the root)."""
     out = dict(row)
+    if source.answer_line is not None and out.get("question"):
+        out["question"] = replace_answer_line(out["question"], source.answer_line)
     b64, name = out.pop("image_b64", None), out.pop("image_file", None)
+    if name:
+        out["image_uri"] = join(_image_root(url, source), str(name))
     if not images:
         out["image"] = None
         return out
@@ -156,9 +163,19 @@ def _contract_row(row: dict[str, Any], url: str, source: Source, images: bool) -
             out["image"] = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError) as exc:
             out[INPUT_ERROR] = out.get(INPUT_ERROR) or f"image: not valid base64 ({exc})"
-    if name:
-        out["image_uri"] = join(_image_root(url, source), str(name))
     return out
+
+
+def replace_answer_line(question: str, line: str) -> str:
+    """``question`` without LLaVA's answer-format line(s) at its end, then ``line`` after a newline (if any)."""
+    from actors.prompt import ANSWER_SUFFIXES
+
+    known = {v for v in ANSWER_SUFFIXES.values() if v}
+    lines = question.rstrip().split("\n")
+    while len(lines) > 1 and lines[-1].strip() in known:
+        lines.pop()
+    text = "\n".join(lines).rstrip()
+    return f"{text}\n{line}" if line else text
 
 
 def iter_tables(url: str, source: Source, *, images: bool = True,

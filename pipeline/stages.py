@@ -472,7 +472,7 @@ def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
     return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
                            keep_tokens=inputs["keep_tokens"], fastv_layer=cfg.fastv_layer,
                            max_new_tokens=cfg.max_new_tokens,
-                           prompt_format=PromptFormat(cfg.conv, cfg.answer_suffix))
+                           prompt_format=PromptFormat(cfg.conv, None if cfg.task else cfg.answer_suffix))
 
 
 class LVLMTier:
