@@ -1,6 +1,7 @@
 """The driver's memory does not grow with the data set: its peak RSS over runs of growing row counts.
 
     .venv/bin/python benchmarks/bench_driver_memory.py [--rows 10000,100000,1000000] [--shard-rows 20000]
+    .venv/bin/python benchmarks/bench_driver_memory.py --format llava-jsonl --rows 100000   # a user's question file
 
 Each run writes N rows of tiny generated images (8x8 PNG) into shards of ``--shard-rows`` rows and runs the
 main job (``run_job``, method ``none``) on a private local Ray, this process being the driver; a thread
@@ -8,6 +9,8 @@ samples the driver's RSS every 50 ms. The tiers are the real Ray Data graph (rea
 scoring, the writer stage, per-shard finalize tasks and markers) with their model calls replaced by a
 constant answer (``EchoCaptionerTier``/``EchoLVLMTier`` below): what is measured is the driver and the output
 path, and a million rows through a model would take hours on a laptop. Prints one line per run and a table.
+``--format llava-jsonl``: one POPE question file of N rows (LLaVA's layout, images as files under an image
+root, labels in ``coco_pope_*.json``), run as ``--task pope``: the benchmark reader's path.
 """
 
 from __future__ import annotations
@@ -81,6 +84,33 @@ def write_input(root: Path, rows: int, shard_rows: int) -> None:
         pq.write_table(table, root / f"part-{start // shard_rows:05d}.parquet")
 
 
+def write_question_file(root: Path, rows: int) -> dict[str, str]:
+    """A POPE-style question file of ``rows`` questions over 10 image files, with its label files; returns the
+    job's --input / --image-root / --annotations."""
+    import json
+
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for k in range(10):
+        Image.new("RGB", (8, 8), (20 * k, 30, 30)).save(root / "images" / f"{k}.png")
+    categories = ("adversarial", "popular", "random")
+    labels: dict[str, list[str]] = {c: [] for c in categories}
+    with open(root / "llava_pope_test.jsonl", "w") as questions:
+        for i in range(rows):
+            category, text = categories[i % 3], f"Is there a red square number {i}?"
+            questions.write(json.dumps({"question_id": i + 1, "image": f"{i % 10}.png", "category": category,
+                                        "text": text + "\nAnswer the question using a single word or phrase."})
+                            + "\n")
+            labels[category].append(json.dumps({"question_id": i + 1, "image": f"{i % 10}.png", "text": text,
+                                                "label": "yes" if i % 2 else "no"}))
+    for category, lines in labels.items():
+        (root / "annotations" / f"coco_pope_{category}.json").write_text("\n".join(lines) + "\n")
+    return {"input": str(root / "llava_pope_test.jsonl"), "image_root": str(root / "images"),
+            "annotations": str(root / "annotations"), "task": "pope"}
+
+
 class PeakRSS:
     """Peak resident memory of this process, sampled by a thread."""
 
@@ -113,6 +143,8 @@ def main() -> None:
     parser.add_argument("--part-rows", type=int, default=1024)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--lvlm-ms-per-row", type=float, default=0.0, help="model time to stand in for (sleep)")
+    parser.add_argument("--format", choices=("parquet", "llava-jsonl"), default="parquet",
+                        help="input: the project's Parquet shards, or one LLaVA question file (--task pope)")
     args = parser.parse_args()
     EchoLVLMTier.ms_per_row = args.lvlm_ms_per_row
 
@@ -129,8 +161,12 @@ def main() -> None:
     try:
         for rows in (int(r) for r in args.rows.split(",")):
             src, out = tmp / f"in-{rows}", tmp / f"out-{rows}"
-            write_input(src, rows, args.shard_rows)
-            cfg = JobConfig(input=str(src), output=str(out), method="none", lvlm=str(tmp / "lvlm"),
+            if args.format == "parquet":
+                write_input(src, rows, args.shard_rows)
+                where = {"input": str(src)}
+            else:
+                where = write_question_file(src, rows)
+            cfg = JobConfig(**where, output=str(out), method="none", lvlm=str(tmp / "lvlm"),
                             batch_size=args.batch_size, part_rows=args.part_rows, accm_fallback=False).validate()
             with PeakRSS() as rss:
                 before = rss.peak
@@ -139,7 +175,7 @@ def main() -> None:
                 wall = time.perf_counter() - t0
             assert summary["items"] == rows and summary["errors"] == 0, summary
             results.append((rows, before, rss.peak, wall))
-            print(f"lvlm_ms_per_row={args.lvlm_ms_per_row:g} rows={rows:>9,d}  driver RSS before {before / 2**20:7.1f} MiB  peak {rss.peak / 2**20:7.1f} MiB"
+            print(f"{args.format} lvlm_ms_per_row={args.lvlm_ms_per_row:g} rows={rows:>9,d}  driver RSS before {before / 2**20:7.1f} MiB  peak {rss.peak / 2**20:7.1f} MiB"
                   f"  (+{(rss.peak - before) / 2**20:6.1f})  wall {wall:7.1f} s  {rows / wall:8.0f} rows/s", flush=True)
             shutil.rmtree(src)
             shutil.rmtree(out)

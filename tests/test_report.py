@@ -214,3 +214,24 @@ def test_main_job_summary_and_sweep_summary_share_one_accuracy():
         assert job["accuracy_per_question_type"][qtype] == pytest.approx(sweep[f"acc_{qtype}"])
     assert accuracy([None, 0.5], ["bad", None]) == Accuracy(0.5, scored=1, errors=1)
     assert accuracy([], []).accuracy is None
+
+
+def test_papers_table_relative_score_by_hand():
+    """Headline per benchmark, relative % = mean of score / unpruned score; undefined where one is missing."""
+    from pipeline.benchmark_table import add_benchmark_columns, paper_table_markdown, with_relative_accuracy
+
+    summary = pd.DataFrame({"method": ["none", "accm", "prumerge_plus"], "prune_rate": [0.0, 0.875, 0.875],
+                            "keep_tokens": [576, 72, 72], "flops_total": [4e12, 1e12, 0.9e12],
+                            "usd_per_1m_rightsized": [10.0, 3.0, 2.5], "accuracy": [0.5, 0.4, 0.3]})
+    benchmarks = {("none", 0.0): {"pope": {"f1_mean_pct": 80.0}, "mme": {"perception": 1500.0}},
+                  ("accm", 0.875): {"pope": {"f1_mean_pct": 76.0}, "mme": {"perception": 1200.0}},
+                  ("prumerge_plus", 0.875): {"pope": {"f1_mean_pct": None}, "mme": {"perception": 900.0}}}
+    table = add_benchmark_columns(summary, benchmarks)
+    assert table["relative_score"].iloc[0] == pytest.approx(100.0)
+    assert table["relative_score"].iloc[1] == pytest.approx((95.0 + 80.0) / 2)
+    assert math.isnan(table["relative_score"].iloc[2])
+    assert with_relative_accuracy(table)["accuracy"].iloc[1] == pytest.approx(0.875)
+    md = paper_table_markdown(table)
+    assert "| method | kept tokens | pope (F1 %) | mme (perception score) | TFLOPs/item | relative % |" in md
+    assert "| accm | 72 | 76.0 | 1200.0 | 1.0000 | 87.5 | $3.00 |" in md
+    assert "| prumerge_plus | 72 | - | 900.0 |" in md

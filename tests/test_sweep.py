@@ -225,3 +225,42 @@ def test_shared_encoding_sweep_answers_like_the_main_job_per_setting(tmp_path, m
     assert (first["items_per_s"] > 0).all() and (shared / "report" / "report.md").exists()
     assert first["wall_time_s"].sum() == pytest.approx(sweep_wall)  # the settings' shares of one wall time
     assert summary["items_per_s"].isna().all()  # the --resume run processed nothing: no throughput claimed
+
+
+@pytest.mark.slow
+def test_sweep_over_two_benchmark_tasks_in_one_graph(tmp_path, monkeypatch):
+    """--tasks pope,mmbench over the bundled demo: each setting's official metrics per task equal the task's
+    aggregate recomputed from its output rows, and the report has the papers' table."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline import tasks
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = tmp_path / "sweep"
+    rc = _sweep_module().main(
+        ["--tasks", "pope,mmbench", "--output", str(out), "--methods", "none,accm", "--prune-rates", "0.875",
+         "--limit", "12", "--answer-suffix", "none", "--max-new-tokens", "4", "--batch-size", "6"]
+    )  # fmt: skip
+    assert rc == 0
+    for setting in ("none/0", "accm/0.875"):
+        summary = json.loads((out / setting / "summary.json").read_text())
+        assert summary["items"] == 24 and set(summary["benchmarks"]) == {"pope", "mmbench"}
+        for task, name in (("pope", "llava_pope_test.parquet"), ("mmbench", "mmbench_shapes_test.parquet")):
+            rows = pq.read_table(out / setting / task / name).to_pylist()
+            assert len(rows) == 12 and all(r["error"] is None for r in rows)
+            expected = tasks.get(task).aggregate(rows)
+            got = summary["benchmarks"][task]
+            key = tasks.get(task).HEADLINE
+            assert got[key] == pytest.approx(expected[key], nan_ok=True), (task, setting)
+        pope_rows = pq.read_table(out / setting / "pope" / "llava_pope_test.parquet").to_pylist()
+        assert {type(r["question_id"]) for r in pope_rows} == {int} and all(r["question_type"] for r in pope_rows)
+    md = (out / "report" / "report.md").read_text()
+    assert "## Benchmarks (the papers' table)" in md
+    assert "| method | kept tokens | pope (F1 %) | mmbench (acc %) | TFLOPs/item | relative % |" in md
+    assert "| none | 64 |" in md and "| 100.0 |" in md
+    assert (out / "report" / "benchmarks.png").stat().st_size > 0
+    summary = pd.read_parquet(out / "summary.parquet")
+    assert {"bench_pope", "bench_mmbench", "relative_score"} <= set(summary.columns)
