@@ -69,6 +69,27 @@ def with_relative_accuracy(table: pd.DataFrame) -> pd.DataFrame:
     return table.assign(accuracy=table["relative_score"] / 100.0)
 
 
+def per_task_recommendations(table: pd.DataFrame, *, tolerance_points: float, target_accuracy: float | None
+                             ) -> list[str]:
+    """The recommendation once per benchmark, on that benchmark's score relative to the unpruned row (so a
+    tolerance or target speaks in relative percent for MME's perception score as for POPE's F1)."""
+    from pipeline.report import recommend, recommendation_markdown
+
+    base = table[table["method"] == BASELINE]
+    lines = []
+    for task in benchmark_names(table):
+        ref = float(base.iloc[0][PREFIX + task]) if len(base) else math.nan
+        if not ref or math.isnan(ref):
+            lines.append(f"- **{task}**: no unpruned score to compare with.")
+            continue
+        rec = recommend(table.assign(accuracy=table[PREFIX + task] / ref), tolerance_points=tolerance_points,
+                        target_accuracy=target_accuracy)
+        text = recommendation_markdown(rec, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
+        lines.append(f"- **{task}** (relative to the unpruned {tasks.get(task).HEADLINE_UNIT} {ref:.1f}): "
+                     + text.replace("accuracy", "relative score"))
+    return lines
+
+
 def paper_table_markdown(table: pd.DataFrame) -> str:
     """Rows method x kept tokens (the unpruned row first), columns the benchmarks in their units, TFLOPs/item,
     relative score and $ per 1M items (right-sized)."""

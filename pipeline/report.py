@@ -21,6 +21,7 @@ import pandas as pd
 from pipeline.benchmark_table import (
     benchmark_names,
     paper_table_markdown,
+    per_task_recommendations,
     plot_benchmarks_vs_flops,
     with_relative_accuracy,
 )
@@ -602,6 +603,10 @@ def write_report(
         md.append(
             recommendation_markdown(rec, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
         )
+        if benchmarks:
+            md += ["", "Per benchmark (its score relative to the unpruned row's; the line above reads the mean "
+                   "relative score over the benchmarks):", ""]
+            md += per_task_recommendations(table, tolerance_points=tolerance_points, target_accuracy=target_accuracy)
     else:
         md.append("No accuracy in this report (FLOPs-only estimate): pick a rate from measured accuracy.")
     if benchmarks:

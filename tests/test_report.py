@@ -235,3 +235,19 @@ def test_papers_table_relative_score_by_hand():
     assert "| method | kept tokens | pope (F1 %) | mme (perception score) | TFLOPs/item | relative % |" in md
     assert "| accm | 72 | 76.0 | 1200.0 | 1.0000 | 87.5 | $3.00 |" in md
     assert "| prumerge_plus | 72 | - | 900.0 |" in md
+
+
+def test_recommendation_per_benchmark_on_its_relative_score():
+    from pipeline.benchmark_table import add_benchmark_columns, per_task_recommendations
+
+    summary = pd.DataFrame({"method": ["none", "accm", "prumerge_plus"], "prune_rate": [0.0, 0.875, 0.875],
+                            "keep_tokens": [576, 72, 72], "flops_total": [4e12, 1e12, 0.9e12],
+                            "usd_per_1m_rightsized": [10.0, 3.0, 2.5], "accuracy": [0.5, 0.4, 0.3]})
+    benchmarks = {("none", 0.0): {"pope": {"f1_mean_pct": 80.0}, "mme": {"perception": 1500.0}},
+                  ("accm", 0.875): {"pope": {"f1_mean_pct": 79.0}, "mme": {"perception": 1200.0}},
+                  ("prumerge_plus", 0.875): {"pope": {"f1_mean_pct": 70.0}, "mme": {"perception": 1490.0}}}
+    lines = per_task_recommendations(add_benchmark_columns(summary, benchmarks), tolerance_points=2.0,
+                                     target_accuracy=None)
+    # pope: accm keeps 98.75% (within 2 points), prumerge_plus 87.5%; mme: prumerge_plus keeps 99.3% and is cheaper
+    assert lines[0].startswith("- **pope**") and "`accm` at 87.50%" in lines[0]
+    assert lines[1].startswith("- **mme**") and "`prumerge_plus` at 87.50%" in lines[1]
