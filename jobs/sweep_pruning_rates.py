@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Comma-separated rates in (0, 1) (default: {DEFAULT_RATES}).",
     )
     p.add_argument(
+        "--keeps",
+        help="Comma-separated kept visual tokens instead of --prune-rates, as the papers' tables give them (e.g. "
+        "192,128,64,72,36,18 of LLaVA-1.5's 576): each becomes the rate 1 - keep / the LVLM's token count.",
+    )
+    p.add_argument(
         "--tasks",
         help="Comma-separated benchmark tasks (pipeline/tasks) run in the same graph, e.g. pope,mmbench; each "
         "one's input, image root and ground truth come from --benchmarks. The report then has the papers' "
@@ -202,6 +207,32 @@ def run_estimate(args: argparse.Namespace, cost) -> int:
 DEFAULT_BENCHMARKS = "data/shapes_vqa/benchmarks/benchmarks.yaml"
 
 
+def base_lvlm(job_argv: list[str]) -> tuple[str, str | None]:
+    """(--lvlm, --s3-endpoint) of the main job's options, defaults included."""
+    from pipeline.config import parse_args
+
+    cfg = parse_args(job_argv)
+    return cfg.lvlm, cfg.s3_endpoint
+
+
+def keep_rates(keeps: str, lvlm: tuple[str, str | None]) -> list[float]:
+    """``--keeps`` as pruning rates of the LVLM's visual tokens (read from its config.json only)."""
+    import json
+
+    from pipeline import storage
+    from pipeline.resume import join
+
+    config = json.loads(storage.read_bytes(join(lvlm[0], "config.json"), s3_endpoint=lvlm[1]))
+    vision = config["vision_config"]
+    total = (vision.get("image_size", 224) // vision.get("patch_size", 32)) ** 2  # CLIPVisionConfig defaults
+    out = []
+    for keep in (int(k) for k in keeps.split(",") if k.strip()):
+        if not 0 < keep < total:
+            raise SystemExit(f"--keeps: {keep} must lie in (0, {total}) (the LVLM's visual tokens)")
+        out.append(1.0 - keep / total)
+    return out
+
+
 def benchmark_inputs(args: argparse.Namespace, base) -> list | None:
     """``--tasks``: one input config per task from the ``--benchmarks`` file (None without ``--tasks``)."""
     if not args.tasks:
@@ -244,7 +275,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
-    rates = _floats(args.prune_rates)
+    rates = _floats(args.prune_rates) if not args.keeps else keep_rates(args.keeps, base_lvlm(job_argv))
     if any(not 0.0 < r < 1.0 for r in rates):
         raise SystemExit("--prune-rates must lie in (0, 1)")
     base = parse_args(job_argv + (["--input", args.input] if args.input else []))

@@ -264,3 +264,16 @@ def test_sweep_over_two_benchmark_tasks_in_one_graph(tmp_path, monkeypatch):
     assert (out / "report" / "benchmarks.png").stat().st_size > 0
     summary = pd.read_parquet(out / "summary.parquet")
     assert {"bench_pope", "bench_mmbench", "relative_score"} <= set(summary.columns)
+
+
+def test_keeps_become_rates_of_the_lvlm_token_count(tmp_path):
+    """--keeps 32,8 on the shipped 64-token LVLM = rates 0.5 and 0.875; a keep outside (0, 64) is refused."""
+    import json
+
+    sweep = _sweep_module()
+    assert sweep.keep_rates("32,8", (str(ROOT / "models/shapes/lvlm"), None)) == [0.5, 0.875]
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {"image_size": 336, "patch_size": 14}}))
+    rates = sweep.keep_rates("192,72,18", (str(tmp_path), None))
+    assert [round(576 * (1 - r)) for r in rates] == [192, 72, 18]
+    with pytest.raises(SystemExit, match="--keeps: 64"):
+        sweep.keep_rates("64", (str(ROOT / "models/shapes/lvlm"), None))
