@@ -98,14 +98,15 @@ IMAGE_STD = (0.25, 0.25, 0.25)
 
 
 def build_processor(tokenizer=None):
-    """LlavaProcessor: rescale + normalise only (images are already 64x64), 64 visual tokens per image."""
+    """LlavaProcessor as CLIP's: shortest side resized to 64 and center-cropped (a Shapes image, already 64x64,
+    passes unchanged; a photo of any size is answered), rescale + normalise; 64 visual tokens per image."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
     tokenizer = tokenizer or build_tokenizer()
     image_processor = CLIPImageProcessorPil(
-        do_resize=False,
-        do_center_crop=False,
+        do_resize=True,
+        do_center_crop=True,
         do_rescale=True,
         rescale_factor=1 / 255,
         do_normalize=True,

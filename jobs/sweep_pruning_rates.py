@@ -261,6 +261,14 @@ def benchmark_inputs(args: argparse.Namespace, base) -> list | None:
     return task_inputs(base, tasks, benchmarks)
 
 
+def described_inputs(base, inputs: list | None) -> str:
+    from pipeline import storage
+
+    if not inputs:
+        return storage.redact(base.input)
+    return ", ".join(f"{c.task} {storage.redact(c.input)}" for c in inputs)
+
+
 def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     import ray
 
@@ -285,7 +293,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     output = (args.output or "out/sweep").rstrip("/")
     settings = [Setting(m, r) for m, r in settings_for(methods, rates)]
     log.info(
-        "sweep: %d settings over %s -> %s", len(settings), storage.redact(base.input), storage.redact(output)
+        "sweep: %d settings over %s -> %s", len(settings), described_inputs(base, inputs), storage.redact(output)
     )
 
     started = False
@@ -343,7 +351,7 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
             target_accuracy=args.target_accuracy,
             measured_usd_per_hour=args.measured_usd_per_hour,
             notes=[
-                f"Input: {storage.redact(base.input)}; LVLM: {storage.redact(base.lvlm)}; {len(settings)} settings, "
+                f"Input: {described_inputs(base, inputs)}; LVLM: {storage.redact(base.lvlm)}; {len(settings)} settings, "
                 f"sweep wall time {total_wall:.0f} s.",
                 "Accuracy: mean score over rows with answers and no error (as in each setting's summary.json); "
                 "errored rows are counted apart. FLOPs are means over rows without error.",
