@@ -6,7 +6,8 @@ Two halves with a clean seam, because the pipeline runs them in different actor 
   the projector (captioner tier; ships ``PrunedBatch.retained`` onwards).
 * ``generate``: projector on the retained features, prompt built from ``actors.prompt`` (optional
   caption splice), LLaMA prefill + cached greedy decoding with our own decoder loop
-  (``actors.fastv``), FastV's in-LLM pruning when asked, and per-item analytic FLOPs.
+  (``actors.fastv``), FastV's or DART's (``actors.dart``) in-LLM pruning when asked, and per-item
+  analytic FLOPs.
 
 Any ``LlavaForConditionalGeneration`` checkpoint in the llava-hf layout works (llava-1.5-7b-hf or the
 small models of the same classes this project trains); weights load with eager attention.
@@ -21,11 +22,15 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from actors.dart import DEFAULT_LAYER as DART_LAYER
+from actors.dart import DEFAULT_PIVOTS as DART_PIVOTS
+from actors.dart import dart_flops, dart_kept_count
 from actors.fastv import FastVSpec, LlamaDecoderRunner
 from actors.loading import local_model_dir
 from actors.prompt import PromptFormat
-from actors.pruners import METHODS, PrunedBatch, TextGuide, prune, resolve_keep_tokens, visionzip_split
+from actors.pruners import PrunedBatch, TextGuide, prune, resolve_keep_tokens, visionzip_split
 from actors.vision import VisionBatch, encode_images, feature_layer_count, next_layer_cls_score
+from pipeline.config import IN_LLM_METHODS, METHODS  # the one list (fastv and dart prune inside the LLM)
 
 __all__ = [
     "METHODS",
@@ -178,16 +183,23 @@ class LlavaEngine:
         questions: list[str],
         *,
         text_pick: str = "nearest",
+        cdpruner_sign: str = "code",
     ) -> PrunedBatch:
-        """Pruners before the projector (``fastv``/``none`` keep every patch here). ``vision`` is not changed.
+        """Pruners before the LLM (``fastv``/``dart``/``none`` keep every patch here). ``vision`` is not changed.
 
         PruMerge+/ACCM: the single-head CLS score is computed here when ``vision`` lacks it;
-        ``text_pick``: "nearest" (the paper) or "farthest" (ACCM's code as written)."""
-        keep = resolve_keep_tokens(vision.patch_features.shape[1], keep_tokens)
-        needs_score = method in ("prumerge_plus", "accm") and keep < vision.patch_features.shape[1]
+        ``text_pick``: "nearest" (the paper) or "farthest" (ACCM's code as written). CDPruner and DivPrune
+        compare the patches through the projector (run here on all of them); ``cdpruner_sign``: "code" | "paper"."""
+        n = vision.patch_features.shape[1]
+        keep = resolve_keep_tokens(n, keep_tokens)
+        if method == "dart":  # prunes inside the LLM: every patch goes on, as for fastv
+            method = "none"
+        needs_score = method in ("prumerge_plus", "accm") and keep < n
         if needs_score and vision.cls_attention_next is None:
             vision = replace(vision, cls_attention_next=self.cls_score(vision))
-        return prune(vision, method, keep, item_ids, questions, self.text_guide, text_pick=text_pick)
+        llm_tokens = self.project(vision.patch_features) if method in ("cdpruner", "divprune") and keep < n else None
+        return prune(vision, method, keep, item_ids, questions, self.text_guide, text_pick=text_pick,
+                     llm_tokens=llm_tokens, cdpruner_sign=cdpruner_sign)
 
     def front_flops(self, method: str, keep: int, questions: list[str], *, projected: bool) -> list[dict]:
         """Per item {"vision", "pruner"} FLOPs of ``encode_images(projected=...)`` + ``prune`` as this engine
@@ -197,8 +209,9 @@ class LlavaEngine:
         pruner: the method's own work. PruMerge+/ACCM: the single-head CLS score (+ the partial next layer,
         k over all tokens and q of CLS, when that layer did not run in full) and, with projected patches,
         text tower + text_projection on the question's real tokens, patch projection and distances.
+        CDPruner/DivPrune: the projector on every patch and their selection (+ CDPruner's text relevance).
         Projected patches computed for another method are priced in vision (they ran, nothing used them).
-        fastv/none/random: 0 (FastV prices its in-LLM scoring in the LVLM tier).
+        fastv/dart/none/random: 0 (the in-LLM ones price their scoring in the LVLM tier).
         """
         from pipeline.flops import patch_projection_flops, pruner_flops, vision_tower_flops
 
@@ -210,17 +223,17 @@ class LlavaEngine:
         vision = vision_tower_flops(vc, layers=layers)
         proj_dim = self.text_guide.visual_projection.out_features if projected else 0
         keep = resolve_keep_tokens(n, keep)
-        if method in ("prumerge_plus", "accm") and keep >= n:
+        if method in ("prumerge_plus", "accm", "cdpruner", "divprune") and keep >= n:
             method = "none"  # prune() keeps every patch: no scoring ran
         text_specs: list[dict | None] = [None] * len(questions)
-        if method in ("prumerge_plus", "accm") and projected:
+        if method in ("prumerge_plus", "accm", "cdpruner") and projected:  # the text-guided ones
             text_specs = self.text_guide.flops_spec(questions)
         elif projected:
             vision += patch_projection_flops(vc, proj_dim)
         out = []
         for spec in text_specs:
             pruner = 0.0
-            if method in ("visionzip", "prumerge_plus", "accm"):
+            if method in ("visionzip", "prumerge_plus", "accm", "cdpruner", "divprune"):
                 pruner = pruner_flops(
                     self.config, method=method, visual_tokens_total=n, visual_tokens_kept=keep,
                     visionzip_contextual=visionzip_split(keep)[1] if method == "visionzip" else None,
@@ -254,6 +267,9 @@ class LlavaEngine:
         method: str = "none",
         keep_tokens: int | None = None,
         fastv_layer: int = 2,
+        dart_layer: int = DART_LAYER,
+        dart_pivots: tuple[int, int] = DART_PIVOTS,
+        dart_count: str = "code",
         max_new_tokens: int = 8,
         captioner: list[dict | None] | None = None,
         selector: list[dict | None] | None = None,
@@ -263,8 +279,9 @@ class LlavaEngine:
         """Greedy answers for a batch. ``retained``: per item [k, Dv] vision features (pre-projector).
 
         Items are left padded; each item's answer is independent of its batch-mates. ``method`` only
-        changes the LLM for ``fastv`` (``keep_tokens`` image tokens kept from layer ``fastv_layer`` on);
-        for every method it names the FLOPs accounting. ``captioner``/``selector``: per-item kwargs for
+        changes the LLM for ``fastv`` (``keep_tokens`` image tokens kept from layer ``fastv_layer`` on) and
+        ``dart`` (from layer ``dart_layer`` on; ``dart_pivots`` = (image, text) pivots, ``dart_count`` see
+        actors.dart); for every method it names the FLOPs accounting. ``captioner``/``selector``: per-item kwargs for
         pipeline.flops (ACCM's caption model and selector costs). ``ignore_eos``: always generate
         ``max_new_tokens`` (benchmarks: equal decode work for every method). ``prompt_format``: the
         conversation and answer-format line (``actors.prompt.PromptFormat``; default ``llava_hf``, no suffix).
@@ -278,6 +295,9 @@ class LlavaEngine:
         depth = self.config.text_config.num_hidden_layers
         if method == "fastv" and not 1 <= fastv_layer < depth:
             raise ValueError(f"--fastv-layer must be in 1..{depth - 1} for this {depth}-layer LLM, got {fastv_layer}")
+        if method == "dart" and not 1 <= dart_layer < depth:
+            raise ValueError(f"dart_layer must be in 1..{depth - 1} for this {depth}-layer LLM, got {dart_layer}")
+        cut_layer = dart_layer if method == "dart" else fastv_layer
         items = list(retained.unbind(0)) if isinstance(retained, Tensor) else list(retained)
         b = len(items)
         if len(questions) != b:
@@ -311,13 +331,19 @@ class LlavaEngine:
 
         fastv = None
         fastv_keep = n_vis
-        if method == "fastv":
+        if method in IN_LLM_METHODS:
             keeps = [resolve_keep_tokens(n, keep_tokens) for n in n_vis]
             fastv_keep = keeps
             if any(k < n for k, n in zip(keeps, n_vis, strict=True)):
                 if len(set(keeps)) != 1 or len(set(n_vis)) != 1:
-                    raise ValueError("fastv needs the same visual token count and budget for every item")
-                fastv = FastVSpec(layer=fastv_layer, keep=keeps[0])
+                    raise ValueError(f"{method} needs the same visual token count and budget for every item")
+                if method == "dart":
+                    p_img, p_txt = dart_pivots
+                    fastv = FastVSpec(layer=dart_layer, keep=keeps[0], rule="dart", pivot_image=p_img,
+                                      pivot_text=p_txt, count=dart_count)
+                    fastv_keep = [dart_kept_count(n, keeps[0], p_img, p_txt, dart_count) for n in n_vis]
+                else:
+                    fastv = FastVSpec(layer=fastv_layer, keep=keeps[0])
 
         logits, state = self.runner.prefill(embeds, mask, image_start, image_len, fastv)
         if (
@@ -340,18 +366,18 @@ class LlavaEngine:
             tokens = tokens.masked_fill(done.to(tokens.device), self.pad_token_id)
 
         text_guide = None
-        if method in ("prumerge_plus", "accm") and self.text_guide is not None:
+        if method in ("prumerge_plus", "accm", "cdpruner") and self.text_guide is not None:
             text_guide = self.text_guide.flops_spec(questions)
         flops = [
             llava_item_flops(
                 self.config,
-                method=method,
+                method=method,  # fastv / dart: layers from the cut on at the kept length
                 visual_tokens_total=self.num_patches,
-                visual_tokens_kept=fastv_keep[i] if method == "fastv" else n_vis[i],
+                visual_tokens_kept=fastv_keep[i] if method in IN_LLM_METHODS else n_vis[i],
                 prompt_tokens=text_lens[i],
                 new_tokens=len(out[i]),
                 caption_tokens=caption_lens[i],
-                fastv_layer=fastv_layer,
+                fastv_layer=cut_layer,
                 captioner=captioner[i] if captioner else None,
                 selector=selector[i] if selector else None,
                 visionzip_contextual=visionzip_split(n_vis[i])[1] if method == "visionzip" else None,
@@ -360,6 +386,17 @@ class LlavaEngine:
             )
             for i in range(b)
         ]
+        if method == "dart":  # DART's own cost replaces FastV's attention-row scoring (0 when nothing was cut)
+            tc = self.config.text_config
+            head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+            kv_dim = tc.num_key_value_heads * head_dim
+            for i, f in enumerate(flops):
+                own = 0.0
+                if fastv is not None:
+                    own = dart_flops(n_vis[i], tc.hidden_size, sum(dart_pivots), kv_dim=kv_dim,
+                                     n_text=lengths[i] - (starts[i] + n_vis[i]))
+                f["total"] += own - f["pruner"]
+                f["pruner"] = own
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
         return GenerationResult(texts, lengths, [len(o) for o in out], flops, out)
 
@@ -376,6 +413,9 @@ class LlavaEngine:
         keep_tokens: int | None = None,
         prune_rate: float | None = None,
         fastv_layer: int = 2,
+        dart_layer: int = DART_LAYER,
+        dart_pivots: tuple[int, int] = DART_PIVOTS,
+        dart_count: str = "code",
         max_new_tokens: int = 8,
     ) -> tuple[GenerationResult, PrunedBatch]:
         """Images (or pixel_values) -> answers: encode once, prune, generate (single-process convenience)."""
@@ -389,6 +429,9 @@ class LlavaEngine:
             method=method,
             keep_tokens=keep,
             fastv_layer=fastv_layer,
+            dart_layer=dart_layer,
+            dart_pivots=dart_pivots,
+            dart_count=dart_count,
             max_new_tokens=max_new_tokens,
         )
         return result, pruned

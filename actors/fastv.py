@@ -44,10 +44,19 @@ def tp_head_mean(local_mean: Tensor, local_heads: int, heads: int) -> Tensor:
 
 @dataclass(frozen=True)
 class FastVSpec:
-    """Prune image tokens inside the LLM: at layer ``layer`` keep the ``keep`` best-attended ones."""
+    """Prune image tokens inside the LLM: at layer ``layer`` keep ``keep`` of them.
+
+    ``rule``: "fastv" keeps the best-attended ones (the last prompt token's attention in layer K-1);
+    "dart" runs ``actors.dart.dart_select`` (pivots by layer K-1's key L1 norm, ``pivot_image`` + ``pivot_text``
+    of them; the image tokens least similar to the pivots; ``count``: see actors.dart).
+    """
 
     layer: int
     keep: int
+    rule: str = "fastv"
+    pivot_image: int = 4
+    pivot_text: int = 4
+    count: str = "code"
 
 
 @dataclass
@@ -138,16 +147,22 @@ class LlamaDecoderRunner:
         keep_idx = None
         if fastv is not None and not 1 <= cut <= len(self.layers):  # cut == layers: nothing left to prune
             raise ValueError(f"fastv layer must be in [1, {len(self.layers)}], got {cut}")
+        if fastv is not None and fastv.rule not in ("fastv", "dart"):
+            raise ValueError(f"unknown in-LLM rule {fastv.rule!r}")
+        dart = fastv is not None and fastv.rule == "dart"
         for i, layer in enumerate(self.layers):
-            if i == cut:
+            if i == cut and dart:
+                keep_idx = self._dart_keep_positions(hidden, keys[cut - 1], image_start, image_len, fastv)
+            elif i == cut:
                 heads = self.layers[cut - 1].self_attn.config.num_attention_heads
                 keep_idx = self._fastv_keep_positions(probs_last, image_start, image_len, fastv.keep, heads)
+            if i == cut:
                 hidden = compact_rows(hidden, keep_idx)
                 mask = torch.gather(mask, 1, keep_idx)
                 pos = torch.gather(pos, 1, keep_idx)
                 cos_sin = self.lm.rotary_emb(hidden, pos)
                 bias = self._bias(mask, hidden.shape[1], dtype)
-            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, bias, None, i == cut - 1)
+            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, bias, None, i == cut - 1 and not dart)
             keys.append(k)
             values.append(v)
             masks.append(mask)
@@ -167,15 +182,38 @@ class LlamaDecoderRunner:
         if heads is not None and probs_last.shape[1] < heads:
             scores = tp_head_mean(scores, probs_last.shape[1], heads)
         kept = select_topk(scores, keep)  # ascending image offsets (rows with < keep images: -1 padded)
-        seq_len = probs_last.shape[-1]
+        return LlamaDecoderRunner._keep_positions(kept, start, length, probs_last.shape[-1], probs_last.device)
+
+    @staticmethod
+    def _keep_positions(kept: Tensor, start: Tensor, length: Tensor, seq_len: int, device) -> Tensor:
+        """Kept image offsets [B, k] (ascending, -1 padded) -> [B, L'] positions: all text + those images."""
         rows = []
-        for b in range(scores.shape[0]):
+        for b in range(kept.shape[0]):
             s, n = int(start[b]), int(length[b])
             img = kept[b][kept[b] >= 0] + s
             rows.append(torch.cat([torch.arange(s), img.cpu(), torch.arange(s + n, seq_len)]))
         if any(len(r) != len(rows[0]) for r in rows):
             raise ValueError("FastV rows must drop the same number of tokens (equal image counts and budget)")
-        return torch.stack(rows).to(probs_last.device)
+        return torch.stack(rows).to(device)
+
+    def _dart_keep_positions(self, hidden: Tensor, keys: Tensor, start: Tensor, length: Tensor,
+                             spec: FastVSpec) -> Tensor:
+        """[B, L'] positions DART keeps (actors.dart): layer K-1's ``keys`` [B, Hkv, S, hd], ``hidden`` entering K.
+
+        Under tensor parallelism the cache holds this rank's heads only: the L1 norms are summed over ranks
+        (every rank then picks the same tokens; the hidden states are replicated).
+        """
+        from actors.dart import dart_select, key_l1
+
+        norms = key_l1(keys)
+        kv_heads = self.layers[0].self_attn.config.num_key_value_heads
+        if keys.shape[1] < kv_heads:
+            import torch.distributed as dist
+
+            dist.all_reduce(norms)
+        kept = dart_select(norms, self.lm.norm(hidden), start, length, spec.keep,
+                           pivot_image=spec.pivot_image, pivot_text=spec.pivot_text, count=spec.count)
+        return self._keep_positions(kept, start, length, hidden.shape[1], hidden.device)
 
     # -- decode --------------------------------------------------------------------------------------
 

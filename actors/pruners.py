@@ -1,4 +1,4 @@
-"""Visual-token pruners that run before the projector (SPEC §2): random, VisionZip, PruMerge+ and none.
+"""Visual-token pruners that run before the LLM (SPEC §2): random, VisionZip, PruMerge+, CDPruner, DivPrune, none.
 
 Every pruner returns a ``PrunedBatch``: which patches survive, their features (in ``kept_indices``'
 order: ascending for random/VisionZip, ACCM's code order for PruMerge+ by default), and the discarded
@@ -22,9 +22,8 @@ from torch import Tensor, nn
 from actors.prompt import plain_question
 from actors.vision import VisionBatch
 from kernels.topk_select import select_topk
-from pipeline.config import TEXT_PICKS  # one definition: the job's --text-pick choices
+from pipeline.config import IN_LLM_METHODS, METHODS, TEXT_PICKS  # one definition: the job's choices
 
-METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")  # accm prunes like prumerge_plus
 VISIONZIP_SPLIT = (54, 10)  # dominant : contextual, VisionZip's 64-token setting (scaled to any budget)
 
 
@@ -367,6 +366,27 @@ def prune_prumerge_plus(
     return _split(vision, torch.stack(rows).to(feats.device), notes)
 
 
+def prune_cdpruner(vision: VisionBatch, keep: int, llm_tokens: Tensor, questions: list[str],
+                   text_guide: TextGuide | None, sign: str = "code") -> PrunedBatch:
+    """CDPruner (actors/cdpruner.py): a conditional DPP over the projected tokens the LLM would read
+    (``llm_tokens``, CDPruner's llava_arch.py:148), conditioned on the question's CLIP relevance when a text
+    guide and CLIP's projected patches exist; otherwise the DPP on the tokens' similarity alone."""
+    from actors.cdpruner import cdpruner_relevance, cdpruner_select
+
+    relevance = None
+    if text_guide is not None and vision.projected is not None:
+        text = text_guide.embed_questions(questions).to(vision.projected.device)
+        relevance = cdpruner_relevance(text, vision.projected, sign=sign)
+    return _split(vision, cdpruner_select(llm_tokens, relevance, keep))
+
+
+def prune_divprune(vision: VisionBatch, keep: int, llm_tokens: Tensor) -> PrunedBatch:
+    """DivPrune (actors/divprune.py): greedy max-min diversity over the projected tokens, text-agnostic."""
+    from actors.divprune import divprune_select
+
+    return _split(vision, divprune_select(llm_tokens, keep))
+
+
 def prune(
     vision: VisionBatch,
     method: str,
@@ -377,20 +397,29 @@ def prune(
     *,
     text_pick: str = "nearest",
     order: str = "code",
+    llm_tokens: Tensor | None = None,
+    cdpruner_sign: str = "code",
 ) -> PrunedBatch:
-    """Dispatch on ``method`` (one of METHODS). ``fastv`` and ``none`` keep every patch here.
+    """Dispatch on ``method`` (one of METHODS). ``fastv``, ``dart`` and ``none`` keep every patch here.
 
-    ``text_pick`` ("nearest" | "farthest") and ``order`` ("code" | "ascending"): PruMerge+/ACCM only."""
+    ``text_pick`` ("nearest" | "farthest") and ``order`` ("code" | "ascending"): PruMerge+/ACCM only.
+    ``llm_tokens``: the patches through LLaVA's projector [B, N, d], which CDPruner and DivPrune compare."""
     if text_pick not in TEXT_PICKS:
         raise ValueError(f"text_pick must be one of {TEXT_PICKS}, got {text_pick!r}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     n = vision.patch_features.shape[1]
     keep = resolve_keep_tokens(n, keep_tokens)
-    if method in ("none", "fastv") or keep >= n and method != "visionzip":
+    if method == "none" or method in IN_LLM_METHODS or keep >= n and method != "visionzip":
         return prune_none(vision)
     if method == "random":
         return prune_random(vision, keep, item_ids)
+    if method in ("cdpruner", "divprune"):
+        if llm_tokens is None:
+            raise ValueError(f"{method} compares the projected tokens: pass llm_tokens")
+        if method == "divprune":
+            return prune_divprune(vision, keep, llm_tokens)
+        return prune_cdpruner(vision, keep, llm_tokens, questions, text_guide, cdpruner_sign)
     if method == "visionzip":
         return prune_visionzip(vision, keep)
     return prune_prumerge_plus(

@@ -14,9 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
+# The one list of methods (actors.pruners, pipeline.flops and the sweep import it from here)
+METHODS = ("none", "random", "fastv", "dart", "visionzip", "prumerge_plus", "cdpruner", "divprune", "accm")
+IN_LLM_METHODS = ("fastv", "dart")  # prune inside the LLM (before the projector they keep every patch)
+ACCM_BASES = ("prumerge_plus", "cdpruner", "divprune", "visionzip", "random")  # --accm-base: pre-LLM pruners
 CAPTION_METHODS = ("accm",)
 TEXT_PICK_METHODS = ("prumerge_plus", "accm")  # the methods whose pruner has text-guided picks
+CDPRUNER_SIGNS = ("code", "paper")
+DART_COUNTS = ("code", "budget")  # CDPruner's relevance: negated as its code does, or as its paper reads
 TEXT_PICKS = ("nearest", "farthest")
 EXPORTS = ("llava-answers",)
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -64,6 +69,10 @@ class JobConfig:
     selector: str | None = field(default_factory=lambda: _repo_path("models/shapes/selector"))
     clip: str | None = None  # CLIPModel folder: PruMerge+'s text guide, projected patches (ACCM reference)
     text_pick: str = "nearest"  # PruMerge+ text-guided picks: nearest (the paper) or farthest (ACCM's code)
+    accm_base: str = "prumerge_plus"  # the pre-LLM pruner ACCM's caption model works behind (the paper's)
+    cdpruner_sign: str = "code"  # CDPruner's relevance sign: code (negated, as its public code) or paper
+    dart_layer: int = 2  # DART prunes inside the LLM after this layer (its LLaVA-1.5-7B setting)
+    dart_count: str = "code"  # DART's kept count: code (pivots + 8 x budget // 8, its public code) or budget
     conv: str = "llava_hf"  # LVLM conversation format (actors.prompt.CONVERSATIONS)
     # answer-format line (actors.prompt.ANSWER_SUFFIXES): None = none, or with --task the benchmark's own line;
     # with --task, "none" drops the benchmark's line and any other value replaces it
@@ -118,6 +127,14 @@ class JobConfig:
 
         if self.conv not in CONVERSATIONS:
             raise ValueError(f"--conv must be one of {', '.join(CONVERSATIONS)}, got {self.conv!r}")
+        if self.accm_base not in ACCM_BASES:
+            raise ValueError(f"--accm-base must be one of {', '.join(ACCM_BASES)}, got {self.accm_base!r}")
+        if self.cdpruner_sign not in CDPRUNER_SIGNS:
+            raise ValueError(f"--cdpruner-sign must be one of {', '.join(CDPRUNER_SIGNS)}, got {self.cdpruner_sign!r}")
+        if self.dart_count not in DART_COUNTS:
+            raise ValueError(f"--dart-count must be one of {', '.join(DART_COUNTS)}, got {self.dart_count!r}")
+        if self.dart_layer < 1:
+            raise ValueError(f"--dart-layer must be >= 1, got {self.dart_layer}")
         if self.text_pick not in TEXT_PICKS:
             raise ValueError(f"--text-pick must be one of {', '.join(TEXT_PICKS)}, got {self.text_pick!r}")
         if self.fastv_layer < 1:
@@ -189,6 +206,15 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "s3://), loaded once per captioner actor: the text guide of prumerge_plus/accm (question vs projected "
      "patch embeddings) and the projected patch embeddings ACCM's reference caption model reads. Without it "
      "the text-guided picks are skipped (default: none)."),
+    ("--accm-base", "accm_base", str, f"The pre-LLM pruner ACCM works behind: its caption model reads what this "
+     f"base discards. One of {', '.join(ACCM_BASES)} (default: prumerge_plus, the paper's)."),
+    ("--cdpruner-sign", "cdpruner_sign", str, "CDPruner's instruction relevance: 'code' (default: negated before "
+     "the min-max normalisation, as Theia-4869/CDPruner's llava_arch.py does, so patches least similar to the "
+     "question weigh most) or 'paper' (similarity as the paper defines it). Needs --clip; without it CDPruner "
+     "is a plain DPP over the tokens' similarity."),
+    ("--dart-layer", "dart_layer", int, "DART: prune inside the LLM after this layer (default: 2)."),
+    ("--dart-count", "dart_count", str, "DART's kept image tokens: 'code' (default: 4 image pivots + 8 x (budget "
+     "// 8), as its public code keeps, e.g. 132 for 128) or 'budget' (exactly the budget, the paper's counts)."),
     ("--text-pick", "text_pick", str, "PruMerge+ text-guided picks: 'nearest' patches to the question (the "
      "ACCM paper, default) or 'farthest' (ACCM's code as written: topk of the L2 distance, largest=True)."),
     ("--conv", "conv", str, "LVLM conversation format: 'llava_hf' (USER: <image>\n... ASSISTANT:, what the "

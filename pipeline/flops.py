@@ -47,7 +47,8 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-METHODS = ("none", "random", "fastv", "visionzip", "prumerge_plus", "accm")
+from pipeline.config import IN_LLM_METHODS, METHODS  # the one list
+
 GATED_FFN_MODEL_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "vicuna"}
 # "additional information: " as the LLaMA tokenizer splits it, added to the LLM prefill with a caption.
 CAPTION_SPLICE_TOKENS = 4
@@ -234,6 +235,11 @@ def pruner_flops(
     if method == "fastv":
         # Head-average of the last token's attention row over the visual tokens (top-k selection ignored).
         return float(llava_config.text_config.num_attention_heads * n)
+    if method == "dart":  # key norms + similarity to the 4 + 4 pivots (actors/dart.py), ~4 text tokens after the image
+        text = llava_config.text_config
+        heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        kv_dim = heads * (text.hidden_size // text.num_attention_heads)
+        return dart_selection_flops(n, text.hidden_size, 8, kv_dim=kv_dim, n_text=4) if visual_tokens_kept < n else 0.0
     head_sum = float(vision.num_attention_heads * n)  # CLS attention summed over heads
     if method == "visionzip":
         contextual = (
@@ -246,6 +252,22 @@ def pruner_flops(
         # the merge metric: keys averaged over heads (head_dim wide, VisionZip utils.py L89)
         metric = vision.hidden_size // vision.num_attention_heads
         return head_sum + 2.0 * merged * contextual * metric + merged * vision.hidden_size
+    if method in ("cdpruner", "divprune"):
+        if visual_tokens_kept >= n:
+            return 0.0  # every patch kept: nothing ran
+        # both compare the tokens the LLM would read: the projector on all N (the kept ones are projected again
+        # in the LVLM tier, counted there), then their own selection (CDPruner's llava_arch.py:148; DivPrune's :374)
+        cost = projector_flops(llava_config, n)
+        d = llava_config.text_config.hidden_size
+        if method == "divprune":
+            return cost + divprune_selection_flops(n, d, visual_tokens_kept)
+        proj = (text_guide.get("projection_dim") or text_guide["text_dims"].hidden) if text_guide else 0
+        cost += cdpruner_selection_flops(n, d, visual_tokens_kept, conditional=bool(text_guide), text_dim=proj)
+        if text_guide:  # the question through CLIP's text tower, the last layer's patches into the joint space
+            tdims = text_guide["text_dims"]
+            cost += encoder_flops(tdims, text_guide["question_tokens"]) + 2.0 * tdims.hidden * proj
+            cost += patch_projection_flops(vision, proj)
+        return cost
     if method in ("prumerge_plus", "accm"):
         if projected is None:
             projected = bool(text_guide)
@@ -259,6 +281,56 @@ def pruner_flops(
             cost += 2.0 * n * proj  # squared distances: the text . patch matmul
         return cost
     raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+
+
+def cdpruner_selection_flops(n: int, d: int, keep: int, *, conditional: bool = True, text_dim: int = 0,
+                             text_segments: int = 1, breakdown: bool = False) -> float | dict[str, float]:
+    """CDPruner's own work on one item (actors/cdpruner.py), multiply-add = 2 FLOPs, other arithmetic 1.
+
+    - ``similarity``: ``S = X X^T`` of the N projected tokens, 2 N^2 D (a matmul);
+    - ``kernel``: ``r_i S_ij r_j``, 2 N^2 (0 when ``conditional=False``, i.e. no relevance);
+    - ``greedy_matmul``: step i's ``sum_{t<i} c_t[j] c_t[:]``, 2 i N, summed over i < keep: N keep (keep - 1);
+    - ``greedy_elementwise``: per step ``L[j] - proj``, ``* inv``, ``e^2``, ``d2 -=``: 4 N;
+    - ``relevance``: ``2 N D' M`` for the cosine against M text segments (``text_dim`` D', 0 = not counted).
+    ``keep >= n`` (nothing pruned, no work) gives 0."""
+    keep = max(0, min(int(keep), n))
+    parts = dict.fromkeys(("similarity", "kernel", "greedy_matmul", "greedy_elementwise", "relevance"), 0.0)
+    if 0 < keep < n:
+        parts["similarity"] = 2.0 * n * n * d
+        parts["kernel"] = 2.0 * n * n if conditional else 0.0
+        parts["greedy_matmul"] = float(n) * keep * (keep - 1)
+        parts["greedy_elementwise"] = 4.0 * n * keep
+        parts["relevance"] = 2.0 * n * text_dim * text_segments
+    return parts if breakdown else sum(parts.values())
+
+
+def divprune_selection_flops(n: int, d: int, keep: int, *, breakdown: bool = False) -> float | dict[str, float]:
+    """DivPrune's own work on one item (actors/divprune.py): ``similarity`` 2 N^2 D (matmul), ``distance``
+    1 - S (N^2), ``first_pick`` nearest-neighbour distances (~N^2 comparisons), ``greedy`` a min update and an
+    argmax per later step (2 N (keep - 1)). ``keep >= n`` gives 0."""
+    keep = max(0, min(int(keep), n))
+    parts = dict.fromkeys(("similarity", "distance", "first_pick", "greedy"), 0.0)
+    if 0 < keep < n:
+        parts["similarity"] = 2.0 * n * n * d
+        parts["distance"] = float(n) * n
+        parts["first_pick"] = float(n) * n
+        parts["greedy"] = 2.0 * n * (keep - 1)
+    return parts if breakdown else sum(parts.values())
+
+
+def dart_selection_flops(n_image: int, hidden: int, pivots: int, *, kv_dim: int | None = None, n_text: int = 0) -> float:
+    """DART's own work beyond the LLM layers (pipeline.flops convention: 2 per MAC, elementwise ops ~1).
+
+    Key L1 norms of the image tokens and the ``n_text`` tokens after the image (``kv_dim`` = heads x head_dim
+    of the key cache, default ``hidden``); the final RMSNorm of the ``n_image + pivots`` compared states
+    (~2 per element); candidate norms (2 N d) and the pivot-candidate dot products (2 P N d). The top-k
+    selections are ignored, as for FastV.
+    """
+    kv = hidden if kv_dim is None else kv_dim
+    norms = float((n_image + n_text) * kv)
+    rms = 2.0 * (n_image + pivots) * hidden
+    cos = 2.0 * n_image * hidden + 2.0 * pivots * n_image * hidden
+    return norms + rms + cos
 
 
 # --------------------------------------------------------------------------- ACCM slots
@@ -371,10 +443,10 @@ def llava_item_flops(
         visionzip_contextual=visionzip_contextual,
         text_guide=text_guide,
     )
-    out["projector"] = projector_flops(llava_config, total_vis if method == "fastv" else kept)
+    out["projector"] = projector_flops(llava_config, total_vis if method in IN_LLM_METHODS else kept)
 
     n_kept = prompt_tokens + kept + caption_tokens
-    if method == "fastv":
+    if method in IN_LLM_METHODS:  # fastv / dart: layers < K see every visual token (K = fastv_layer)
         k = min(fastv_layer, text.layers)
         n_full = prompt_tokens + total_vis + caption_tokens
         prefill = k * layer_flops(text, n_full, n_full) + (text.layers - k) * layer_flops(

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline import progress, resume, retry, sources, storage
 from pipeline.config import JobConfig
 from pipeline.retrying_fs import retrying
+from pipeline.run_facts import check_fastv_layer, output_constants
 from pipeline.schema import SchemaError
 from pipeline.stages import CaptionerTier, LVLMTier, decode_batch, score_batch
 from pipeline.summary import empty_stats, format_table, merge_stats, summarize_stats, to_json
@@ -455,39 +456,6 @@ def run_job(cfg: JobConfig, *, captioner: type = CaptionerTier, lvlm: type = LVL
            "shards_skipped": result.skipped, "rows_processed": result.processed,
            "wall_s": time.perf_counter() - t0, "retries": retry_counts(run_id)}
     return write_summary(cfg, result.stats, run)
-
-
-def check_fastv_layer(cfg: JobConfig) -> None:
-    """Refuse a ``--fastv-layer`` at or past the LLM's depth before anything runs (it would prune nothing).
-    Reads only the checkpoint's ``config.json``."""
-    import json
-
-    if cfg.method != "fastv":
-        return
-    try:
-        config = json.loads(storage.read_bytes(resume.join(cfg.lvlm, "config.json"), s3_endpoint=cfg.s3_endpoint))
-    except Exception as exc:  # noqa: BLE001 - the LVLM tier reports an unreadable model itself
-        log.warning("could not read the LVLM's config.json to check --fastv-layer: %s", exc)
-        return
-    depth = (config.get("text_config") or {}).get("num_hidden_layers")
-    if depth is not None and cfg.fastv_layer >= depth:
-        raise ValueError(f"--fastv-layer {cfg.fastv_layer} must be below the LLM's depth ({depth} layers in "
-                         f"{storage.redact(cfg.lvlm)}): FastV prunes after that layer, so it would prune nothing")
-
-
-def output_constants(cfg: JobConfig) -> dict[str, Any]:
-    """Columns with one value per run (``cfg.run_id`` set): the method, the prompt and pruner choices, models."""
-    from actors.prompt import resolve_answer_suffix
-    from pipeline.config import TEXT_PICK_METHODS
-
-    guided = cfg.method in TEXT_PICK_METHODS and cfg.clip is not None
-    return {"method": cfg.method, "run_id": cfg.run_id, "lvlm_model": storage.redact(cfg.lvlm),
-            "captioner_model": storage.redact(cfg.captioner) if cfg.uses_captions else None,
-            "selector_model": storage.redact(cfg.selector) if cfg.uses_captions else None,
-            "clip_model": storage.redact(cfg.clip) if cfg.clip else None,
-            "conv": cfg.conv,  # with a task and no --answer-suffix: null, the benchmark's line is in the question
-            "answer_suffix": None if cfg.task and cfg.answer_suffix is None else resolve_answer_suffix(cfg.answer_suffix),
-            "text_pick": cfg.text_pick if guided else None}
 
 
 def write_summary(cfg: JobConfig, stats: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:

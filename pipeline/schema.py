@@ -152,6 +152,7 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("selector_probs", pa.list_(pa.float32())),
     pa.field("method", pa.string()),
     pa.field("text_pick", pa.string()),  # prumerge_plus/accm with --clip: nearest | farthest; else null
+    pa.field("pruner_options", pa.string()),  # the method's named choices (accm base, CDPruner sign, layers), or null
     pa.field("conv", pa.string()),  # the LVLM conversation format (actors.prompt.CONVERSATIONS)
     pa.field("answer_suffix", pa.string()),  # the answer-format line added to the question ('' for none)
     pa.field("keep_tokens", pa.int32()),

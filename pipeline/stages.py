@@ -228,23 +228,24 @@ def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: 
 
     from actors.engine import resolve_keep_tokens
     from actors.prompt import plain_question
-    from pipeline.config import CAPTION_METHODS
+    from pipeline.config import CAPTION_METHODS, IN_LLM_METHODS
 
     ids, questions = [r["id"] for r in rows], [plain_question(r["question"]) for r in rows]
     total = int(vision.patch_features.shape[1])
     keep = total if method == "none" else resolve_keep_tokens(total, keep_tokens, prune_rate)
-    if method in ("none", "fastv"):  # fastv prunes inside the LLM (LVLM tier)
+    if method == "none" or method in IN_LLM_METHODS:  # fastv / dart prune inside the LLM (LVLM tier)
         retained, pruned = vision.patch_features, None
-    else:
-        pruned = engine.prune(vision, "prumerge_plus" if method == "accm" else method, keep, ids, questions,
-                              text_pick=cfg.text_pick)
+    else:  # accm: its caption model reads what its base pruner (--accm-base) discards
+        pruned = engine.prune(vision, cfg.accm_base if method == "accm" else method, keep, ids, questions,
+                              text_pick=cfg.text_pick, cdpruner_sign=cfg.cdpruner_sign)
         retained = pruned.retained
     caps = None
     if method in CAPTION_METHODS:
         if accm is None:
             raise RuntimeError("accm unavailable")
         caps = accm.caption(discarded_features(accm, pruned), questions, beams=cfg.num_candidates)
-    front = engine.front_flops(method, int(retained.shape[1]), questions, projected=vision.projected is not None)
+    front = engine.front_flops(cfg.accm_base if method == "accm" else method, int(retained.shape[1]), questions,
+                               projected=vision.projected is not None)
     retained = retained.detach().to("cpu", torch.float32).numpy()
     out = []
     for i in range(len(rows)):
@@ -471,6 +472,7 @@ def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
 
     return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
                            keep_tokens=inputs["keep_tokens"], fastv_layer=cfg.fastv_layer,
+                           dart_layer=cfg.dart_layer, dart_count=cfg.dart_count,
                            max_new_tokens=cfg.max_new_tokens,
                            prompt_format=PromptFormat(cfg.conv, None if cfg.task else cfg.answer_suffix))
 

@@ -32,15 +32,9 @@ from typing import Any
 from pipeline import retry, storage
 from pipeline.config import JobConfig
 from pipeline.evaluate import evaluate_run
-from pipeline.graph import (
-    Target,
-    check_fastv_layer,
-    output_constants,
-    retry_counts,
-    run_graph,
-    write_summary,
-)
+from pipeline.graph import Target, retry_counts, run_graph, write_summary
 from pipeline.report import rate_label
+from pipeline.run_facts import check_fastv_layer, output_constants
 from pipeline.stages import SweepCaptionerTier
 
 log = logging.getLogger("accm.sweep")

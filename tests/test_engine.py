@@ -119,7 +119,7 @@ def test_batch_of_8_equals_one_by_one(engine: LlavaEngine, images, method: str):
         assert single.token_ids[0] == batched.token_ids[i], (method, i)
         assert torch.equal(single_pruned.kept_indices[0], pruned.kept_indices[i])
         assert single.flops[0] == batched.flops[i]
-    expected_visual = 64 if method in ("none", "fastv") else 8
+    expected_visual = 64 if method in ("none", "fastv", "dart") else 8  # the in-LLM pruners keep all here
     assert pruned.retained.shape[:2] == (8, expected_visual)
 
 

@@ -124,7 +124,7 @@ def test_lvlm_tp_is_checked_at_parsing_and_sizes_the_replica() -> None:
 
 
 def test_prompt_and_pruner_choices_are_checked_and_recorded() -> None:
-    from pipeline.graph import output_constants
+    from pipeline.run_facts import output_constants
 
     cfg = parse_args(["--conv", "vicuna_v1", "--answer-suffix", "short", "--clip", "/models/clip",
                       "--text-pick", "farthest", "--method", "prumerge_plus", "--run-id", "r1"])
