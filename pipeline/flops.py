@@ -664,9 +664,9 @@ def cli_item(
         cap = llm_caption
         n = prompt_tokens + total
         n_kept = prompt_tokens + keep + cap
-        k = fastv_layer if method == "fastv" else 0
+        k = fastv_layer if method in IN_LLM_METHODS else 0
         d, m, L = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-        prefill = fastv_convention_flops(d, m, L, n if method == "fastv" else n_kept, n_kept, k)
+        prefill = fastv_convention_flops(d, m, L, n if method in IN_LLM_METHODS else n_kept, n_kept, k)
         ref = fastv_convention_flops(d, m, L, n, n, 0)
         return {
             "convention": "fastv",
@@ -680,7 +680,7 @@ def cli_item(
         }
     q = question_tokens if question_tokens is not None else min(prompt_tokens, 77)
     text_guide = None
-    if method in ("prumerge_plus", "accm") and text_guide_dims is not None:
+    if method in ("prumerge_plus", "accm", "cdpruner") and text_guide_dims is not None:
         text_guide = {
             "text_dims": text_guide_dims,
             "question_tokens": q,
@@ -736,7 +736,7 @@ def visual_tokens(llava_config: Any) -> int:
 
 # FastV's 192/128/64, ACCM's 72 (87.5%), and 36/18, as kept counts of LLaVA-1.5's 576 tokens
 TABLE_KEEPS = (192, 128, 72, 64, 36, 18)
-TABLE_METHODS = ("none", "fastv", "visionzip", "prumerge_plus", "accm")
+TABLE_METHODS = ("none", "fastv", "dart", "visionzip", "prumerge_plus", "cdpruner", "divprune", "accm")
 
 
 def flops_table(
