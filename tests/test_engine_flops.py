@@ -85,7 +85,7 @@ def small_text_guide(engine: LlavaEngine):
 
 
 @pytest.mark.parametrize("projected", [False, True])
-@pytest.mark.parametrize("method", ["random", "visionzip", "prumerge_plus", "accm"])
+@pytest.mark.parametrize("method", ["random", "visionzip", "prumerge_plus", "accm", "cdpruner", "divprune"])
 def test_front_flops_match_the_vision_stage_and_pruner(
     engine: LlavaEngine, image, method: str, projected: bool
 ):
