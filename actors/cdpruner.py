@@ -42,6 +42,7 @@ from typing import Literal
 
 import torch
 
+from actors.pruners import trivial_selection
 from kernels.dpp_greedy import DEFAULT_EPS, dpp_greedy_map
 from pipeline.flops import cdpruner_selection_flops as cdpruner_flops  # noqa: F401 - the one FLOPs model
 
@@ -128,14 +129,9 @@ def cdpruner_select(
     cosine similarity. ``theta``: None (the running code) or the commented-out exp weighting.
     ``use_kernel``: the greedy step's Triton kernel (default: CUDA tensors -> kernel).
     """
-    if features.dim() != 3:
-        raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}")
-    batch, n, _ = features.shape
-    keep = max(0, min(int(keep), n))
-    if keep == n:
-        return torch.arange(n, device=features.device).expand(batch, n).clone()
-    if keep == 0:
-        return torch.zeros((batch, 0), dtype=torch.int64, device=features.device)
+    keep, trivial = trivial_selection(features, keep)
+    if trivial is not None:
+        return trivial
     kernel = cdpruner_kernel(features, relevance, theta=theta)
     picks = dpp_greedy_map(kernel, keep, eps=eps, use_kernel=use_kernel)
     return torch.sort(picks, dim=-1).values  # llava_arch.py:183

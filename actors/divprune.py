@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from actors.pruners import trivial_selection
 from kernels.maxmin_greedy import maxmin_greedy
 from pipeline.flops import divprune_selection_flops as divprune_flops  # noqa: F401 - the one FLOPs model
 
@@ -40,13 +41,8 @@ def divprune_distance(features: torch.Tensor) -> torch.Tensor:
 
 def divprune_select(features: torch.Tensor, keep: int, *, use_kernel: bool | None = None) -> torch.Tensor:
     """Indices [B, keep'] (int64, ascending, keep' = clamp(keep, 0, N)) of the tokens DivPrune keeps."""
-    if features.dim() != 3:
-        raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}")
-    batch, n, _ = features.shape
-    keep = max(0, min(int(keep), n))
-    if keep == n:
-        return torch.arange(n, device=features.device).expand(batch, n).clone()
-    if keep == 0:
-        return torch.zeros((batch, 0), dtype=torch.int64, device=features.device)
+    keep, trivial = trivial_selection(features, keep)
+    if trivial is not None:
+        return trivial
     picks = maxmin_greedy(divprune_distance(features), keep, use_kernel=use_kernel)
     return torch.sort(picks, dim=-1).values  # llava_arch.py:379

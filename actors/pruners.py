@@ -43,6 +43,20 @@ def complement(idx: Tensor, n: int) -> Tensor:
     return mask.nonzero()[:, 1].view(idx.shape[0], n - idx.shape[1])
 
 
+def trivial_selection(features: Tensor, keep: int) -> tuple[int, Tensor | None]:
+    """(keep clamped to [0, N], the kept indices when there is nothing to select: all or none; else None)
+    for a greedy selector over ``features`` [B, N, D] (CDPruner, DivPrune)."""
+    if features.dim() != 3:
+        raise ValueError(f"features must be [B, N, D], got {tuple(features.shape)}")
+    batch, n, _ = features.shape
+    keep = max(0, min(int(keep), n))
+    if keep == n:
+        return keep, torch.arange(n, device=features.device).expand(batch, n).clone()
+    if keep == 0:
+        return keep, torch.zeros((batch, 0), dtype=torch.int64, device=features.device)
+    return keep, None
+
+
 def item_generator(item_id: str) -> torch.Generator:
     """A CPU generator seeded from the item id (stable across processes, unlike ``hash()``)."""
     seed = int.from_bytes(hashlib.sha256(str(item_id).encode()).digest()[:8], "little") & ((1 << 63) - 1)

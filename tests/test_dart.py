@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tests import test_engine
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from actors.dart import dart_flops, dart_kept_count, dart_select, key_l1, pivot_quotas  # noqa: E402
@@ -113,16 +115,7 @@ def test_kept_counts_and_flops():
 
 # ---------------------------------------------------------------------------------------------- engine
 
-QUESTIONS = [
-    "What color is the circle?",
-    "How many squares are there?",
-    "Is there a red cross?",
-    "What shape is in row 1, column 2?",
-    "What shape is the green object?",
-    "Is there a blue ring?",
-    "How many triangles are there?",
-    "What color is the diamond?",
-] * 2
+QUESTIONS = test_engine.QUESTIONS * 2
 IDS = [f"item-{i}" for i in range(16)]
 
 

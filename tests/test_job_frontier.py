@@ -3,7 +3,6 @@ base pruner (--accm-base), the shipped proving-ground models on the bundled test
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -11,15 +10,14 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from tests.jobs import load_job
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("sweep_pruning_rates", ROOT / "jobs/sweep_pruning_rates.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("sweep_pruning_rates")
 
 
 def test_new_methods_and_accm_over_divprune_in_one_sweep(tmp_path, monkeypatch):

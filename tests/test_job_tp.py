@@ -9,7 +9,6 @@ without the flag, row by row. Only the NCCL collectives of tp > 1 on GPUs cannot
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
 from pathlib import Path
@@ -20,16 +19,14 @@ import pytest
 
 from pipeline import shapes
 from pipeline.schema import INPUT_SCHEMA
+from tests.jobs import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def _main_job():
-    spec = importlib.util.spec_from_file_location("caption_dataset", ROOT / "jobs/caption_dataset.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("caption_dataset")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 from pathlib import Path
@@ -10,14 +9,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.jobs import load_job
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sweep_module():
-    spec = importlib.util.spec_from_file_location("sweep_pruning_rates", ROOT / "jobs/sweep_pruning_rates.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_job("sweep_pruning_rates")
 
 
 def test_settings_run_full_tokens_once():
