@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import tasks
-from pipeline.config import JobConfig
+from pipeline.config import IN_LLM_METHODS, JobConfig
 
 log = logging.getLogger("accm.stages")
 
@@ -519,6 +519,8 @@ class LVLMTier:
                 r["flops_projector"] = float(f.get("projector", 0.0))
                 r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
                 r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
+                if method in IN_LLM_METHODS:  # fastv / dart score inside the LLM: this tier ran their pruner
+                    r["flops_pruner"] = float(r["flops_pruner"] or 0.0) + float(f.get("pruner", 0.0))
                 # the captioner tier priced what it ran (tower, pruner, caption model, selector): the total is
                 # this tier's parts plus those, so the component columns add up to it
                 r["flops_total"] = (r["flops_projector"] + r["flops_llm_prefill"] + r["flops_llm_decode"]
