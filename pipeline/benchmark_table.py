@@ -123,7 +123,7 @@ def _num(x: Any, digits: int = 1) -> str:
 
 def plot_benchmarks_vs_flops(table: pd.DataFrame, path: Path) -> Path:
     """One panel per benchmark: its headline against TFLOPs per item, a line per method."""
-    from pipeline.report import _methods, _plt, _save
+    from pipeline.plots import _methods, _plt, _save
 
     plt = _plt()
     names = benchmark_names(table)
