@@ -14,6 +14,7 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from actors.dart import dart_kept_count  # noqa: E402
 from actors.engine import METHODS, LlavaEngine, resolve_keep_tokens  # noqa: E402
 from actors.pruners import visionzip_split  # noqa: E402
 from actors.tiny import build_processor, build_tokenizer, fast_random_llava  # noqa: E402
@@ -48,7 +49,7 @@ def test_every_method_at_87_5_percent(engine: LlavaEngine, vision, method: str):
     keep = resolve_keep_tokens(576, prune_rate=0.875)
     assert keep == 72
     pruned = engine.prune(vision, method, keep, ["item-0"], [QUESTION])
-    in_llm = 576 if method in ("none", "fastv") else 72
+    in_llm = 576 if method in ("none", "fastv", "dart") else 72  # the in-LLM pruners get every patch
     assert pruned.retained.shape == (1, in_llm, 1024)
     if method == "visionzip":
         dominant, contextual = visionzip_split(72)
@@ -60,7 +61,7 @@ def test_every_method_at_87_5_percent(engine: LlavaEngine, vision, method: str):
     try:
         result = engine.generate(
             pruned.retained, [QUESTION], ["the square is red."] if method == "accm" else None,
-            method=method, keep_tokens=keep, fastv_layer=1, max_new_tokens=2,
+            method=method, keep_tokens=keep, fastv_layer=1, dart_layer=1, max_new_tokens=2,
         )  # fmt: skip
         state = engine.last_state
     finally:
@@ -73,13 +74,17 @@ def test_every_method_at_87_5_percent(engine: LlavaEngine, vision, method: str):
     assert state.keys[0].shape[:2] == (1, 32) and state.keys[0].shape[-1] == 128
     if method == "fastv":
         assert lengths == [n + steps, n - 576 + 72 + steps]
+    elif method == "dart":  # its code's count: 4 image pivots + 8 x (72 // 8)
+        assert lengths == [n + steps, n - 576 + dart_kept_count(576, 72) + steps] and dart_kept_count(576, 72) == 76
     else:
         assert lengths == [n + steps, n + steps]
     flops = result.flops[0]
     assert flops["total"] > flops["llm_prefill"] > 0
     if method == "none":
         assert flops["total"] == flops["reference_total"]
-    elif method == "fastv":  # one of the two layers runs before the cut
+    elif method in ("fastv", "dart"):  # one of the two layers runs before the cut
         assert flops["total"] < 0.65 * flops["reference_total"]
+    elif method in ("cdpruner", "divprune"):  # they project all 576 patches to compare them: heavy at 2 layers
+        assert flops["pruner"] > 2 * 576 * 4096 * 4096 and flops["total"] < 0.25 * flops["reference_total"]
     elif method != "accm":
         assert flops["total"] < 0.2 * flops["reference_total"]
