@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,3 +45,15 @@ def require(annotations: str | None, task: str, what: str) -> str:
     if not annotations:
         raise ValueError(f"--task {task} needs --annotations: {what}")
     return annotations
+
+
+def image_bytes(value: Any) -> bytes | None:
+    """The encoded image of a Hugging Face Parquet image cell ({'bytes', 'path'} dict, or bytes)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, Mapping):
+        data = value.get("bytes")
+        return bytes(data) if data else None
+    if isinstance(value, (list, tuple)) and value:  # SEED-Bench: a list of images (one for image items)
+        return image_bytes(value[0])
+    return None

@@ -20,8 +20,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.tasks.common import Reader
-from pipeline.tasks.options import image_bytes
+from pipeline.tasks.common import Reader, image_bytes
 
 NAME = "flickr30k"
 FORMATS = ("hf-parquet", "llava-jsonl")

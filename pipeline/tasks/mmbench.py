@@ -19,11 +19,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.tasks.common import OPTION_ANSWER, Reader, with_suffix
+from pipeline.tasks.common import OPTION_ANSWER, Reader, image_bytes, with_suffix
 from pipeline.tasks.options import (
     choice_aggregate,
     choice_answers,
-    image_bytes,
     is_none,
     option_lines,
     split_answers,

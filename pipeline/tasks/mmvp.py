@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.tasks.common import OPTION_ANSWER, Reader, with_suffix
-from pipeline.tasks.options import accuracy, choice_answers, image_bytes, option_lines, split_answers
+from pipeline.tasks.common import OPTION_ANSWER, Reader, image_bytes, with_suffix
+from pipeline.tasks.options import accuracy, choice_answers, option_lines, split_answers
 
 NAME = "mmvp"
 FORMATS = ("mmvp-csv", "hf-parquet")

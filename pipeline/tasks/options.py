@@ -67,18 +67,6 @@ def split_answers(answers: Sequence[str] | None) -> tuple[str, list[str]]:
     return str(answers[0]).strip().upper(), [str(a) for a in answers[1:]]
 
 
-def image_bytes(value: Any) -> bytes | None:
-    """The encoded image of a Hugging Face Parquet image cell ({'bytes', 'path'} dict, or bytes)."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, Mapping):
-        data = value.get("bytes")
-        return bytes(data) if data else None
-    if isinstance(value, (list, tuple)) and value:  # SEED-Bench: a list of images (one for image items)
-        return image_bytes(value[0])
-    return None
-
-
 def accuracy(scores: Iterable[float | None]) -> tuple[float | None, int]:
     """(percent correct, count) over the scored items (None scores skipped)."""
     vals = [float(s) for s in scores if s is not None]

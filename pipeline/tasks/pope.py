@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from actors.prompt import plain_question
 from pipeline.tasks.common import SHORT_ANSWER, Reader, with_suffix
 from pipeline.tasks.yesno import (
     as_int,
     file_name,
-    first_line,
     image_source,
     json_lines,
     pct,
@@ -61,7 +61,7 @@ def load_truth(annotations: str | None, read: Reader) -> dict | None:
     for url in labelled:
         category = _category(url)
         for rec in json_lines(read(url)):
-            key = (rec["image"], first_line(rec["text"]))
+            key = (rec["image"], plain_question(rec["text"]))
             by_key[(rec.get("category", category), *key)] = rec["label"]
             any_category[key] = rec["label"]  # an object is in an image or not, whatever the sampling
     return {"by_key": by_key, "any_category": any_category}
@@ -73,7 +73,7 @@ def to_row(record: dict, fmt: str, truth: Any, index: int) -> dict:
         text, label = record.get("text") or "", record.get("label")
         category = record.get("category")
         if truth is not None and text:
-            key = (record.get("image"), first_line(text))
+            key = (record.get("image"), plain_question(text))
             found = truth["by_key"].get((category, *key)) if category else None
             label = found or truth["any_category"].get(key) or label
         qid_raw, image_name = record.get("question_id"), record.get("image")

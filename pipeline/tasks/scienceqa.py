@@ -17,12 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.tasks.common import OPTION_ANSWER, Reader, require, with_suffix
+from pipeline.tasks.common import OPTION_ANSWER, Reader, image_bytes, require, with_suffix
 from pipeline.tasks.options import (
     LETTERS,
     choice_aggregate,
     choice_answers,
-    image_bytes,
     option_lines,
     split_answers,
 )

@@ -13,11 +13,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.tasks.common import OPTION_ANSWER, Reader, require, with_suffix
+from pipeline.tasks.common import OPTION_ANSWER, Reader, image_bytes, require, with_suffix
 from pipeline.tasks.options import (
     choice_aggregate,
     choice_answers,
-    image_bytes,
     option_lines,
     parse_option_lines,
 )

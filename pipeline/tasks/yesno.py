@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.tasks.common import image_bytes
+
 
 def image_source(record: dict, fmt: str, key: str = "image") -> dict[str, Any]:
     """The row's image: ``image_file`` (LLaVA question files) or ``image`` bytes (a Hugging Face image column,
@@ -16,20 +18,13 @@ def image_source(record: dict, fmt: str, key: str = "image") -> dict[str, Any]:
     value = record.get(key)
     if fmt == "llava-jsonl":
         return {"image_file": value} if isinstance(value, str) and value else {}
-    if isinstance(value, dict):
-        if value.get("bytes"):
-            return {"image": bytes(value["bytes"])}
-        if value.get("path"):
+    if isinstance(value, (dict, bytes, bytearray)):
+        data = image_bytes(value)
+        if data:
+            return {"image": data}
+        if isinstance(value, dict) and value.get("path"):
             return {"image_file": value["path"]}
-        return {}
-    if isinstance(value, (bytes, bytearray)) and value:
-        return {"image": bytes(value)}
     return {}
-
-
-def first_line(text: str) -> str:
-    """The question without LLaVA's extra lines (OCR reference, answer format): what the ground truth keys on."""
-    return text.strip().split("\n")[0].strip()
 
 
 def as_int(value: Any) -> int | None:
