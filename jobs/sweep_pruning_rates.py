@@ -207,14 +207,6 @@ def run_estimate(args: argparse.Namespace, cost) -> int:
 DEFAULT_BENCHMARKS = "data/shapes_vqa/benchmarks/benchmarks.yaml"
 
 
-def base_lvlm(job_argv: list[str]) -> tuple[str, str | None]:
-    """(--lvlm, --s3-endpoint) of the main job's options, defaults included."""
-    from pipeline.config import parse_args
-
-    cfg = parse_args(job_argv)
-    return cfg.lvlm, cfg.s3_endpoint
-
-
 def keep_rates(keeps: str, lvlm: tuple[str, str | None]) -> list[float]:
     """``--keeps`` as pruning rates of the LVLM's visual tokens (read from its config.json only)."""
     import json
@@ -283,10 +275,10 @@ def run_sweep(args: argparse.Namespace, job_argv: list[str], cost) -> int:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"--methods: unknown {unknown} (known: {', '.join(METHODS)})")
-    rates = _floats(args.prune_rates) if not args.keeps else keep_rates(args.keeps, base_lvlm(job_argv))
+    base = parse_args(job_argv + (["--input", args.input] if args.input else []))
+    rates = _floats(args.prune_rates) if not args.keeps else keep_rates(args.keeps, (base.lvlm, base.s3_endpoint))
     if any(not 0.0 < r < 1.0 for r in rates):
         raise SystemExit("--prune-rates must lie in (0, 1)")
-    base = parse_args(job_argv + (["--input", args.input] if args.input else []))
     inputs = benchmark_inputs(args, base)
     if inputs:
         base = replace(base, max_new_tokens=max(c.max_new_tokens for c in inputs))
