@@ -10,7 +10,8 @@ Two halves with a clean seam, because the pipeline runs them in different actor 
   analytic FLOPs.
 
 Any ``LlavaForConditionalGeneration`` checkpoint in the llava-hf layout works (llava-1.5-7b-hf or the
-small models of the same classes this project trains); weights load with eager attention.
+small models of the same classes this project trains). Attention is fused (SDPA) in both the tower and the
+LLM; ``attention="eager"`` runs the written-out reference instead.
 """
 
 from __future__ import annotations
@@ -49,13 +50,15 @@ class GenerationResult:
     new_tokens: list[int]  # generated tokens per item, including a final </s>
     flops: list[dict[str, float]]  # pipeline.flops.llava_item_flops per item
     token_ids: list[list[int]] = field(default_factory=list)  # generated ids per item
+    pad_tokens: list[int] = field(default_factory=list)  # left padding per item (batch width - own length)
 
 
 class LlavaEngine:
     """A LLaVA checkpoint plus the pruning-aware inference loop around it."""
 
     def __init__(
-        self, model: Any, processor: Any, *, model_id: str = "", text_guide: TextGuide | None = None
+        self, model: Any, processor: Any, *, model_id: str = "", text_guide: TextGuide | None = None,
+        attention: str = "sdpa",
     ):
         model.eval()
         self.model = model
@@ -71,7 +74,8 @@ class LlavaEngine:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         vc = self.config.vision_config
         self.num_patches = (vc.image_size // vc.patch_size) ** 2
-        self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head)
+        self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head, attention=attention)
+        self.attention = attention
         # layers run up to LLaVA's feature layer (see the vision_layers_run property)
         self._feature_layers = feature_layer_count(vc.num_hidden_layers, self.config.vision_feature_layer)
 
@@ -100,7 +104,7 @@ class LlavaEngine:
 
             model = load_llava_vision_only(path, dtype=dtype, device=device)
         else:
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
         processor = AutoProcessor.from_pretrained(path)
         guide = None
         if clip_text_url is not None:
@@ -161,6 +165,7 @@ class LlavaEngine:
             select_strategy=self.config.vision_feature_select_strategy,
             projection=self.text_guide if projected else None,
             next_layer_score=False,
+            attention=self.attention,
         )
 
     def cls_score(self, vision: VisionBatch) -> Tensor:
@@ -244,6 +249,11 @@ class LlavaEngine:
 
     # -- projector + LLM (LVLM tier) -----------------------------------------------------------------
 
+    def prompt_ids(self, question: str, caption: str | None, prompt_format: PromptFormat | None = None) -> list[int]:
+        """The prompt's text token ids (the image placeholder dropped): what sets a row's prefill length."""
+        before, after = self._prompt_ids(question, caption, prompt_format)
+        return before + after
+
     def _prompt_ids(self, question: str, caption: str | None,
                     prompt_format: PromptFormat | None = None) -> tuple[list[int], list[int]]:
         """Token ids before and after the image placeholder, from the one prompt module (actors.prompt)."""
@@ -307,12 +317,15 @@ class LlavaEngine:
         dev, dtype = self.device, self.dtype
 
         seqs, starts, n_vis, text_lens, caption_lens = [], [], [], [], []
-        for feats, q, c in zip(items, questions, captions, strict=True):
+        if len({tuple(f.shape) for f in items}) == 1:  # one projector call for the batch
+            projected = list(self.project(torch.stack(items)).unbind(0))
+        else:
+            projected = [self.project(f) for f in items]
+        for vis, q, c in zip(projected, questions, captions, strict=True):
             before, after = self._prompt_ids(q, c, prompt_format)
             plain_before, plain_after = self._prompt_ids(q, None, prompt_format) if c else (before, after)
             ids = torch.tensor(before + after, device=dev)
             text = embed(ids)
-            vis = self.project(feats)
             seqs.append(torch.cat([text[: len(before)], vis, text[len(before) :]]))
             starts.append(len(before))
             n_vis.append(vis.shape[0])
@@ -345,7 +358,8 @@ class LlavaEngine:
                 else:
                     fastv = FastVSpec(layer=fastv_layer, keep=keeps[0])
 
-        logits, state = self.runner.prefill(embeds, mask, image_start, image_len, fastv)
+        logits, state = self.runner.prefill(embeds, mask, image_start, image_len, fastv,
+                                            max_new_tokens=max(max_new_tokens - 1, 0))
         if (
             self.keep_last_state
         ):  # for inspection (KV lengths, FastV's kept positions); off: it holds the cache
@@ -398,7 +412,7 @@ class LlavaEngine:
                 f["total"] += own - f["pruner"]
                 f["pruner"] = own
         texts = [self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in out]
-        return GenerationResult(texts, lengths, [len(o) for o in out], flops, out)
+        return GenerationResult(texts, lengths, [len(o) for o in out], flops, out, [width - n for n in lengths])
 
     # -- both halves -------------------------------------------------------------------------------
 

@@ -7,9 +7,12 @@ the head-averaged attention of the last prompt token ranks the image tokens, and
 hidden states *and* those layers' KV caches hold only the top-k image tokens (plus all text), with
 their original position ids. Layers < K keep the full cache, as in FastV where they saw every token.
 
-The attention below is LLaMA's eager attention, written out so that one layer's attention
-probabilities are available without ``output_attentions`` over the whole model. For ``fastv=None``
-the loop reproduces ``LlavaForConditionalGeneration``'s logits (tested).
+Attention is ``scaled_dot_product_attention`` in every layer (fused kernels where the device has them);
+the one probability row FastV reads is computed on its own from layer K-1's q and K, so no
+``output_attentions`` over the whole model and no [Q, S] matrix. The KV cache is preallocated (prompt +
+new tokens) and written in place. ``attention="eager"`` writes LLaMA's eager attention out instead: the
+reference the fused path is tested against. For ``fastv=None`` the loop reproduces
+``LlavaForConditionalGeneration``'s logits (tested).
 """
 
 from __future__ import annotations
@@ -17,12 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 from actors.pruners import select_topk
 from kernels.compact import compact_rows
 from kernels.token_scores import head_mean_query_scores as head_mean_last_query
+
+ATTENTIONS = ("sdpa", "eager")
 
 
 def tp_head_mean(local_mean: Tensor, local_heads: int, heads: int) -> Tensor:
@@ -61,34 +67,83 @@ class FastVSpec:
 
 @dataclass
 class DecoderState:
-    """Per-layer KV caches and key-validity masks (layers before and after FastV's cut differ in length)."""
+    """Per-layer preallocated KV caches and key-validity masks (layers before and after FastV's cut differ in
+    length). Buffers hold ``capacity`` slots; the first ``lengths[l]`` are filled."""
 
-    keys: list[Tensor]  # [B, Hkv, S_l, hd]
-    values: list[Tensor]
-    masks: list[Tensor]  # [B, S_l] bool, True = a real token
+    key_cache: list[Tensor]  # [B, Hkv, capacity_l, hd]
+    value_cache: list[Tensor]
+    mask_cache: list[Tensor]  # [B, capacity_l] bool, True = a real token; one object per layer group
+    lengths: list[int]  # filled slots per layer
     next_pos: Tensor  # [B] position id of the next token
+    padded: list[bool]  # per layer: does its prompt hold left padding (decode steps then need a mask)
     fastv_positions: Tensor | None = None  # [B, L'] padded-sequence positions kept from FastV's layer on
+
+    @property
+    def keys(self) -> list[Tensor]:
+        """Filled keys per layer [B, Hkv, S_l, hd] (views of the buffers)."""
+        return [k[:, :, :n] for k, n in zip(self.key_cache, self.lengths, strict=True)]
+
+    @property
+    def values(self) -> list[Tensor]:
+        return [v[:, :, :n] for v, n in zip(self.value_cache, self.lengths, strict=True)]
+
+    @property
+    def masks(self) -> list[Tensor]:
+        return [m[:, :n] for m, n in zip(self.mask_cache, self.lengths, strict=True)]
+
+
+def _mask_buffer(mask: Tensor, extra: int) -> Tensor:
+    """[B, S + extra] bool: ``mask`` then ``extra`` slots not yet filled (False)."""
+    buf = torch.zeros(mask.shape[0], mask.shape[1] + extra, dtype=torch.bool, device=mask.device)
+    buf[:, : mask.shape[1]] = mask
+    return buf
+
+
+def _additive(allowed: Tensor | None, q_len: int, s: int, dtype: torch.dtype, device) -> Tensor:
+    """The eager path's additive mask [B|1, 1, Q, S] from ``allowed`` (None: causal, bottom-right aligned)."""
+    if allowed is None:
+        q_pos = torch.arange(s - q_len, s, device=device)[:, None]
+        allowed = (torch.arange(s, device=device)[None, :] <= q_pos)[None, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class LlamaDecoderRunner:
-    """Prefill + cached decode over a ``LlamaModel``'s layers (eager attention), FastV optional."""
+    """Prefill + cached decode over a ``LlamaModel``'s layers, FastV/DART optional.
 
-    def __init__(self, language_model: nn.Module, lm_head: nn.Module):
+    ``attention``: "sdpa" (default: ``scaled_dot_product_attention`` in every layer, the fused flash /
+    memory-efficient kernels where the device has them) or "eager" (the score matrix written out, LLaMA's
+    eager attention: the reference the fused path is tested against). Either way the one attention row an
+    in-LLM pruner reads (FastV: the last prompt token's, layer K-1) is computed on its own from that layer's
+    q and K, so no layer materialises a [Q, S] probability matrix for it.
+
+    The KV cache is preallocated per batch (``DecoderState``): prompt length (after the cut, for layers
+    past it) plus ``max_new_tokens`` slots, written in place at every decode step.
+    """
+
+    def __init__(self, language_model: nn.Module, lm_head: nn.Module, *, attention: str = "sdpa"):
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.lm = language_model
         self.lm_head = lm_head
         self.layers = list(language_model.layers)
+        self.attention = attention
 
     # -- one layer -----------------------------------------------------------------------------------
 
-    @staticmethod
     def _layer(
+        self,
         layer: nn.Module,
         hidden: Tensor,
         cos_sin: tuple[Tensor, Tensor],
-        bias: Tensor,
-        past: tuple[Tensor, Tensor] | None,
+        allowed: Tensor | None,
+        cache: tuple[Tensor, Tensor, int] | None,
         want_last_probs: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """One decoder layer. ``allowed``: bool [B, 1, Q, S] keys each query may see (None: causal over
+        equal-length rows, no padding). ``cache``: (K, V, n) preallocated [B, Hkv, cap, hd] buffers holding
+        ``n`` earlier positions; this step's k/v are written at ``n`` onwards and attention reads the first
+        ``n + Q``. Returns (hidden, k, v, last-row probs [B, H, S] or None); k/v: the keys and values the
+        layer attended over (the cache view when ``cache`` is given)."""
         attn = layer.self_attn
         b, q_len, _ = hidden.shape
         x = layer.input_layernorm(hidden)
@@ -97,31 +152,49 @@ class LlamaDecoderRunner:
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, *cos_sin)
-        if past is not None:
-            k = torch.cat([past[0], k], dim=2)
-            v = torch.cat([past[1], v], dim=2)
-        scores = torch.matmul(q, repeat_kv(k, attn.num_key_value_groups).transpose(2, 3)) * attn.scaling
-        probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.matmul(probs, repeat_kv(v, attn.num_key_value_groups))
+        if cache is not None:
+            k_buf, v_buf, n = cache
+            k_buf[:, :, n : n + q_len] = k
+            v_buf[:, :, n : n + q_len] = v
+            k, v = k_buf[:, :, : n + q_len], v_buf[:, :, : n + q_len]
+        groups = q.shape[1] // k.shape[1]
+        if self.attention == "sdpa":
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=allowed, is_causal=allowed is None and q_len > 1, scale=attn.scaling,
+                enable_gqa=groups > 1)
+        else:
+            scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
+            probs = torch.softmax(scores + _additive(allowed, q_len, k.shape[2], q.dtype, q.device), dim=-1,
+                                  dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, repeat_kv(v, groups))
         out = attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
         hidden = hidden + out
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-        return hidden, k, v, (probs[:, :, -1, :] if want_last_probs else None)
+        last = None
+        if want_last_probs:  # the one row FastV reads: last query against every key, on its own
+            scores = torch.matmul(q[:, :, -1:], repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
+            row_mask = None if allowed is None else allowed[:, :, -1:]
+            last = torch.softmax(scores + _additive(row_mask, 1, k.shape[2], q.dtype, q.device), dim=-1,
+                                 dtype=torch.float32).to(q.dtype)[:, :, 0]
+        return hidden, k, v, last
 
     @staticmethod
-    def _bias(key_mask: Tensor, q_len: int, dtype: torch.dtype) -> Tensor:
-        """Additive mask [B, 1, Q, S]: causal over the last Q keys, padding keys hidden.
+    def _allowed(key_mask: Tensor, q_len: int, padded: bool | None = None) -> Tensor | None:
+        """Bool [B, 1, Q, S]: causal over the last Q keys, padding keys hidden; None when no key is padding
+        (then causal attention needs no mask: the fused kernels' fastest path). ``padded``: whether any key
+        is padding, when the caller knows (saves a device sync per decode step).
 
         Every row may see itself, so fully padded (left-pad) query rows stay finite.
         """
+        if padded is None:
+            padded = not bool(key_mask.all())
+        if not padded:
+            return None
         s = key_mask.shape[1]
         q_pos = torch.arange(s - q_len, s, device=key_mask.device)[:, None]
         k_pos = torch.arange(s, device=key_mask.device)[None, :]
         allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
-        allowed = allowed | (k_pos == q_pos)[None]
-        return torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min
-        )[:, None]
+        return (allowed | (k_pos == q_pos)[None])[:, None]
 
     # -- prefill -------------------------------------------------------------------------------------
 
@@ -133,15 +206,18 @@ class LlamaDecoderRunner:
         image_start: Tensor,
         image_len: Tensor,
         fastv: FastVSpec | None = None,
+        *,
+        max_new_tokens: int = 0,
     ) -> tuple[Tensor, DecoderState]:
-        """Left-padded ``embeds`` [B, L, d] with ``mask`` [B, L] -> (last-position logits [B, V], state)."""
-        dtype = embeds.dtype
+        """Left-padded ``embeds`` [B, L, d] with ``mask`` [B, L] -> (last-position logits [B, V], state).
+
+        ``max_new_tokens``: cache slots reserved past the prompt (decoding further grows the cache)."""
         pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
         next_pos = pos[:, -1] + 1
         hidden = embeds
         cos_sin = self.lm.rotary_emb(hidden, pos)
-        bias = self._bias(mask, hidden.shape[1], dtype)
-        keys, values, masks = [], [], []
+        allowed = self._allowed(mask, hidden.shape[1])
+        keys, values, masks, lengths, padded = [], [], [], [], []
         probs_last = None
         cut = fastv.layer if fastv is not None else -1
         keep_idx = None
@@ -150,9 +226,11 @@ class LlamaDecoderRunner:
         if fastv is not None and fastv.rule not in ("fastv", "dart"):
             raise ValueError(f"unknown in-LLM rule {fastv.rule!r}")
         dart = fastv is not None and fastv.rule == "dart"
+        mask_buf = _mask_buffer(mask, max_new_tokens)
         for i, layer in enumerate(self.layers):
             if i == cut and dart:
-                keep_idx = self._dart_keep_positions(hidden, keys[cut - 1], image_start, image_len, fastv)
+                keep_idx = self._dart_keep_positions(hidden, keys[cut - 1][:, :, : lengths[cut - 1]], image_start,
+                                                     image_len, fastv)
             elif i == cut:
                 heads = self.layers[cut - 1].self_attn.config.num_attention_heads
                 keep_idx = self._fastv_keep_positions(probs_last, image_start, image_len, fastv.keep, heads)
@@ -161,13 +239,28 @@ class LlamaDecoderRunner:
                 mask = torch.gather(mask, 1, keep_idx)
                 pos = torch.gather(pos, 1, keep_idx)
                 cos_sin = self.lm.rotary_emb(hidden, pos)
-                bias = self._bias(mask, hidden.shape[1], dtype)
-            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, bias, None, i == cut - 1 and not dart)
-            keys.append(k)
-            values.append(v)
-            masks.append(mask)
+                allowed = self._allowed(mask, hidden.shape[1])
+                mask_buf = _mask_buffer(mask, max_new_tokens)
+            seq = hidden.shape[1]
+            k_buf, v_buf = self._kv_buffers(layer, hidden, seq + max_new_tokens)
+            hidden, _, _, probs_last = self._layer(layer, hidden, cos_sin, allowed, (k_buf, v_buf, 0),
+                                                   i == cut - 1 and not dart)
+            keys.append(k_buf)
+            values.append(v_buf)
+            masks.append(mask_buf)
+            lengths.append(seq)
+            padded.append(allowed is not None)
         logits = self.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0]
-        return logits, DecoderState(keys, values, masks, next_pos, keep_idx)
+        return logits, DecoderState(keys, values, masks, lengths, next_pos, padded, keep_idx)
+
+    @staticmethod
+    def _kv_buffers(layer: nn.Module, hidden: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+        """Empty [B, Hkv, capacity, hd] key and value buffers for ``layer`` (Hkv: this rank's kv heads)."""
+        attn = layer.self_attn
+        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim  # local heads under tensor parallelism
+        shape = (hidden.shape[0], kv_heads, capacity, attn.head_dim)
+        return (torch.empty(shape, dtype=hidden.dtype, device=hidden.device),
+                torch.empty(shape, dtype=hidden.dtype, device=hidden.device))
 
     @staticmethod
     def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int,
@@ -186,15 +279,20 @@ class LlamaDecoderRunner:
 
     @staticmethod
     def _keep_positions(kept: Tensor, start: Tensor, length: Tensor, seq_len: int, device) -> Tensor:
-        """Kept image offsets [B, k] (ascending, -1 padded) -> [B, L'] positions: all text + those images."""
-        rows = []
-        for b in range(kept.shape[0]):
-            s, n = int(start[b]), int(length[b])
-            img = kept[b][kept[b] >= 0] + s
-            rows.append(torch.cat([torch.arange(s), img.cpu(), torch.arange(s + n, seq_len)]))
-        if any(len(r) != len(rows[0]) for r in rows):
+        """Kept image offsets [B, k] (ascending, -1 padded) -> [B, L'] positions: all text + those images.
+
+        On the device, without a per-row loop (no host round trip per row)."""
+        kept, start, length = kept.to(device), start.to(device), length.to(device)
+        pos = torch.arange(seq_len, device=device)[None]
+        image = (pos >= start[:, None]) & (pos < (start + length)[:, None])
+        keep = ~image
+        rows = torch.arange(kept.shape[0], device=device)[:, None].expand_as(kept)
+        valid = kept >= 0
+        keep[rows[valid], (kept + start[:, None])[valid]] = True
+        counts = keep.sum(1)
+        if bool((counts != counts[0]).any()):
             raise ValueError("FastV rows must drop the same number of tokens (equal image counts and budget)")
-        return torch.stack(rows).to(device)
+        return keep.nonzero()[:, 1].view(kept.shape[0], -1)
 
     def _dart_keep_positions(self, hidden: Tensor, keys: Tensor, start: Tensor, length: Tensor,
                              spec: FastVSpec) -> Tensor:
@@ -217,25 +315,41 @@ class LlamaDecoderRunner:
 
     # -- decode --------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _reserve(state: DecoderState, steps: int) -> None:
+        """Make room for ``steps`` more tokens in every layer's buffers (grows by at least a doubling, so a
+        caller decoding past ``max_new_tokens`` pays amortised O(1) copies per step)."""
+        grown: dict[int, Tensor] = {}
+        for i, k in enumerate(state.key_cache):
+            n, cap = state.lengths[i], k.shape[2]
+            if n + steps <= cap:
+                continue
+            extra = max(n + steps - cap, cap)
+            pad = k.new_empty(k.shape[0], k.shape[1], extra, k.shape[3])
+            state.key_cache[i] = torch.cat([k, pad], dim=2)
+            state.value_cache[i] = torch.cat([state.value_cache[i], pad.clone()], dim=2)
+            m = state.mask_cache[i]
+            if id(m) not in grown:
+                grown[id(m)] = torch.cat([m, m.new_zeros(m.shape[0], extra)], dim=1)
+            state.mask_cache[i] = grown[id(m)]
+
     @torch.no_grad()
     def decode_step(self, embeds: Tensor, state: DecoderState) -> Tensor:
-        """One cached step for new-token embeddings [B, 1, d] -> logits [B, V]; ``state`` grows by one."""
+        """One cached step for new-token embeddings [B, 1, d] -> logits [B, V]; written into ``state`` in place."""
+        self._reserve(state, 1)
         hidden = embeds
         pos = state.next_pos[:, None]
         cos_sin = self.lm.rotary_emb(hidden, pos)
-        ones = torch.ones(embeds.shape[0], 1, dtype=torch.bool, device=embeds.device)
-        # layers share one mask object per group (before / after FastV's cut): grow and bias each once
-        grown: dict[int, tuple[Tensor, Tensor]] = {}
-        for m in state.masks:
-            if id(m) not in grown:
-                m2 = torch.cat([m, ones], dim=1)
-                grown[id(m)] = (m2, self._bias(m2, 1, hidden.dtype))
-        biases = [grown[id(m)][1] for m in state.masks]
-        state.masks = [grown[id(m)][0] for m in state.masks]
+        # layers share one mask buffer per group (before / after the cut): mark the new slot once per group
+        allowed: dict[int, Tensor | None] = {}
+        for m, n, pad in zip(state.mask_cache, state.lengths, state.padded, strict=True):
+            if id(m) not in allowed:
+                m[:, n] = True
+                allowed[id(m)] = self._allowed(m[:, : n + 1], 1, pad)
         for i, layer in enumerate(self.layers):
-            past = (state.keys[i], state.values[i])
-            hidden, state.keys[i], state.values[i], _ = self._layer(
-                layer, hidden, cos_sin, biases[i], past, False
-            )
+            n = state.lengths[i]
+            cache = (state.key_cache[i], state.value_cache[i], n)
+            hidden = self._layer(layer, hidden, cos_sin, allowed[id(state.mask_cache[i])], cache, False)[0]
+            state.lengths[i] = n + 1
         state.next_pos = state.next_pos + 1
         return self.lm_head(self.lm.norm(hidden))[:, 0]

@@ -14,6 +14,8 @@ output) minus CLS. The loop below runs the encoder layers itself and, on the way
   PruMerge+'s text-guided picks compare with the question (``project_tokens``); then every layer runs.
 
 Layers after the ones needed are skipped: no ``output_attentions`` over the whole tower, no second pass.
+Every layer runs fused attention (``scaled_dot_product_attention``); the CLS row the pruners read is
+computed on its own from the feature layer's q and K.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.token_scores import cls_attention_scores
@@ -68,9 +71,14 @@ def feature_layer_count(num_layers: int, feature_layer: int) -> int:
     return n
 
 
-def _attention_with_probs(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One CLIPEncoderLayer forward (eager): (output, probs [B,H,T,T], q [B,T,D], k [B,T,D]) with q/k the
-    raw ``q_proj``/``k_proj`` outputs (biases included, no scaling), as a forward hook on them sees them."""
+def _clip_layer(layer: nn.Module, hidden: Tensor, *, attention: str = "sdpa",
+                cls_row: bool = False) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
+    """One CLIPEncoderLayer forward: (output, CLS row probs [B, H, T] or None, q [B,T,D], k [B,T,D]) with q/k
+    the raw ``q_proj``/``k_proj`` outputs (biases included, no scaling), as a forward hook on them sees them.
+
+    ``attention``: "sdpa" (``scaled_dot_product_attention``: fused kernels where the device has them) or
+    "eager" (the [T, T] matrix written out; the reference). ``cls_row``: the CLS query's attention
+    probabilities, computed on their own from q and K (the pruners read only that row)."""
     attn = layer.self_attn
     b, t, d = hidden.shape
     heads, hd = attn.num_heads, attn.head_dim
@@ -80,13 +88,21 @@ def _attention_with_probs(layer: nn.Module, hidden: Tensor) -> tuple[Tensor, Ten
     q = q_flat.view(b, t, heads, hd).transpose(1, 2)
     k = k_flat.view(b, t, heads, hd).transpose(1, 2)
     v = attn.v_proj(x).view(b, t, heads, hd).transpose(1, 2)
-    probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1, dtype=torch.float32).to(
-        q.dtype
-    )
-    out = torch.matmul(probs, v).transpose(1, 2).reshape(b, t, d)
-    hidden = hidden + attn.out_proj(out)
+    if attention == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    elif attention == "eager":
+        probs = torch.softmax(torch.matmul(q, k.transpose(-1, -2)) * attn.scale, dim=-1,
+                              dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(probs, v)
+    else:
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    hidden = hidden + attn.out_proj(out.transpose(1, 2).reshape(b, t, d))
     hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
-    return hidden, probs, q_flat, k_flat
+    cls = None
+    if cls_row:
+        cls = torch.softmax(torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * attn.scale, dim=-1,
+                            dtype=torch.float32).to(q.dtype)[:, :, 0]
+    return hidden, cls, q_flat, k_flat
 
 
 def single_head_cls_score(q_cls: Tensor, k: Tensor) -> Tensor:
@@ -127,6 +143,7 @@ def encode_images(
     select_strategy: str = "default",
     projection: nn.Module | None = None,
     next_layer_score: bool = True,
+    attention: str = "sdpa",
 ) -> VisionBatch:
     """Run a ``CLIPVisionModel`` once; features, CLS attention and head-mean keys of ``feature_layer``.
 
@@ -135,7 +152,7 @@ def encode_images(
     given, since then the next layer runs in full. If the feature layer is the LAST layer there is no
     next layer: the score then falls back to the feature layer's own q/k projections.
     ``projection``: compute ``projected`` [B, N, P] (``project_tokens`` on the last layer's output; every
-    layer runs).
+    layer runs). ``attention``: "sdpa" (default) or "eager" (the reference), see ``_clip_layer``.
     """
     if select_strategy != "default":
         raise ValueError("only vision_feature_select_strategy='default' (CLS dropped) is supported")
@@ -145,21 +162,21 @@ def encode_images(
     hidden = vision_tower.embeddings(pixel_values.to(dtype))
     hidden = vision_tower.pre_layrnorm(hidden)
     for layer in layers[: n_run - 1]:
-        hidden = layer(hidden, None)
-    hidden, probs, q_flat, k_flat = _attention_with_probs(layers[n_run - 1], hidden)
+        hidden = _clip_layer(layer, hidden, attention=attention)[0]
+    hidden, cls_probs, q_flat, k_flat = _clip_layer(layers[n_run - 1], hidden, attention=attention, cls_row=True)
     b, t, _ = k_flat.shape
     heads = layers[n_run - 1].self_attn.num_heads
-    cls_attention = cls_attention_scores(probs[:, :, 0, 1:])  # Triton on CUDA, reference on CPU
+    cls_attention = cls_attention_scores(cls_probs[:, :, 1:])  # Triton on CUDA, reference on CPU
     score = projected = None
     if n_run == len(layers):  # no next layer: the feature layer's own q/k (already computed)
         last = hidden
         if next_layer_score or projection is not None:
             score = single_head_cls_score(q_flat[:, :1], k_flat)
     elif projection is not None:  # the next layer runs in full: take its q/k on the way
-        last, _, q_next, k_next = _attention_with_probs(layers[n_run], hidden)
+        last, _, q_next, k_next = _clip_layer(layers[n_run], hidden, attention=attention)
         score = single_head_cls_score(q_next[:, :1], k_next)
         for layer in layers[n_run + 1 :]:
-            last = layer(last, None)
+            last = _clip_layer(layer, last, attention=attention)[0]
     elif next_layer_score:
         score = next_layer_cls_score(layers[n_run], hidden)
     if projection is not None:

@@ -34,7 +34,7 @@ DEFAULT_MODEL = "models/shapes/lvlm"
 LLM_KEYS = ("projector", "llm_prefill", "llm_decode")
 
 
-def load_engine(name: str) -> LlavaEngine:
+def load_engine(name: str, dtype: torch.dtype = torch.bfloat16) -> LlavaEngine:
     if name == "tiny":  # the size of the project's CPU-trained models (NOTES: 128-d tower x5, LLaMA 128-d x4)
         model, processor = build_tiny_llava(
             vision_hidden=128,
@@ -47,14 +47,14 @@ def load_engine(name: str) -> LlavaEngine:
         )
         model.config._attn_implementation = "eager"
         return LlavaEngine(model, processor, model_id="tiny-random")
-    if name == "llava7b-2l":  # LLaVA-1.5-7B widths, 2 vision + 2 LLM layers, random bf16 weights
+    if name == "llava7b-2l":  # LLaVA-1.5-7B widths, 2 vision + 2 LLM layers, random weights
         tok = build_tokenizer()
         config = llava_config(
             image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=2,
             vision_heads=16, text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32,
             vocab_size=32064, image_token_index=tok.convert_tokens_to_ids("<image>"),
         )  # fmt: skip
-        model = fast_random_llava(config, dtype=torch.bfloat16)
+        model = fast_random_llava(config, dtype=dtype)
         return LlavaEngine(model, build_processor(tok, image_size=336, patch=14), model_id=name)
     return LlavaEngine.from_pretrained(name)
 
@@ -71,11 +71,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fastv-layer", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16",
+                        help="llava7b-2l's weights: bf16 (default, LLaVA-1.5's dtype; half the memory traffic of the "
+                        "weight-bound decode steps) or fp32 (what the job runs on CPU by default)")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="the engine's attention: fused (default) or the eager reference")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    engine = load_engine(args.model)
+    engine = load_engine(args.model, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    if args.attention != engine.attention:
+        engine = LlavaEngine(engine.model, engine.processor, model_id=engine.model_id, attention=args.attention)
     n_layers = engine.config.text_config.num_hidden_layers
     fastv_layer = min(args.fastv_layer, n_layers - 1)
     items = [make_item(7, "test", i) for i in range(args.batch)]
@@ -84,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     keep = resolve_keep_tokens(engine.num_patches, prune_rate=args.prune_rate)
     print(
         f"model={engine.model_id} batch={args.batch} visual tokens {engine.num_patches} -> {keep} "
-        f"(prune rate {args.prune_rate}), new tokens {args.new_tokens}, FastV layer {fastv_layer}/{n_layers}, "
-        f"threads {torch.get_num_threads()}, dtype {engine.dtype}"
+        f"(prune rate {args.prune_rate}), new tokens {args.new_tokens}, FastV/DART layer {fastv_layer}/{n_layers}, "
+        f"threads {torch.get_num_threads()}, dtype {engine.dtype}, attention {engine.attention}"
     )
 
     runs, results = {}, {}
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         def run(method=method, pruned=pruned, captions=captions):
             return engine.generate(
                 pruned.retained, questions, captions, method=method, keep_tokens=keep,
-                fastv_layer=fastv_layer, max_new_tokens=args.new_tokens, ignore_eos=True,
+                fastv_layer=fastv_layer, dart_layer=fastv_layer, max_new_tokens=args.new_tokens, ignore_eos=True,
             )  # fmt: skip
 
         runs[method] = run

@@ -21,6 +21,7 @@ ACCM_BASES = ("prumerge_plus", "cdpruner", "divprune", "visionzip", "random")  #
 CAPTION_METHODS = ("accm",)
 TEXT_PICK_METHODS = ("prumerge_plus", "accm")  # the methods whose pruner has text-guided picks
 CDPRUNER_SIGNS = ("code", "paper")
+DTYPES = ("bf16", "fp16", "fp32")  # --dtype
 DART_COUNTS = ("code", "budget")  # CDPruner's relevance: negated as its code does, or as its paper reads
 TEXT_PICKS = ("nearest", "farthest")
 EXPORTS = ("llava-answers",)
@@ -80,6 +81,7 @@ class JobConfig:
     num_candidates: int = 3
     max_new_tokens: int | None = None  # None: the task's length (LLaVA's evaluation scripts), else 8
     batch_size: int = 16
+    dtype: str | None = None  # DTYPES; None: bf16 on CUDA (LLaVA-1.5's own dtype), fp32 on CPU
     captioner_actors: tuple[int, int] = (1, 1)
     lvlm_actors: tuple[int, int] = (1, 1)
     captioner_gpus: float | None = None  # None: 0.5 when the cluster has GPUs, else 0
@@ -123,6 +125,8 @@ class JobConfig:
             self.prune_rate = None  # --keep-tokens overrides the (default) pruning rate
         if self.batch_size < 1:
             raise ValueError("--batch-size must be >= 1")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         from actors.prompt import CONVERSATIONS
 
         if self.conv not in CONVERSATIONS:
@@ -229,6 +233,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: the task's, "
      "as LLaVA's evaluation scripts set it; 8 without --task)."),
     ("--batch-size", "batch_size", int, "Rows per model batch in both tiers (default: 16)."),
+    ("--dtype", "dtype", str, "Model weights and activations: bf16, fp16 or fp32 (default: bf16 on CUDA, "
+     "LLaVA-1.5's own dtype; fp32 on CPU). An explicit value applies on either device."),
     ("--captioner-actors", "captioner_actors", str, "Captioner tier actor pool size MIN:MAX (default: 1:1)."),
     ("--lvlm-actors", "lvlm_actors", str, "LVLM tier actor pool size MIN:MAX (default: 1:1)."),
     ("--captioner-gpus", "captioner_gpus", float, "GPUs per captioner actor (default: 0.5 if the cluster "

@@ -144,6 +144,8 @@ FLOPS_COLUMNS = (
     "flops_reference_total",  # the same item without pruning or caption: the saving's denominator
 )
 LATENCY_COLUMNS = ("latency_decode_s", "latency_captioner_s", "latency_lvlm_s")
+# the row's own LLM input length and the left padding its model batch added (summary: padding_fraction)
+PREFILL_COLUMNS = ("prefill_tokens", "prefill_pad_tokens")
 
 OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("prediction", pa.string()),
@@ -161,6 +163,7 @@ OUTPUT_FIELDS: tuple[pa.Field, ...] = (
     pa.field("error", pa.string()),  # null when the row was processed fine
     *(pa.field(name, pa.float64()) for name in FLOPS_COLUMNS),
     *(pa.field(name, pa.float64()) for name in LATENCY_COLUMNS),
+    *(pa.field(name, pa.int32()) for name in PREFILL_COLUMNS),
     pa.field("lvlm_model", pa.string()),
     pa.field("captioner_model", pa.string()),
     pa.field("selector_model", pa.string()),

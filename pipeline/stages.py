@@ -24,7 +24,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import tasks
+from pipeline.batching import actor_threads, length_buckets
 from pipeline.config import IN_LLM_METHODS, JobConfig
+from pipeline.schema import PREFILL_COLUMNS
 
 log = logging.getLogger("accm.stages")
 
@@ -54,6 +56,7 @@ _FLOPS = ("flops_projector", "flops_llm_prefill", "flops_llm_decode", "flops_tot
 ANSWERED_SCHEMA = pa.schema([
     *(f for f in CAPTIONED_SCHEMA if f.name not in ("_retained", "_retained_shape", "question")),
     ("prediction", pa.string()), *((n, pa.float64()) for n in _FLOPS), ("latency_lvlm_s", pa.float64()),
+    *((n, pa.int32()) for n in PREFILL_COLUMNS),
 ])
 SCORED_SCHEMA = pa.schema([*(f for f in ANSWERED_SCHEMA if f.name != "_answers"), ("score", pa.float64())])
 
@@ -155,12 +158,13 @@ def _image(row: dict[str, Any]):
 # model loading
 
 
-def _device(num_gpus: float) -> tuple[str, Any]:
+def _device(num_gpus: float, dtype: str | None = None) -> tuple[str, Any]:
+    """(device, torch dtype) of a tier: ``dtype`` (--dtype) if given, else bf16 on CUDA and fp32 on CPU."""
     import torch
 
-    if num_gpus and torch.cuda.is_available():
-        return "cuda", torch.float16
-    return "cpu", torch.float32
+    device = "cuda" if num_gpus and torch.cuda.is_available() else "cpu"
+    name = dtype or ("bf16" if device == "cuda" else "fp32")
+    return device, {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
 def fetch_model(url: str, cfg: JobConfig, what: str) -> str:
@@ -191,7 +195,7 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
 
     worker_logging()
 
-    default_device, dtype = _device(num_gpus)
+    default_device, dtype = _device(num_gpus, cfg.dtype)
     device = device or default_device
     path = fetch_model(cfg.lvlm, cfg, what)
     t0 = time.perf_counter()
@@ -301,6 +305,7 @@ class CaptionerTier:
         torch.set_grad_enabled(False)
         set_retry_budget(cfg)
         self.cfg = cfg
+        actor_threads("captioner tier")
         self.engine = load_engine(cfg, num_gpus, "captioner tier", vision_only=True)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
 
@@ -492,6 +497,7 @@ class LVLMTier:
         torch.set_grad_enabled(False)
         set_retry_budget(cfg)
         self.cfg = cfg
+        actor_threads("LVLM tier")
         self.helpers: list[Any] = []  # tp ranks 1..N-1
         if cfg.lvlm_tp is None:
             self.engine = load_engine(cfg, num_gpus, "LVLM tier")
@@ -511,22 +517,38 @@ class LVLMTier:
         groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for r in rows:
             groups.setdefault((r.get("_method") or self.cfg.method, r["keep_tokens"]), []).append(r)
-        for (method, _), group in groups.items():
-            gen = self._generate(lvlm_inputs(group, method))
-            for i, r in enumerate(group):
-                f = gen.flops[i]
-                r["prediction"] = gen.texts[i].strip()
-                r["flops_projector"] = float(f.get("projector", 0.0))
-                r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
-                r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
-                if method in IN_LLM_METHODS:  # fastv / dart score inside the LLM: this tier ran their pruner
-                    r["flops_pruner"] = float(r["flops_pruner"] or 0.0) + float(f.get("pruner", 0.0))
-                # the captioner tier priced what it ran (tower, pruner, caption model, selector): the total is
-                # this tier's parts plus those, so the component columns add up to it
-                r["flops_total"] = (r["flops_projector"] + r["flops_llm_prefill"] + r["flops_llm_decode"]
-                                    + r["flops_vision"] + r["flops_pruner"] + r["flops_captioner"]
-                                    + r["flops_selector"])
-                r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
+        for (method, _), rows_of_setting in groups.items():
+            for group in self._buckets(rows_of_setting, method):
+                self._answer(group, method)
+
+    def _buckets(self, rows: list[dict[str, Any]], method: str) -> list[list[dict[str, Any]]]:
+        """Model batches of ``--batch-size`` rows of similar prompt length (pipeline.batching)."""
+        from actors.prompt import PromptFormat
+        from pipeline.config import CAPTION_METHODS
+
+        fmt = PromptFormat(self.cfg.conv, None if self.cfg.task else self.cfg.answer_suffix)
+        lengths = [len(self.engine.prompt_ids(r["question"], r.get("caption") if method in CAPTION_METHODS
+                                              else None, fmt)) for r in rows]
+        return [[rows[i] for i in b] for b in length_buckets(lengths, self.cfg.batch_size)]
+
+    def _answer(self, group: list[dict[str, Any]], method: str) -> None:
+        gen = self._generate(lvlm_inputs(group, method))
+        for i, r in enumerate(group):
+            f = gen.flops[i]
+            r["prediction"] = gen.texts[i].strip()
+            r["prefill_tokens"] = gen.prefill_tokens[i]
+            r["prefill_pad_tokens"] = gen.pad_tokens[i]
+            r["flops_projector"] = float(f.get("projector", 0.0))
+            r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
+            r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
+            if method in IN_LLM_METHODS:  # fastv / dart score inside the LLM: this tier ran their pruner
+                r["flops_pruner"] = float(r["flops_pruner"] or 0.0) + float(f.get("pruner", 0.0))
+            # the captioner tier priced what it ran (tower, pruner, caption model, selector): the total is
+            # this tier's parts plus those, so the component columns add up to it
+            r["flops_total"] = (r["flops_projector"] + r["flops_llm_prefill"] + r["flops_llm_decode"]
+                                + r["flops_vision"] + r["flops_pruner"] + r["flops_captioner"]
+                                + r["flops_selector"])
+            r["flops_reference_total"] = float(f.get("reference_total", float("nan")))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()

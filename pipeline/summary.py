@@ -19,7 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from pipeline.schema import FLOPS_COLUMNS, LATENCY_COLUMNS
+from pipeline.batching import padding_fraction
+from pipeline.schema import FLOPS_COLUMNS, LATENCY_COLUMNS, PREFILL_COLUMNS
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -77,7 +78,7 @@ def table_stats(table: pa.Table) -> dict[str, Any]:
             stats["score_sum"] += float(scores[i])
             per_type[0] += 1
             per_type[1] += float(scores[i])
-        for name in (*FLOPS_COLUMNS, *LATENCY_COLUMNS):
+        for name in (*FLOPS_COLUMNS, *LATENCY_COLUMNS, *PREFILL_COLUMNS):
             value = cols.get(name, [None] * n)[i]
             if not _missing(value):
                 acc = stats["means"].setdefault(name, [0.0, 0])
@@ -160,6 +161,9 @@ def summarize_stats(stats: dict[str, Any], *, run: dict[str, Any]) -> dict[str, 
         if flops.get("flops_total") and flops.get("flops_reference_total") else None,
         "flops_total": stats["flops_total_sum"],
         "latency_mean_s": latency,
+        # share of the LLM prefill's positions that were left padding (length buckets keep it small)
+        "padding_fraction": padding_fraction(stats_mean(stats, "prefill_tokens"),
+                                             stats_mean(stats, "prefill_pad_tokens")),
         "items_per_s": processed / wall if wall > 0 else None,
         "stats": stats,
     }

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from actors.cdpruner import cdpruner_flops, cdpruner_kernel, cdpruner_relevance, cdpruner_select
 from actors.divprune import divprune_flops, divprune_select
 from kernels.dpp_greedy import dpp_greedy_map
+from tests.flopcount import FlopCounterMode
 
 
 def _check_valid(idx: torch.Tensor, batch: int, n: int, keep: int) -> None:

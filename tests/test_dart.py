@@ -194,10 +194,10 @@ def test_engine_dart_selection_is_dart_select_on_layer_k_minus_1(engine: LlavaEn
     _, full = runner.prefill(embeds, mask, start, length, None)
     # hidden entering layer 2 = layers 0-1 of the unpruned run
     pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
-    hidden, cos_sin, bias = embeds, runner.lm.rotary_emb(embeds, pos), runner._bias(mask, width, embeds.dtype)
+    hidden, cos_sin, allowed = embeds, runner.lm.rotary_emb(embeds, pos), runner._allowed(mask, width)
     with torch.no_grad():
         for layer in runner.layers[:2]:
-            hidden = runner._layer(layer, hidden, cos_sin, bias, None, False)[0]
+            hidden = runner._layer(layer, hidden, cos_sin, allowed, None, False)[0]
         expect = dart_select(key_l1(full.keys[1]), runner.lm.norm(hidden), start, length, 8)
     got = torch.stack([p[(p >= s) & (p < s + 64)] - s for p, s in zip(state.fastv_positions, start, strict=True)])
     assert torch.equal(got, expect)

@@ -140,7 +140,7 @@ def test_caption_splice_changes_prompt(engine: LlavaEngine):
     assert cap.flops[0]["llm_prefill"] > plain.flops[0]["llm_prefill"]
 
 
-def test_fastv_compacts_hidden_and_kv(engine: LlavaEngine, images):
+def test_fastv_compacts_hidden_and_kv(engine: LlavaEngine, images, model_dir: str):
     pixels = engine.preprocess(images[:2])
     engine.keep_last_state = True
     try:
@@ -154,8 +154,11 @@ def test_fastv_compacts_hidden_and_kv(engine: LlavaEngine, images):
         # kept ranking == head-mean attention of the last token in layer K-1 (native, output_attentions)
         proc = engine.processor
         enc = proc(images=images[:1], text=[build_prompt(QUESTIONS[0])], return_tensors="pt")
-        with torch.no_grad():
-            att = engine.model(**enc, output_attentions=True).attentions[1][0, :, -1]  # layer K-1 = 1
+        from transformers import LlavaForConditionalGeneration
+
+        native = LlavaForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager")
+        with torch.no_grad():  # output_attentions needs the native model's eager attention
+            att = native(**enc, output_attentions=True).attentions[1][0, :, -1]  # layer K-1 = 1
         start = (enc["input_ids"][0] == engine.image_token_id).nonzero()[0, 0].item()
         top = att.mean(0)[start : start + 64].topk(8).indices.sort().values + start
         pad = width - res.prefill_tokens[0]
@@ -234,3 +237,83 @@ def test_vision_only_key_names_across_checkpoint_layouts(model_dir: str, tmp_pat
     save_file({k: v for k, v in weights.items() if "vision_tower" not in k}, str(broken / "model.safetensors"))
     with pytest.raises(ValueError, match="lacks"):
         load_llava_vision_only(str(broken), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def eager_engine(engine: LlavaEngine) -> LlavaEngine:
+    """The same weights through the written-out (eager) attention: the reference of the fused path."""
+    return LlavaEngine(engine.model, engine.processor, model_id="eager", attention="eager")
+
+
+def test_fused_vision_tower_equals_eager(engine: LlavaEngine, eager_engine: LlavaEngine, images):
+    pixels = engine.preprocess(images)
+    fused, ref = engine.encode_images(pixels), eager_engine.encode_images(pixels)
+    for name in ("patch_features", "cls_attention", "keys", "cls_feature"):
+        torch.testing.assert_close(getattr(fused, name), getattr(ref, name), rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(engine.cls_score(fused), eager_engine.cls_score(ref), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fused_llm_equals_eager_for_every_method(engine: LlavaEngine, eager_engine: LlavaEngine, images, method):
+    """SDPA prefill + decode (FastV's and DART's row scored on its own) == the eager reference: same tokens,
+    same kept positions, logits to float tolerance, on a left-padded batch with captions."""
+    # one pruned batch for both: the tower is compared above, and CDPruner's unconditional DPP (diag(S) = 1)
+    # breaks its first tie on float noise, which would make the two LLM inputs differ
+    pruned = engine.prune(engine.encode_images(engine.preprocess(images)), method, 8, IDS, QUESTIONS)
+    fused = engine.generate(pruned.retained, QUESTIONS, CAPTIONS, method=method, keep_tokens=8, max_new_tokens=10)
+    ref = eager_engine.generate(pruned.retained, QUESTIONS, CAPTIONS, method=method, keep_tokens=8,
+                                max_new_tokens=10)
+    assert fused.token_ids == ref.token_ids
+    assert fused.pad_tokens == ref.pad_tokens and max(fused.pad_tokens) > 0 and min(fused.pad_tokens) == 0
+    for eng in (engine, eager_engine):
+        eng.keep_last_state = True
+    try:
+        engine.generate(pruned.retained, QUESTIONS, CAPTIONS, method=method, keep_tokens=8, max_new_tokens=3)
+        eager_engine.generate(pruned.retained, QUESTIONS, CAPTIONS, method=method, keep_tokens=8, max_new_tokens=3)
+        a, b = engine.last_state, eager_engine.last_state
+        assert (a.fastv_positions is None) == (b.fastv_positions is None)
+        if a.fastv_positions is not None:
+            assert torch.equal(a.fastv_positions, b.fastv_positions)
+        assert a.lengths == b.lengths
+        for ka, kb, ma, mb in zip(a.keys, b.keys, a.masks, b.masks, strict=True):
+            assert torch.equal(ma, mb)
+            torch.testing.assert_close(ka[ma[:, None, :, None].expand_as(ka)], kb[mb[:, None, :, None].expand_as(kb)],
+                                       rtol=1e-4, atol=1e-5)
+    finally:
+        for eng in (engine, eager_engine):
+            eng.keep_last_state, eng.last_state = False, None
+
+
+def test_kv_cache_is_preallocated_and_written_in_place(engine: LlavaEngine, images):
+    """Prefill reserves prompt + new-token slots; decode steps write into them (no reallocation); a caller
+    decoding past the reservation still gets the same tokens (the cache grows)."""
+    pixels = engine.preprocess(images[:3])
+    vision = engine.encode_images(pixels)
+    emb = engine.model.get_input_embeddings()
+    res = engine.generate(vision.patch_features, QUESTIONS[:3], max_new_tokens=6, ignore_eos=True)
+    b, width = 3, max(res.prefill_tokens)
+    seqs = []
+    for i in range(b):
+        before, after = engine._prompt_ids(QUESTIONS[i], None)
+        seqs.append(torch.cat([emb(torch.tensor(before)), engine.project(vision.patch_features[i]),
+                               emb(torch.tensor(after))]))
+    embeds = torch.zeros(b, width, seqs[0].shape[-1])
+    mask = torch.zeros(b, width, dtype=torch.bool)
+    starts = []
+    for i, s in enumerate(seqs):
+        embeds[i, width - len(s):], mask[i, width - len(s):] = s, True
+        starts.append(width - len(s) + len(engine._prompt_ids(QUESTIONS[i], None)[0]))
+    for reserve in (5, 1):  # 5: every step fits; 1: steps 2.. grow the buffers
+        logits, state = engine.runner.prefill(embeds, mask, torch.tensor(starts), torch.tensor([64] * b),
+                                              max_new_tokens=reserve)
+        assert all(k.shape[2] == width + reserve for k in state.key_cache)
+        ptrs = [k.data_ptr() for k in state.key_cache]
+        tokens = []
+        for step in range(6):
+            if step:
+                logits = engine.runner.decode_step(emb(tokens[-1])[:, None], state)
+                assert state.lengths == [width + step] * len(state.lengths)
+                if step <= reserve:
+                    assert [k.data_ptr() for k in state.key_cache] == ptrs
+            tokens.append(logits.argmax(-1))
+        assert torch.stack(tokens, 1).tolist() == res.token_ids

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
+
+from tests.flopcount import FlopCounterMode
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
@@ -23,8 +24,7 @@ def engine() -> LlavaEngine:
     model, processor = build_tiny_llava(
         vision_layers=3, text_hidden=96, text_layers=4, heads=4, kv_heads=2, seed=5, init_std=0.2
     )
-    model.config._attn_implementation = "eager"
-    return LlavaEngine(model, processor)
+    return LlavaEngine(model, processor)  # fused attention: counted via tests.flopcount
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from transformers import (  # noqa: E402
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -26,6 +25,7 @@ from transformers import (  # noqa: E402
 from transformers.models.clip.modeling_clip import CLIPEncoder  # noqa: E402
 
 from pipeline import flops  # noqa: E402
+from tests.flopcount import FlopCounterMode  # noqa: E402
 
 # The contract is 2%; both sides count exactly the same matmuls, so they agree to rounding and a tight
 # tolerance also catches off-by-one KV lengths (one cached position is ~0.2% of a small decode step).

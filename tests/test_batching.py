@@ -1,0 +1,87 @@
+"""Length buckets and per-actor threads (pipeline.batching), and the LVLM tier batching by them."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pyarrow as pa
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pipeline.batching import actor_threads, length_buckets, padding_fraction  # noqa: E402
+
+
+def test_length_buckets_sort_stably_and_cut_at_the_batch_size():
+    lengths = [30, 5, 30, 7, 5, 90, 6]
+    buckets = length_buckets(lengths, 3)
+    assert buckets == [[1, 4, 6], [3, 0, 2], [5]]
+    assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+    assert length_buckets([4] * 5, 2) == [[0, 1], [2, 3], [4]]  # equal lengths keep arrival order
+    assert length_buckets([], 4) == []
+    with pytest.raises(ValueError):
+        length_buckets([1], 0)
+
+
+def test_padding_fraction():
+    assert padding_fraction(90.0, 10.0) == pytest.approx(0.1)
+    assert padding_fraction(None, 1.0) is None and padding_fraction(0.0, 0.0) is None
+
+
+def test_actor_threads_follow_the_ray_cpu_share(ray_session):
+    import ray
+
+    @ray.remote
+    class Probe:
+        def threads(self) -> int:
+            return actor_threads("probe")
+
+    for cpus, want in ((0.5, 1), (1.0, 1), (2.0, 2)):
+        probe = Probe.options(num_cpus=cpus).remote()
+        assert ray.get(probe.threads.remote()) == want, cpus
+        ray.kill(probe)
+
+
+def _rows(n: int) -> pa.Table:
+    from pipeline.shapes import make_item, render
+
+    rows = []
+    for i in range(n):
+        item = make_item(11, "test", i)
+        buf = io.BytesIO()
+        render(item.objects).save(buf, format="PNG")
+        pad = " ".join(["please"] * (25 if i % 2 else 0))  # short and long prompts, interleaved
+        rows.append({"id": f"q{i}", "image": buf.getvalue(), "question": f"{pad} {item.question}".strip(),
+                     "answers": [item.answer] * 10, "path": "in.parquet"})
+    return pa.Table.from_pylist(rows)
+
+
+def test_lvlm_tier_buckets_by_prompt_length_and_answers_each_row_as_alone(tmp_path):
+    """A block of interleaved short and long prompts: the tier batches short with short (less padding than
+    the arrival order would have), and every row's answer equals its answer in a batch of its own."""
+    import torch
+
+    from actors.tiny import build_tiny_llava
+    from pipeline.config import JobConfig
+    from pipeline.stages import CaptionerTier, LVLMTier, decode_batch
+
+    build_tiny_llava(tmp_path / "lvlm", text_layers=2, seed=4, init_std=0.2)
+    table = _rows(8)
+    with torch.enable_grad():  # the tiers switch autograd off for their process: keep it to this block
+        answers = {}
+        for batch_size in (4, 1):
+            cfg = JobConfig(input=str(tmp_path), output=str(tmp_path / "out"), method="random", lvlm=str(
+                tmp_path / "lvlm"), captioner=None, selector=None, batch_size=batch_size, max_new_tokens=4,
+                accm_fallback=False).validate()
+            decoded = decode_batch(table, max_pixels=cfg.max_pixels, shard_names={"in.parquet": "in.parquet"})
+            answers[batch_size] = LVLMTier(cfg)(CaptionerTier(cfg)(decoded)).to_pylist()
+    bucketed, alone = answers[4], answers[1]
+    assert [r["id"] for r in bucketed] == [r["id"] for r in alone] == [f"q{i}" for i in range(8)]
+    assert all(r["error"] is None for r in bucketed)
+    assert [r["prediction"] for r in bucketed] == [r["prediction"] for r in alone]
+    assert [r["prefill_tokens"] for r in bucketed] == [r["prefill_tokens"] for r in alone]
+    assert all(r["prefill_pad_tokens"] == 0 for r in alone)
+    lengths = [r["prefill_tokens"] for r in bucketed]
+    arrival = sum(max(lengths[i : i + 4]) - n for i in range(0, 8, 4) for n in lengths[i : i + 4])
+    assert arrival > 0 and sum(r["prefill_pad_tokens"] for r in bucketed) < arrival / 4
