@@ -158,6 +158,8 @@ class LlamaDecoderRunner:
             v_buf[:, :, n : n + q_len] = v
             k, v = k_buf[:, :, : n + q_len], v_buf[:, :, : n + q_len]
         groups = q.shape[1] // k.shape[1]
+        if allowed is None and 1 < q_len < k.shape[2]:  # SDPA's is_causal aligns top-left: spell it out
+            allowed = _additive(None, q_len, k.shape[2], torch.float32, q.device) == 0
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, is_causal=allowed is None and q_len > 1, scale=attn.scaling,

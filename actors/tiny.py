@@ -220,12 +220,14 @@ def llava_config(
     return config
 
 
-def fast_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+def fast_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+                      device: str | torch.device = "cpu"):
     """A LlavaForConditionalGeneration with cheap random weights (for shape/speed checks at 7B widths).
 
-    Built on the meta device and materialised uninitialised, then every matrix is filled from one small
-    random pool (a copy, not a per-element draw): seconds instead of the minutes that HF's init takes.
-    Norm weights are 1, biases 0, and the non-persistent buffers are recomputed.
+    Built on the meta device and materialised uninitialised on ``device`` (a GPU: no 14 GB host copy), then
+    every matrix is filled from one small random pool (a copy, not a per-element draw): seconds instead of
+    the minutes that HF's init takes. Norm weights are 1, biases 0, and the non-persistent buffers are
+    recomputed. The weights do not depend on ``device``.
     """
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -236,9 +238,10 @@ def fast_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.bfloat1
             model = LlavaForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(previous)
-    model = model.to_empty(device="cpu")
+    device = torch.device(device)
+    model = model.to_empty(device=device)
     g = torch.Generator().manual_seed(seed)
-    pool = (torch.rand(1_000_003, generator=g) * 2 - 1).to(dtype)
+    pool = (torch.rand(1_000_003, generator=g) * 2 - 1).to(dtype).to(device)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
@@ -249,8 +252,7 @@ def fast_random_llava(config: LlavaConfig, *, dtype: torch.dtype = torch.bfloat1
             for off in range(0, flat.numel(), pool.numel()):
                 chunk = flat[off : off + pool.numel()]
                 chunk.copy_(pool[: chunk.numel()] * std)
-        tower = model.model.vision_tower
-        tower.embeddings.position_ids.copy_(torch.arange(tower.embeddings.position_ids.shape[-1])[None])
-        lm = model.model.language_model
-        lm.rotary_emb = LlamaRotaryEmbedding(config=config.text_config)
+        ids = model.model.vision_tower.embeddings.position_ids
+        ids.copy_(torch.arange(ids.shape[-1], device=device)[None])
+        model.model.language_model.rotary_emb = LlamaRotaryEmbedding(config=config.text_config).to(device)
     return model.eval()

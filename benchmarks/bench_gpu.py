@@ -6,7 +6,7 @@ against their analytic FLOPs ratios, peak memory, and the Triton kernels' bandwi
 
 Model: LLaVA-1.5-7B shapes with random bf16 weights built straight on the GPU (CLIP-L/336: 24 layers,
 1024 wide, patch 14, 576 patches; LLaMA: 32 layers, 4096 wide, MLP 11008, 32 heads, vocab 32064), the
-same filling as ``actors.tiny.fast_random_llava``. Images and questions: Shapes-VQA (``pipeline.shapes``).
+filling of ``actors.tiny.fast_random_llava``. Images and questions: Shapes-VQA (``pipeline.shapes``).
 
 Measured, per batch (16, 64), best of ``--repeats`` after a warm-up, ``torch.cuda.synchronize`` around
 every timer, peak memory (``max_memory_allocated``, weights included) reset per setting:
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import sys
@@ -49,14 +48,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_report import NEW_TOKENS, TARGET_KEEP, markdown, table_lines, targets  # noqa: E402
 
 SKIP_LINE = "bench_gpu: no CUDA GPU: nothing measured (run it on a GPU machine; --quick --allow-cpu for a CPU smoke run)"
 LLM_KEYS = ("projector", "llm_prefill", "llm_decode")
-NEW_TOKENS = 8
 FASTV_LAYER = 2  # FastV's K
-TARGET_HF_RATIO = 1.0
-TARGET_KEEP = 72
-TARGET_EFFICIENCY = 0.8
 DEFAULT_BUDGET_S = 420.0
 HBM_PEAK_GBPS = {"H200": 4800.0}  # checked before bench_kernels' own table / the driver's clock x bus width
 
@@ -74,43 +72,6 @@ QUICK_SHAPE = dict(
 # -- model -----------------------------------------------------------------------------------------------
 
 
-def random_llava_on(config: Any, dtype: Any, device: Any, seed: int = 0) -> Any:
-    """``actors.tiny.fast_random_llava``'s weights, materialised and filled on ``device`` (no 14 GB CPU copy).
-
-    The same recipe (meta build, one random pool copied into every matrix, norms 1, biases 0, buffers
-    recomputed), so on CPU the weights equal fast_random_llava's (tested)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    device = torch.device(device)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            model = LlavaForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(previous)
-    model = model.to_empty(device=device)
-    g = torch.Generator().manual_seed(seed)
-    pool = (torch.rand(1_000_003, generator=g) * 2 - 1).to(dtype).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.fill_(1.0 if "norm" in name else 0.0)
-                continue
-            flat = p.view(-1)
-            std = (3.0 / p[0].numel()) ** 0.5
-            for off in range(0, flat.numel(), pool.numel()):
-                chunk = flat[off : off + pool.numel()]
-                chunk.copy_(pool[: chunk.numel()] * std)
-        tower = model.model.vision_tower
-        ids = tower.embeddings.position_ids
-        ids.copy_(torch.arange(ids.shape[-1], device=ids.device)[None])
-        model.model.language_model.rotary_emb = LlamaRotaryEmbedding(config=config.text_config).to(device)
-    return model.eval()
-
-
 def build_engine(shape: dict, dtype: Any, device: Any) -> Any:
     """A LlavaEngine over random LLaVA weights of ``shape`` on ``device`` (generation config from the tokenizer)."""
     import torch
@@ -120,13 +81,7 @@ def build_engine(shape: dict, dtype: Any, device: Any) -> Any:
 
     tok = build_tokenizer()
     config = llava_config(**shape, image_token_index=tok.convert_tokens_to_ids("<image>"))
-    device = torch.device(device)
-    if "device" in inspect.signature(fast_random_llava).parameters:
-        model = fast_random_llava(config, dtype=dtype, device=device)
-    elif device.type == "cpu":
-        model = fast_random_llava(config, dtype=dtype)
-    else:
-        model = random_llava_on(config, dtype, device)
+    model = fast_random_llava(config, dtype=dtype, device=torch.device(device))  # filled on the GPU itself
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         setattr(model.generation_config, key, getattr(tok, key))
     processor = build_processor(tok, image_size=shape["image_size"], patch=shape["patch"])
@@ -358,138 +313,6 @@ def kernel_rows(device: Any) -> dict:
         })  # fmt: skip
     note = None if cuda else "CPU smoke run under the Triton interpreter: timings are meaningless"
     return {"peak_gbps": peak, "rows": out, "note": note}
-
-
-# -- report ----------------------------------------------------------------------------------------------
-
-
-def _f(x: Any, fmt: str, width: int) -> str:
-    return f"{'-':>{width}}" if x is None else f"{x:>{width}{fmt}}"
-
-
-def table_lines(report: dict) -> list[str]:
-    lines = [f"{'batch':>5} {'engine':<6} {'method':<18} {'kept':>5} {'prefill':>8} {'wall ms':>9} {'items/s':>9} "
-             f"{'e2e it/s':>9} {'GFLOPs':>9} {'FLOPs x':>8} {'speedup':>8} {'sp/FLOPs':>9} {'peak GiB':>9}"]  # fmt: skip
-    for r in report["settings"]:
-        if "error" in r:
-            lines.append(
-                f"{r['batch']:>5} {r['engine']:<6} {r['method']:<18} {r['kept']:>5}  ERROR {r['error']}"
-            )
-            continue
-        lines.append(
-            f"{r['batch']:>5} {r['engine']:<6} {r['method']:<18} {r['kept']:>5} {_f(r.get('prefill_len_mean'), '.1f', 8)} "
-            f"{r['wall_s'] * 1e3:>9.1f} {r['items_per_s']:>9.2f} {_f(r.get('e2e_items_per_s'), '.2f', 9)} "
-            f"{_f(r.get('llm_gflops'), '.4g', 9)} {_f(r.get('flops_ratio'), '.2f', 8)} {_f(r.get('speedup'), '.2f', 8)} "
-            f"{_f(r.get('efficiency'), '.2f', 9)} {_f(r.get('peak_mem_gib'), '.1f', 9)}"
-        )
-    for r in report["settings"]:
-        if r["engine"] == "hf" and "ours_e2e_over_hf" in r:
-            lines.append(
-                f"batch {r['batch']}: ours/HF items/s at {r['kept']} tokens = {r['ours_e2e_over_hf']:.2f} end to end "
-                f"(vision+LLM, as HF), {r['ours_generate_over_hf']:.2f} generate only; greedy tokens equal on "
-                f"{100 * r['greedy_tokens_equal']:.0f}% of items; same prompt tokens: {r['same_prompt_as_engine']}"
-            )
-    for t in report["targets"]:
-        mark = "PASS" if t["pass"] else "MISS"
-        lines.append(f"target {mark}: {t['name']}: {t['value']:.2f} (>= {t['target']})")
-    k = report.get("kernels") or {}
-    if k.get("rows"):
-        peak = k.get("peak_gbps")
-        lines.append(
-            f"kernels (HBM peak {f'{peak:.0f} GB/s' if peak else 'unknown'}){': ' + k['note'] if k.get('note') else ''}"
-        )
-        lines.append(
-            f"  {'kernel':38s} {'MB':>8s} {'ms':>9s} {'GB/s':>8s} {'%peak':>6s}   {'torch ms':>9s} {'GB/s':>8s}  torch op"
-        )
-        for r in k["rows"]:
-            lines.append(
-                f"  {r['kernel']:38s} {r['mb']:8.2f} {r['kernel_ms']:9.4f} {r['kernel_gbps']:8.1f} "
-                f"{'   n/a' if r['pct_peak'] is None else format(r['pct_peak'], '5.1f') + '%'}   {r['torch_ms']:9.4f} {r['torch_gbps']:8.1f}  {r['torch_op']} "
-                f"({r['torch_over_kernel']:.2f}x)"
-            )
-    elif k:
-        lines.append(f"kernels: {k.get('skipped') or k.get('error')}")
-    if report["skipped"]:
-        lines.append(f"skipped (budget {report['budget_s']:.0f} s spent): {', '.join(report['skipped'])}")
-    lines.append(f"total {report['elapsed_s']:.1f} s")
-    return lines
-
-
-def markdown(report: dict) -> str:
-    env = report["env"]
-    md = [
-        f"# bench_gpu: LLaVA-1.5-7B shape, {env['device_name']}", "",
-        f"`{report['command']}`  ",
-        f"torch {env['torch']}, transformers {env['transformers']}, dtype {report['dtype']}, "
-        f"{report['shape']['text_layers']} LLM layers, {report['shape']['vision_layers']} vision layers, random weights; "
-        f"{NEW_TOKENS} new tokens (ignore_eos), best of {report['repeats']}; our engine's attention "
-        f"{report['engine_attention']}, HF generate's sdpa"
-        + (" — **--quick: tiny widths, not the 7B shape; numbers check the script only**" if report["quick"] else ""),
-        "",
-        "| batch | engine | method | kept | prefill len | wall ms | items/s | e2e items/s | LLM GFLOPs | FLOPs ratio "
-        "| speedup | speedup/FLOPs | peak GiB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
-
-    def c(x, fmt):
-        return "" if x is None else format(x, fmt)
-
-    for r in report["settings"]:
-        if "error" in r:
-            md.append(f"| {r['batch']} | {r['engine']} | {r['method']} | {r['kept']} | error: {r['error']} "
-                      "| | | | | | | | |")  # fmt: skip
-            continue
-        md.append(
-            f"| {r['batch']} | {r['engine']} | {r['method']} | {r['kept']} | {c(r.get('prefill_len_mean'), '.1f')} "
-            f"| {r['wall_s'] * 1e3:.1f} | {r['items_per_s']:.2f} | {c(r.get('e2e_items_per_s'), '.2f')} "
-            f"| {c(r.get('llm_gflops'), '.4g')} | {c(r.get('flops_ratio'), '.2f')} | {c(r.get('speedup'), '.2f')} "
-            f"| {c(r.get('efficiency'), '.2f')} | {c(r.get('peak_mem_gib'), '.1f')} |"
-        )
-    md += ["", "## Targets", ""]
-    md += [f"- {'PASS' if t['pass'] else 'MISS'}: {t['name']}: {t['value']:.2f} (target >= {t['target']})"
-           for t in report["targets"]]  # fmt: skip
-    for r in report["settings"]:
-        if r["engine"] == "hf" and "ours_e2e_over_hf" in r:
-            md.append(f"- batch {r['batch']}: ours generate only / HF = {r['ours_generate_over_hf']:.2f}; greedy "
-                      f"tokens equal on {100 * r['greedy_tokens_equal']:.0f}% of items")  # fmt: skip
-    k = report.get("kernels") or {}
-    if k.get("rows"):
-        peak = k.get("peak_gbps")
-        md += ["", f"## Kernels (HBM peak {f'{peak:.0f} GB/s' if peak else 'unknown'})", ""]
-        if k.get("note"):
-            md += [k["note"], ""]
-        md += [
-            "| kernel | MB | ms | GB/s | % peak | torch op | torch ms | torch GB/s |",
-            "|---|---:|---:|---:|---:|---|---:|---:|",
-        ]
-        md += [f"| {r['kernel']} | {r['mb']:.2f} | {r['kernel_ms']:.4f} | {r['kernel_gbps']:.1f} | "
-               f"{c(r['pct_peak'], '.1f')} | {r['torch_op']} | {r['torch_ms']:.4f} | {r['torch_gbps']:.1f} |"
-               for r in k["rows"]]  # fmt: skip
-    elif k:
-        md += ["", f"Kernels: {k.get('skipped') or k.get('error')}"]
-    if report["skipped"]:
-        md += ["", f"Skipped (budget {report['budget_s']:.0f} s spent): {', '.join(report['skipped'])}"]
-    md += ["", f"Total {report['elapsed_s']:.1f} s.", ""]
-    return "\n".join(md)
-
-
-def targets(settings: list[dict], quick: bool) -> list[dict]:
-    out = []
-    suffix = " (--quick shape)" if quick else ""
-    for r in settings:
-        if r["engine"] == "hf" and "ours_e2e_over_hf" in r:
-            v = r["ours_e2e_over_hf"]
-            out.append({"name": f"ours/HF generate items/s, {r['kept']} tokens, batch {r['batch']}{suffix}",
-                        "value": v, "target": TARGET_HF_RATIO, "pass": v >= TARGET_HF_RATIO})  # fmt: skip
-    for r in settings:
-        if r["engine"] == "ours" and r["kept"] == TARGET_KEEP and "efficiency" in r:
-            v = r["efficiency"]
-            out.append({"name": f"speedup/FLOPs ratio, {r['method']} at {TARGET_KEEP} kept, batch {r['batch']}{suffix}",
-                        "value": v, "target": TARGET_EFFICIENCY, "pass": v >= TARGET_EFFICIENCY})  # fmt: skip
-    return out
-
-
-# -- main ------------------------------------------------------------------------------------------------
 
 
 def _ints(text: str) -> list[int]:

@@ -305,8 +305,8 @@ class CaptionerTier:
         torch.set_grad_enabled(False)
         set_retry_budget(cfg)
         self.cfg = cfg
-        actor_threads("captioner tier")
         self.engine = load_engine(cfg, num_gpus, "captioner tier", vision_only=True)
+        actor_threads("captioner tier")
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
@@ -470,9 +470,11 @@ def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
     import torch
 
     device, dtype = engine.device, engine.dtype
-    feats = [torch.from_numpy(f.copy()) for f in inputs["features"]]
-    same = len({tuple(f.shape) for f in feats}) == 1
-    retained = torch.stack(feats).to(device, dtype) if same else [f.to(device, dtype) for f in feats]
+    feats = inputs["features"]  # read-only views of the rows' bytes: one copy into a batch, none per row
+    if len({f.shape for f in feats}) == 1:
+        retained = torch.from_numpy(np.stack(feats)).to(device, dtype)
+    else:
+        retained = [torch.from_numpy(f.copy()).to(device, dtype) for f in feats]
     from actors.prompt import PromptFormat
 
     return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
@@ -497,6 +499,7 @@ class LVLMTier:
         torch.set_grad_enabled(False)
         set_retry_budget(cfg)
         self.cfg = cfg
+        worker_logging()
         actor_threads("LVLM tier")
         self.helpers: list[Any] = []  # tp ranks 1..N-1
         if cfg.lvlm_tp is None:

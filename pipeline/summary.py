@@ -197,6 +197,7 @@ def format_table(s: dict[str, Any]) -> str:
         f"{'rows processed this run':<28}{s.get('rows_processed')}  (shards skipped: {s.get('shards_skipped')})",
         f"{'wall time (s)':<28}{_fmt(s.get('wall_s'))}",
         f"{'items/s':<28}{_fmt(s['items_per_s'])}",
+        f"{'LLM prefill padding':<28}{_fmt(s.get('padding_fraction'))}  (share of prefill positions; length buckets)",
     ]
     for task, metrics in (s.get("benchmarks") or {}).items():
         lines.append(f"{task + ' (official metrics)':<28}")

@@ -149,3 +149,22 @@ def test_fastv_layer_at_the_llms_depth_is_refused_before_anything_runs(tmp_path)
     with pytest.raises(ValueError, match=r"--fastv-layer 6 must be below the LLM's depth \(6 layers"):
         run_job(cfg)
     assert not out.exists()
+
+
+def test_dtype_defaults_to_bf16_on_cuda_fp32_on_cpu_and_is_checked(monkeypatch) -> None:
+    import torch
+
+    from pipeline.stages import _device
+
+    assert parse_args([]).dtype is None
+    assert parse_args(["--dtype", "fp16"]).dtype == "fp16"
+    with pytest.raises(ValueError, match="--dtype"):
+        parse_args(["--dtype", "half"])
+    assert _device(0.0) == ("cpu", torch.float32)
+    assert _device(1.0) == ("cpu", torch.float32)  # no GPU here: a GPU request runs on CPU
+    assert _device(0.0, "bf16") == ("cpu", torch.bfloat16)  # an explicit value applies on either device
+    # a GPU cannot exist on this machine: torch.cuda.is_available is patched (only the choice is under test)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _device(1.0) == ("cuda", torch.bfloat16)
+    assert _device(1.0, "fp16") == ("cuda", torch.float16)
+    assert _device(0.0) == ("cpu", torch.float32)

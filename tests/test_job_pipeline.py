@@ -157,6 +157,11 @@ def test_end_to_end_through_s3_with_bad_rows(ray_session, s3_server, tmp_bucket,
             assert out_bad[id_]["prediction"] is None and out_bad[id_]["question_type"] == "color"
     written = json.loads(s3_server.client.get_object(Bucket=tmp_bucket, Key="out/summary.json")["Body"].read())
     assert written["items"] == n_in and written["flops_saving"] > 0
+    answered = [r for i in range(3) for r in pq.read_table(f"{tmp_bucket}/out/part-{i:05d}.parquet",
+                                                           filesystem=fs).to_pylist() if r["error"] is None]
+    assert all(r["prefill_tokens"] > 0 and r["prefill_pad_tokens"] >= 0 for r in answered)
+    pad, real = sum(r["prefill_pad_tokens"] for r in answered), sum(r["prefill_tokens"] for r in answered)
+    assert written["padding_fraction"] == pytest.approx(pad / (pad + real))
 
 
 def test_kill_9_at_25_50_90_percent_then_resume_redoes_only_rows_in_no_part(ray_session, models, tmp_path) -> None:
