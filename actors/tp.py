@@ -6,7 +6,7 @@ Each rank is one process on one GPU and runs the *same* forward on the *same* in
 starts ``tp`` processes, calls ``init_rank`` in each (same address and port, ranks 0..tp-1), then
 ``shard_model`` on the loaded model, and feeds every rank the same batches.
 
-In the main job (``--lvlm-tp N``, ``pipeline/stages.py``): each LVLM-tier replica is one Ray Data
+In the main job (``--lvlm-tp N``, ``pipeline/lvlm_tier.py``): each LVLM-tier replica is one Ray Data
 actor holding N GPUs of one node; it is rank 0, picks a free port (``free_port``) and its node's
 address, and starts N-1 helper Ray actors (``LVLMRank``) pinned to its node that see the same GPUs,
 use ``cuda:<rank>``, join the group, shard the same model and run the same ``generate`` on the same

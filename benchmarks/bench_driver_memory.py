@@ -30,7 +30,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pipeline.stages import CAPTIONED_SCHEMA, CaptionerTier, LVLMTier, _table  # noqa: E402
+from pipeline.lvlm_tier import LVLMTier  # noqa: E402
+from pipeline.stages import CAPTIONED_SCHEMA, CaptionerTier, _table  # noqa: E402
 
 
 class EchoCaptionerTier(CaptionerTier):

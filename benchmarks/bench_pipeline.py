@@ -32,7 +32,8 @@ def plain_loop(cfg, files: list[str], threads: int) -> dict[str, float]:
     import pyarrow.parquet as pq
     import torch
 
-    from pipeline.stages import PATH_COLUMN, CaptionerTier, LVLMTier, decode_batch, score_batch
+    from pipeline.lvlm_tier import LVLMTier
+    from pipeline.stages import PATH_COLUMN, CaptionerTier, decode_batch, score_batch
 
     torch.set_num_threads(threads)  # the CPUs Ray gets
     t0 = time.perf_counter()

@@ -24,10 +24,11 @@ from typing import Any
 from pipeline import progress, resume, retry, sources, storage
 from pipeline.batching import LVLM_BLOCK_BATCHES
 from pipeline.config import JobConfig
+from pipeline.lvlm_tier import LVLMTier
 from pipeline.retrying_fs import retrying
 from pipeline.run_facts import check_fastv_layer, output_constants
 from pipeline.schema import SchemaError
-from pipeline.stages import CaptionerTier, LVLMTier, decode_batch, score_batch
+from pipeline.stages import CaptionerTier, decode_batch, score_batch
 from pipeline.summary import empty_stats, format_table, merge_stats, summarize_stats, to_json
 
 log = logging.getLogger("accm.job")

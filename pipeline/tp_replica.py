@@ -9,12 +9,12 @@ import os
 from typing import Any
 
 from pipeline.config import JobConfig
+from pipeline.lvlm_tier import lvlm_generate
 from pipeline.stages import (
     _device,
     _short,
     load_engine,
     log,
-    lvlm_generate,
 )
 
 

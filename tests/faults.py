@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.stages import LVLMTier  # noqa: E402
+from pipeline.lvlm_tier import LVLMTier  # noqa: E402
 from pipeline.tp_replica import LVLMRank  # noqa: E402
 
 

@@ -64,7 +64,8 @@ def test_lvlm_tier_buckets_by_prompt_length_and_answers_each_row_as_alone(tmp_pa
 
     from actors.tiny import build_tiny_llava
     from pipeline.config import JobConfig
-    from pipeline.stages import CaptionerTier, LVLMTier, decode_batch
+    from pipeline.lvlm_tier import LVLMTier
+    from pipeline.stages import CaptionerTier, decode_batch
 
     build_tiny_llava(tmp_path / "lvlm", text_layers=2, seed=4, init_std=0.2)
     table = _rows(8)

@@ -111,7 +111,8 @@ def test_published_accm_runs_through_the_job_at_real_shapes(parts, ray_local, tm
     # the same stages in this process under a FLOP counter: analytic (the job's rows) = measured within 2%
     import torch
 
-    from pipeline.stages import CaptionerTier, LVLMTier, decode_batch
+    from pipeline.lvlm_tier import LVLMTier
+    from pipeline.stages import CaptionerTier, decode_batch
     from tests.flopcount import FlopCounterMode
 
     one = pa.Table.from_pylist([dict(rows[0], path=str(src / "photos.parquet"))])
