@@ -7,7 +7,6 @@ Rows arrive in blocks of several model batches; each (method, budget) group is c
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from pipeline.stages import (
     _table,
     load_engine,
     report_retries,
-    run_rows,
+    run_timed,
     set_retry_budget,
     worker_logging,
 )
@@ -130,11 +129,6 @@ class LVLMTier:
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         good = [r for r in rows if r["error"] is None]
-        t0 = time.perf_counter()
-        if good:
-            run_rows(self._run, good, "lvlm")
-        dt = (time.perf_counter() - t0) / max(len(good), 1)
-        for r in good:
-            r["latency_lvlm_s"] = dt
+        run_timed(self._run, good, "lvlm")
         report_retries(self.cfg.run_id)
         return _table(rows, ANSWERED_SCHEMA)

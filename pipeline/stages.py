@@ -325,11 +325,7 @@ class CaptionerTier:
             for r in good:
                 r["error"] = self.accm_error
             good = []
-        if good:
-            run_rows(self._run, good, "captioner")
-        dt = (time.perf_counter() - t0) / max(len(good), 1)
-        for r in good:
-            r["latency_captioner_s"] = dt
+        run_timed(self._run, good, "captioner", since=t0)
         report_retries(self.cfg.run_id)
         return _table(rows, CAPTIONED_SCHEMA)
 
@@ -433,6 +429,17 @@ def run_rows(fn, rows: list[dict[str, Any]], stage: str) -> None:
             fn([r])
         except Exception as exc:  # noqa: BLE001
             r["error"] = f"{stage}: {_short(exc)}"
+
+
+def run_timed(fn, rows: list[dict[str, Any]], stage: str, *, since: float | None = None) -> None:
+    """``run_rows`` plus each row's share of the wall time since ``since`` (default: now) in
+    ``latency_<stage>_s``."""
+    t0 = time.perf_counter() if since is None else since
+    if rows:
+        run_rows(fn, rows, stage)
+    dt = (time.perf_counter() - t0) / max(len(rows), 1)
+    for r in rows:
+        r[f"latency_{stage}_s"] = dt
 
 
 def set_retry_budget(cfg: JobConfig) -> None:
