@@ -19,7 +19,9 @@ every timer, peak memory (``max_memory_allocated``, weights included) reset per 
   the like-for-like ratio is ours end to end / HF (``ours/HF``); ours ``generate`` only / HF is shown too.
 * 192 / 72 / 36 kept tokens: a pre-LLM pruner (PruMerge+ without its CLIP text guide; VisionZip if that
   fails) and FastV (in-LLM, layer 2): items/s, speedup over ``none``, the analytic LLM FLOPs ratio
-  (projector + prefill + decode of ``GenerationResult.flops``, none / method), and speedup / FLOPs ratio.
+  (projector + prefill + decode of ``GenerationResult.flops``, none / method), and speedup / FLOPs ratio;
+  at 72 also every other pruner (``--more-methods``: DART, VisionZip, CDPruner, DivPrune, random), budget
+  allowing. ACCM's LLM stage is PruMerge+'s plus a caption of a few tokens (bench_llm_stage.py has it).
 * kernels: ``benchmarks/bench_kernels.py``'s rows, achieved GB/s against the HBM peak (H200: 4.8 TB/s).
 
 Targets (checked and printed; results not reaching them are reported, the exit status is still 0):
@@ -194,8 +196,8 @@ def run_ours(
     t0 = time.perf_counter()
     pruned = engine.prune(inp.vision, method, keep, inp.ids, inp.questions)
     prune_s = time.perf_counter() - t0
-    kwargs = dict(method=method, keep_tokens=keep, fastv_layer=fastv_layer, max_new_tokens=NEW_TOKENS,
-                  ignore_eos=True)  # fmt: skip
+    kwargs = dict(method=method, keep_tokens=keep, fastv_layer=fastv_layer, dart_layer=fastv_layer,
+                  max_new_tokens=NEW_TOKENS, ignore_eos=True)  # fmt: skip
 
     def run():
         return engine.generate(pruned.retained, inp.questions, None, **kwargs)
@@ -346,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--pre-method", default="prumerge_plus", help="pre-LLM pruner (visionzip if it fails)"
     )
+    parser.add_argument(
+        "--more-methods", default="dart,visionzip,cdpruner,divprune,random",
+        help="further methods measured at 72 kept tokens after the priority settings, budget allowing "
+        "(comma list; '' for none; default: the other pruners)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--no-kernels", action="store_true", help="skip the kernel bandwidth part")
     args = parser.parse_args(argv)
@@ -385,8 +392,9 @@ def measure(args: argparse.Namespace, device: Any, dtype: Any, t_start: float, a
     batches = args.batches or ([2] if args.quick else [16, 64])
     fastv_layer = min(FASTV_LAYER, shape["text_layers"] - 1)
     pre_method = args.pre_method
-    if pre_method not in METHODS:
-        raise SystemExit(f"--pre-method must be one of {METHODS}")
+    more = [m for m in args.more_methods.split(",") if m]
+    if pre_method not in METHODS or any(m not in METHODS or m in ("none", "accm") for m in more):
+        raise SystemExit(f"--pre-method / --more-methods must be among {METHODS} (not none/accm in --more-methods)")
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     print(f"bench_gpu: {device_name}, {dtype}, {'--quick ' if args.quick else ''}{shape['text_layers']} LLM + "
           f"{shape['vision_layers']} vision layers, batches {batches}, keeps {args.keeps}, budget {args.budget_s:.0f} s")  # fmt: skip
@@ -411,6 +419,8 @@ def measure(args: argparse.Namespace, device: Any, dtype: Any, t_start: float, a
     plan: list[tuple[int, str, int]] = []
     for b in batches:
         plan += [(b, "none", n), (b, "hf", n)] + [(b, m, k) for k in first for m in (pre_method, "fastv")]
+    for b in batches:  # every other pruner at the target budget: speedup / FLOPs ratio per method
+        plan += [(b, m, k) for k in first for m in more if m not in (pre_method, "fastv")]
     for b in batches:
         plan += [(b, m, k) for k in rest for m in (pre_method, "fastv")]
 
@@ -471,7 +481,7 @@ def measure(args: argparse.Namespace, device: Any, dtype: Any, t_start: float, a
 
     for r in settings:
         r.pop("tokens", None)
-    order = {m: i for i, m in enumerate(("none", "hf_generate_sdpa", pre_method, "fastv"))}
+    order = {m: i for i, m in enumerate(("none", "hf_generate_sdpa", pre_method, "fastv", *more))}
     settings.sort(key=lambda r: (r["batch"], -r["kept"], order.get(r["method"], 9)))
     report = {
         "command": "python benchmarks/bench_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -479,6 +489,7 @@ def measure(args: argparse.Namespace, device: Any, dtype: Any, t_start: float, a
                 "cuda": torch.version.cuda},  # fmt: skip
         "quick": args.quick, "dtype": str(dtype).replace("torch.", ""), "shape": shape, "params": n_params,
         "engine_attention": engine_attention, "visual_tokens": n, "new_tokens": NEW_TOKENS, "fastv_layer": fastv_layer, "pre_method": pre_method,
+        "more_methods": more,
         "repeats": args.repeats, "batches": batches, "keeps": args.keeps, "build_s": build_s,
         "budget_s": args.budget_s, "settings": settings, "kernels": kernels, "skipped": skipped,
     }  # fmt: skip

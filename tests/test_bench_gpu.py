@@ -69,6 +69,8 @@ def test_quick_cpu_smoke_run_covers_every_setting(no_cuda, tmp_path, capsys):
     assert pre in ("prumerge_plus", "visionzip")
     expected = {(2, "ours", "none", 576), (2, "hf", "hf_generate_sdpa", 576)}
     expected |= {(2, "ours", m, k) for k in (192, 72, 36) for m in (pre, "fastv")}
+    expected |= {(2, "ours", m, 72) for m in report["more_methods"] if m not in (pre, "fastv")}
+    assert {"dart", "cdpruner", "divprune"} <= set(report["more_methods"])
     rows = {(r["batch"], r["engine"], r["method"], r["kept"]): r for r in report["settings"]}
     assert set(rows) == expected
     for key, r in rows.items():
@@ -92,8 +94,10 @@ def test_quick_cpu_smoke_run_covers_every_setting(no_cuda, tmp_path, capsys):
     assert hf["ours_e2e_over_hf"] > 0 and hf["ours_generate_over_hf"] > 0
     assert hf["greedy_tokens_equal"] >= 0.5  # fp32, same weights and prompts: same greedy tokens (seen: all)
     names = [t["name"] for t in report["targets"]]
-    assert len(names) == 3 and any("ours/HF" in n for n in names)
-    assert sum(f"at {72} kept" in n for n in names) == 2
+    at_72 = {m for (_, engine, m, k) in rows if engine == "ours" and k == 72}  # every method measured at 72
+    assert len(at_72) == 2 + len(set(report["more_methods"]) - {pre, "fastv"})
+    assert len(names) == 1 + len(at_72) and any("ours/HF" in n for n in names)
+    assert {m for m in at_72 if any(f"{m} at 72 kept" in n for n in names)} == at_72
     kernels = report["kernels"]
     assert kernels.get("rows") or kernels.get("skipped") == "triton is not installed", kernels
     assert "speedup/FLOPs" in md.read_text() and "| 2 | hf |" in md.read_text()
@@ -105,5 +109,5 @@ def test_budget_spent_skips_and_lists_every_setting(no_cuda, tmp_path):
     assert _bench().main(["--quick", "--allow-cpu", "--budget-s", "0", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"] == [] and report["targets"] == []
-    assert len(report["skipped"]) == 8 + 1 and report["skipped"][-1] == "kernels"
+    assert len(report["skipped"]) == 8 + 5 + 1 and report["skipped"][-1] == "kernels"  # + the 5 --more-methods
     assert "batch 2 none@576" in report["skipped"] and "batch 2 hf@576" in report["skipped"]
