@@ -317,7 +317,9 @@ class LlavaEngine:
         dev, dtype = self.device, self.dtype
 
         seqs, starts, n_vis, text_lens, caption_lens = [], [], [], [], []
-        if len({tuple(f.shape) for f in items}) == 1:  # one projector call for the batch
+        if isinstance(retained, Tensor):  # one projector call for the batch
+            projected = list(self.project(retained).unbind(0))
+        elif len({tuple(f.shape) for f in items}) == 1:
             projected = list(self.project(torch.stack(items)).unbind(0))
         else:
             projected = [self.project(f) for f in items]

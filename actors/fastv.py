@@ -99,6 +99,14 @@ def _mask_buffer(mask: Tensor, extra: int) -> Tensor:
     return buf
 
 
+def _with_room(kv: Tensor, extra: int) -> Tensor:
+    """[B, H, S, hd] -> a [B, H, S + extra, hd] buffer holding it: the layer's cache, slots for the new tokens.
+    Sized from the tensor itself (this rank's heads under tensor parallelism, whatever the projection type)."""
+    buf = kv.new_empty(kv.shape[0], kv.shape[1], kv.shape[2] + extra, kv.shape[3])
+    buf[:, :, : kv.shape[2]] = kv
+    return buf
+
+
 def _additive(allowed: Tensor | None, q_len: int, s: int, dtype: torch.dtype, device) -> Tensor:
     """The eager path's additive mask [B|1, 1, Q, S] from ``allowed`` (None: causal, bottom-right aligned)."""
     if allowed is None:
@@ -176,8 +184,8 @@ class LlamaDecoderRunner:
         if want_last_probs:  # the one row FastV reads: last query against every key, on its own
             scores = torch.matmul(q[:, :, -1:], repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
             row_mask = None if allowed is None else allowed[:, :, -1:]
-            last = torch.softmax(scores + _additive(row_mask, 1, k.shape[2], q.dtype, q.device), dim=-1,
-                                 dtype=torch.float32).to(q.dtype)[:, :, 0]
+            last = torch.softmax(scores.float() + _additive(row_mask, 1, k.shape[2], torch.float32, q.device),
+                                 dim=-1)[:, :, 0]  # float32: bf16 would tie near-equal scores
         return hidden, k, v, last
 
     @staticmethod
@@ -244,9 +252,9 @@ class LlamaDecoderRunner:
                 allowed = self._allowed(mask, hidden.shape[1])
                 mask_buf = _mask_buffer(mask, max_new_tokens)
             seq = hidden.shape[1]
-            k_buf, v_buf = self._kv_buffers(layer, hidden, seq + max_new_tokens)
-            hidden, _, _, probs_last = self._layer(layer, hidden, cos_sin, allowed, (k_buf, v_buf, 0),
-                                                   i == cut - 1 and not dart)
+            want_row = i == cut - 1 and not dart and cut < len(self.layers)  # FastV's row, if a cut follows
+            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, allowed, None, want_row)
+            k_buf, v_buf = _with_room(k, max_new_tokens), _with_room(v, max_new_tokens)
             keys.append(k_buf)
             values.append(v_buf)
             masks.append(mask_buf)
@@ -254,15 +262,6 @@ class LlamaDecoderRunner:
             padded.append(allowed is not None)
         logits = self.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0]
         return logits, DecoderState(keys, values, masks, lengths, next_pos, padded, keep_idx)
-
-    @staticmethod
-    def _kv_buffers(layer: nn.Module, hidden: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
-        """Empty [B, Hkv, capacity, hd] key and value buffers for ``layer`` (Hkv: this rank's kv heads)."""
-        attn = layer.self_attn
-        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim  # local heads under tensor parallelism
-        shape = (hidden.shape[0], kv_heads, capacity, attn.head_dim)
-        return (torch.empty(shape, dtype=hidden.dtype, device=hidden.device),
-                torch.empty(shape, dtype=hidden.dtype, device=hidden.device))
 
     @staticmethod
     def _fastv_keep_positions(probs_last: Tensor, start: Tensor, length: Tensor, keep: int,
@@ -329,7 +328,7 @@ class LlamaDecoderRunner:
             extra = max(n + steps - cap, cap)
             pad = k.new_empty(k.shape[0], k.shape[1], extra, k.shape[3])
             state.key_cache[i] = torch.cat([k, pad], dim=2)
-            state.value_cache[i] = torch.cat([state.value_cache[i], pad.clone()], dim=2)
+            state.value_cache[i] = torch.cat([state.value_cache[i], pad], dim=2)
             m = state.mask_cache[i]
             if id(m) not in grown:
                 grown[id(m)] = torch.cat([m, m.new_zeros(m.shape[0], extra)], dim=1)

@@ -100,8 +100,8 @@ def _clip_layer(layer: nn.Module, hidden: Tensor, *, attention: str = "sdpa",
     hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     cls = None
     if cls_row:
-        cls = torch.softmax(torch.matmul(q[:, :, :1], k.transpose(-1, -2)) * attn.scale, dim=-1,
-                            dtype=torch.float32).to(q.dtype)[:, :, 0]
+        cls = torch.softmax(torch.matmul(q[:, :, :1], k.transpose(-1, -2)).float() * attn.scale,
+                            dim=-1)[:, :, 0]  # float32: bf16 would tie near-equal scores
     return hidden, cls, q_flat, k_flat
 
 

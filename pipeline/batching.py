@@ -35,14 +35,16 @@ def padding_fraction(prefill_tokens: float | None, pad_tokens: float | None) -> 
 
 
 def actor_threads(what: str) -> int:
-    """Set torch's intra-op threads to this Ray actor's CPU share (rounded, at least 1); outside Ray, leave
-    torch's default. Returns the thread count in use."""
+    """Set torch's intra-op threads to this Ray actor's CPU share (rounded, at least 1; an actor without CPUs of
+    its own, like a tp helper rank, gets 1); outside a Ray actor, leave torch's default. Returns the count."""
     import torch
 
     try:
         import ray
 
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU") if ray.is_initialized() else None
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        in_actor = ctx is not None and ctx.get_actor_id() is not None
+        cpus = float(ctx.get_assigned_resources().get("CPU", 0.0)) if in_actor else None
     except Exception:  # noqa: BLE001 - not in a Ray worker
         cpus = None
     if cpus is not None:

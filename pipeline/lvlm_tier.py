@@ -19,6 +19,7 @@ from pipeline.stages import (
     _table,
     load_engine,
     report_retries,
+    run_rows,
     run_timed,
     set_retry_budget,
     worker_logging,
@@ -94,8 +95,8 @@ class LVLMTier:
         for r in rows:
             groups.setdefault((r.get("_method") or self.cfg.method, r["keep_tokens"]), []).append(r)
         for (method, _), rows_of_setting in groups.items():
-            for group in self._buckets(rows_of_setting, method):
-                self._answer(group, method)
+            for group in self._buckets(rows_of_setting, method):  # a failing bucket is retried row by row
+                run_rows(lambda rs, m=method: self._answer(rs, m), group, "lvlm")  # alone; no row runs twice
 
     def _buckets(self, rows: list[dict[str, Any]], method: str) -> list[list[dict[str, Any]]]:
         """Model batches of ``--batch-size`` rows of similar prompt length (pipeline.batching)."""
@@ -118,7 +119,8 @@ class LVLMTier:
             r["flops_llm_prefill"] = float(f.get("llm_prefill", 0.0))
             r["flops_llm_decode"] = float(f.get("llm_decode", 0.0))
             if method in IN_LLM_METHODS:  # fastv / dart score inside the LLM: this tier ran their pruner
-                r["flops_pruner"] = float(r["flops_pruner"] or 0.0) + float(f.get("pruner", 0.0))
+                front = r.setdefault("_flops_pruner_front", float(r["flops_pruner"] or 0.0))  # rerun-safe
+                r["flops_pruner"] = front + float(f.get("pruner", 0.0))
             # the captioner tier priced what it ran (tower, pruner, caption model, selector): the total is
             # this tier's parts plus those, so the component columns add up to it
             r["flops_total"] = (r["flops_projector"] + r["flops_llm_prefill"] + r["flops_llm_decode"]

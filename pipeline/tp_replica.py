@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from pipeline.batching import actor_threads
 from pipeline.config import JobConfig
 from pipeline.lvlm_tier import lvlm_generate
 from pipeline.stages import (
@@ -36,6 +37,7 @@ class LVLMRank:
                   backend="nccl" if visible_gpus else "gloo")
         gpus, device = (1.0, f"cuda:{rank}") if visible_gpus else (0.0, "cpu")
         self.engine = load_engine(cfg, gpus, f"LVLM tier (tp rank {rank})", tp=cfg.lvlm_tp, device=device)
+        actor_threads(f"LVLM tier (tp rank {rank})")  # no CPUs of its own (num_cpus=0): one thread
 
     def ready(self) -> bool:
         return True
