@@ -147,11 +147,12 @@ class LlamaDecoderRunner:
         cache: tuple[Tensor, Tensor, int] | None,
         want_last_probs: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-        """One decoder layer. ``allowed``: bool [B, 1, Q, S] keys each query may see (None: causal over
-        equal-length rows, no padding). ``cache``: (K, V, n) preallocated [B, Hkv, cap, hd] buffers holding
-        ``n`` earlier positions; this step's k/v are written at ``n`` onwards and attention reads the first
-        ``n + Q``. Returns (hidden, k, v, last-row probs [B, H, S] or None); k/v: the keys and values the
-        layer attended over (the cache view when ``cache`` is given)."""
+        """One decoder layer. ``allowed``: the keys each query may see, [B, 1, Q, S], as a bool mask or as the
+        additive float mask of the model's dtype that ``prefill``/``decode_step`` build once per layer group
+        (``_bias``); None: causal over equal-length rows, no padding. ``cache``: (K, V, n) preallocated
+        [B, Hkv, cap, hd] buffers holding ``n`` earlier positions; this step's k/v are written at ``n`` onwards
+        and attention reads the first ``n + Q``. Returns (hidden, k, v, last-row probs [B, H, S] float32 or
+        None); k/v: the keys and values the layer attended over (the cache view when ``cache`` is given)."""
         attn = layer.self_attn
         b, q_len, _ = hidden.shape
         x = layer.input_layernorm(hidden)
@@ -166,16 +167,20 @@ class LlamaDecoderRunner:
             v_buf[:, :, n : n + q_len] = v
             k, v = k_buf[:, :, : n + q_len], v_buf[:, :, : n + q_len]
         groups = q.shape[1] // k.shape[1]
-        if allowed is None and 1 < q_len < k.shape[2]:  # SDPA's is_causal aligns top-left: spell it out
-            allowed = _additive(None, q_len, k.shape[2], torch.float32, q.device) == 0
+        bias = allowed
+        if bias is not None and bias.dtype == torch.bool:
+            bias = _additive(bias, q_len, k.shape[2], q.dtype, q.device)
+        elif bias is None and 1 < q_len < k.shape[2]:  # SDPA's is_causal aligns top-left: spell it out
+            bias = _additive(None, q_len, k.shape[2], q.dtype, q.device)
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, is_causal=allowed is None and q_len > 1, scale=attn.scaling,
+                q, k, v, attn_mask=bias, is_causal=bias is None and q_len > 1, scale=attn.scaling,
                 enable_gqa=groups > 1)
         else:
+            if bias is None:
+                bias = _additive(None, q_len, k.shape[2], q.dtype, q.device)
             scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
-            probs = torch.softmax(scores + _additive(allowed, q_len, k.shape[2], q.dtype, q.device), dim=-1,
-                                  dtype=torch.float32).to(q.dtype)
+            probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, repeat_kv(v, groups))
         out = attn.o_proj(out.transpose(1, 2).reshape(b, q_len, -1))
         hidden = hidden + out
@@ -183,10 +188,19 @@ class LlamaDecoderRunner:
         last = None
         if want_last_probs:  # the one row FastV reads: last query against every key, on its own
             scores = torch.matmul(q[:, :, -1:], repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
-            row_mask = None if allowed is None else allowed[:, :, -1:]
-            last = torch.softmax(scores.float() + _additive(row_mask, 1, k.shape[2], torch.float32, q.device),
-                                 dim=-1)[:, :, 0]  # float32: bf16 would tie near-equal scores
+            row_bias = _additive(None, 1, k.shape[2], q.dtype, q.device) if bias is None else bias[:, :, -1:]
+            # float32: in bf16 near-equal scores would tie
+            last = torch.softmax(scores.float() + row_bias.float(), dim=-1)[:, :, 0]
         return hidden, k, v, last
+
+    @staticmethod
+    def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """A bool ``_allowed`` mask as the additive mask every layer of its group adds (built once, in the
+        model's dtype: no per-layer conversion inside the attention kernel)."""
+        if allowed is None:
+            return None
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
 
     @staticmethod
     def _allowed(key_mask: Tensor, q_len: int, padded: bool | None = None) -> Tensor | None:
@@ -226,7 +240,7 @@ class LlamaDecoderRunner:
         next_pos = pos[:, -1] + 1
         hidden = embeds
         cos_sin = self.lm.rotary_emb(hidden, pos)
-        allowed = self._allowed(mask, hidden.shape[1])
+        allowed = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
         keys, values, masks, lengths, padded = [], [], [], [], []
         probs_last = None
         cut = fastv.layer if fastv is not None else -1
@@ -249,7 +263,7 @@ class LlamaDecoderRunner:
                 mask = torch.gather(mask, 1, keep_idx)
                 pos = torch.gather(pos, 1, keep_idx)
                 cos_sin = self.lm.rotary_emb(hidden, pos)
-                allowed = self._allowed(mask, hidden.shape[1])
+                allowed = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
                 mask_buf = _mask_buffer(mask, max_new_tokens)
             seq = hidden.shape[1]
             want_row = i == cut - 1 and not dart and cut < len(self.layers)  # FastV's row, if a cut follows
@@ -346,7 +360,7 @@ class LlamaDecoderRunner:
         for m, n, pad in zip(state.mask_cache, state.lengths, state.padded, strict=True):
             if id(m) not in allowed:
                 m[:, n] = True
-                allowed[id(m)] = self._allowed(m[:, : n + 1], 1, pad)
+                allowed[id(m)] = self._bias(self._allowed(m[:, : n + 1], 1, pad), hidden.dtype)
         for i, layer in enumerate(self.layers):
             n = state.lengths[i]
             cache = (state.key_cache[i], state.value_cache[i], n)
