@@ -1,8 +1,8 @@
 """How an actor batches and threads its model work: length buckets and per-actor thread counts.
 
 Length buckets: a left-padded batch computes every row at the batch's longest prompt, so the LVLM tier
-takes several model batches' worth of rows per Ray block and runs them sorted by prompt length (a
-caption spliced into one prompt no longer pads fifteen others). What padding remains is reported per row
+takes a whole Ray block (``graph.BLOCK_BATCHES`` model batches, the unit the crash-loss bound counts in)
+and runs its rows sorted by prompt length (a caption spliced into one prompt no longer pads fifteen others). What padding remains is reported per row
 (``prefill_pad_tokens``) and as the summary's ``padding_fraction``.
 
 Threads: each actor runs torch with as many intra-op threads as the CPUs Ray gave it (at least one), so
@@ -14,8 +14,6 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger("accm.batching")
-
-LVLM_BLOCK_BATCHES = 4  # model batches per LVLM tier block: the pool the length buckets are cut from
 
 
 def length_buckets(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pipeline import progress, resume, retry, sources, storage
-from pipeline.batching import LVLM_BLOCK_BATCHES
 from pipeline.config import JobConfig
 from pipeline.lvlm_tier import LVLMTier
 from pipeline.retrying_fs import retrying
@@ -302,8 +301,8 @@ def build_dataset(cfg: JobConfig, shards: list[Shard], res: Resources, outputs: 
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": cap_gpus, **(captioner_kwargs or {})}, **res.captioner,
     )
     lvlm_gpus = res.lvlm.get("num_gpus", 0.0)
-    ds = ds.map_batches(  # blocks of several model batches: the tier cuts them into length buckets
-        lvlm, batch_format="pyarrow", batch_size=cfg.batch_size * LVLM_BLOCK_BATCHES,
+    ds = ds.map_batches(  # a whole block (BLOCK_BATCHES model batches): the tier cuts it into length buckets
+        lvlm, batch_format="pyarrow", batch_size=cfg.batch_size * BLOCK_BATCHES,
         compute=ActorPoolStrategy(min_size=cfg.lvlm_actors[0], max_size=cfg.lvlm_actors[1],
                                   max_tasks_in_flight_per_actor=2),
         fn_constructor_kwargs={"cfg": cfg, "num_gpus": lvlm_gpus}, **res.lvlm,
