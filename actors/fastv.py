@@ -92,27 +92,23 @@ class DecoderState:
         return [m[:, :n] for m, n in zip(self.mask_cache, self.lengths, strict=True)]
 
 
-def _mask_buffer(mask: Tensor, extra: int) -> Tensor:
-    """[B, S + extra] bool: ``mask`` then ``extra`` slots not yet filled (False)."""
-    buf = torch.zeros(mask.shape[0], mask.shape[1] + extra, dtype=torch.bool, device=mask.device)
-    buf[:, : mask.shape[1]] = mask
-    return buf
+def _with_room(t: Tensor, extra: int, dim: int) -> Tensor:
+    """``t`` followed by ``extra`` zero (for masks: False) slots along ``dim``: a cache buffer with room for new
+    tokens, sized from the tensor itself (this rank's heads under tensor parallelism, any projection type)."""
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _with_room(kv: Tensor, extra: int) -> Tensor:
-    """[B, H, S, hd] -> a [B, H, S + extra, hd] buffer holding it: the layer's cache, slots for the new tokens.
-    Sized from the tensor itself (this rank's heads under tensor parallelism, whatever the projection type)."""
-    buf = kv.new_empty(kv.shape[0], kv.shape[1], kv.shape[2] + extra, kv.shape[3])
-    buf[:, :, : kv.shape[2]] = kv
-    return buf
+def _causal(q_len: int, s: int, device) -> Tensor:
+    """Bool [Q, S]: the last ``q_len`` of ``s`` positions each see themselves and everything before."""
+    q_pos = torch.arange(s - q_len, s, device=device)[:, None]
+    return torch.arange(s, device=device)[None, :] <= q_pos
 
 
-def _additive(allowed: Tensor | None, q_len: int, s: int, dtype: torch.dtype, device) -> Tensor:
-    """The eager path's additive mask [B|1, 1, Q, S] from ``allowed`` (None: causal, bottom-right aligned)."""
-    if allowed is None:
-        q_pos = torch.arange(s - q_len, s, device=device)[:, None]
-        allowed = (torch.arange(s, device=device)[None, :] <= q_pos)[None, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+def _additive(allowed: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask of allowed keys as the additive mask attention adds to its scores (0 or dtype's min)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 class LlamaDecoderRunner:
@@ -168,17 +164,15 @@ class LlamaDecoderRunner:
             k, v = k_buf[:, :, : n + q_len], v_buf[:, :, : n + q_len]
         groups = q.shape[1] // k.shape[1]
         bias = allowed
+        if bias is None and (self.attention == "eager" or 1 < q_len < k.shape[2]):  # SDPA's is_causal aligns
+            bias = _causal(q_len, k.shape[2], q.device)[None, None]  # top-left: spell causal out where it differs
         if bias is not None and bias.dtype == torch.bool:
-            bias = _additive(bias, q_len, k.shape[2], q.dtype, q.device)
-        elif bias is None and 1 < q_len < k.shape[2]:  # SDPA's is_causal aligns top-left: spell it out
-            bias = _additive(None, q_len, k.shape[2], q.dtype, q.device)
+            bias = _additive(bias, q.dtype)
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=bias, is_causal=bias is None and q_len > 1, scale=attn.scaling,
                 enable_gqa=groups > 1)
         else:
-            if bias is None:
-                bias = _additive(None, q_len, k.shape[2], q.dtype, q.device)
             scores = torch.matmul(q, repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
             probs = torch.softmax(scores + bias, dim=-1, dtype=torch.float32).to(q.dtype)
             out = torch.matmul(probs, repeat_kv(v, groups))
@@ -188,19 +182,17 @@ class LlamaDecoderRunner:
         last = None
         if want_last_probs:  # the one row FastV reads: last query against every key, on its own
             scores = torch.matmul(q[:, :, -1:], repeat_kv(k, groups).transpose(2, 3)) * attn.scaling
-            row_bias = _additive(None, 1, k.shape[2], q.dtype, q.device) if bias is None else bias[:, :, -1:]
-            # float32: in bf16 near-equal scores would tie
-            last = torch.softmax(scores.float() + row_bias.float(), dim=-1)[:, :, 0]
+            scores = scores.float()  # float32: in bf16 near-equal scores would tie
+            if bias is not None:  # without one, the last query sees every key
+                scores = scores + bias[:, :, -1:].float()
+            last = torch.softmax(scores, dim=-1)[:, :, 0]
         return hidden, k, v, last
 
     @staticmethod
     def _bias(allowed: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """A bool ``_allowed`` mask as the additive mask every layer of its group adds (built once, in the
         model's dtype: no per-layer conversion inside the attention kernel)."""
-        if allowed is None:
-            return None
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
+        return None if allowed is None else _additive(allowed, dtype)
 
     @staticmethod
     def _allowed(key_mask: Tensor, q_len: int, padded: bool | None = None) -> Tensor | None:
@@ -215,10 +207,10 @@ class LlamaDecoderRunner:
         if not padded:
             return None
         s = key_mask.shape[1]
-        q_pos = torch.arange(s - q_len, s, device=key_mask.device)[:, None]
-        k_pos = torch.arange(s, device=key_mask.device)[None, :]
-        allowed = (k_pos <= q_pos)[None] & key_mask[:, None, :]
-        return (allowed | (k_pos == q_pos)[None])[:, None]
+        pos = torch.arange(s, device=key_mask.device)
+        itself = pos[None, :] == pos[s - q_len :, None]
+        allowed = _causal(q_len, s, key_mask.device)[None] & key_mask[:, None, :]
+        return (allowed | itself[None])[:, None]
 
     # -- prefill -------------------------------------------------------------------------------------
 
@@ -240,7 +232,7 @@ class LlamaDecoderRunner:
         next_pos = pos[:, -1] + 1
         hidden = embeds
         cos_sin = self.lm.rotary_emb(hidden, pos)
-        allowed = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
+        bias = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
         keys, values, masks, lengths, padded = [], [], [], [], []
         probs_last = None
         cut = fastv.layer if fastv is not None else -1
@@ -250,7 +242,7 @@ class LlamaDecoderRunner:
         if fastv is not None and fastv.rule not in ("fastv", "dart"):
             raise ValueError(f"unknown in-LLM rule {fastv.rule!r}")
         dart = fastv is not None and fastv.rule == "dart"
-        mask_buf = _mask_buffer(mask, max_new_tokens)
+        mask_buf = _with_room(mask, max_new_tokens, dim=1)
         for i, layer in enumerate(self.layers):
             if i == cut and dart:
                 keep_idx = self._dart_keep_positions(hidden, keys[cut - 1][:, :, : lengths[cut - 1]], image_start,
@@ -263,17 +255,16 @@ class LlamaDecoderRunner:
                 mask = torch.gather(mask, 1, keep_idx)
                 pos = torch.gather(pos, 1, keep_idx)
                 cos_sin = self.lm.rotary_emb(hidden, pos)
-                allowed = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
-                mask_buf = _mask_buffer(mask, max_new_tokens)
+                bias = self._bias(self._allowed(mask, hidden.shape[1]), embeds.dtype)
+                mask_buf = _with_room(mask, max_new_tokens, dim=1)
             seq = hidden.shape[1]
             want_row = i == cut - 1 and not dart and cut < len(self.layers)  # FastV's row, if a cut follows
-            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, allowed, None, want_row)
-            k_buf, v_buf = _with_room(k, max_new_tokens), _with_room(v, max_new_tokens)
-            keys.append(k_buf)
-            values.append(v_buf)
+            hidden, k, v, probs_last = self._layer(layer, hidden, cos_sin, bias, None, want_row)
+            keys.append(_with_room(k, max_new_tokens, dim=2))
+            values.append(_with_room(v, max_new_tokens, dim=2))
             masks.append(mask_buf)
             lengths.append(seq)
-            padded.append(allowed is not None)
+            padded.append(bias is not None)
         logits = self.lm_head(self.lm.norm(hidden[:, -1:]))[:, 0]
         return logits, DecoderState(keys, values, masks, lengths, next_pos, padded, keep_idx)
 
@@ -340,12 +331,11 @@ class LlamaDecoderRunner:
             if n + steps <= cap:
                 continue
             extra = max(n + steps - cap, cap)
-            pad = k.new_empty(k.shape[0], k.shape[1], extra, k.shape[3])
-            state.key_cache[i] = torch.cat([k, pad], dim=2)
-            state.value_cache[i] = torch.cat([state.value_cache[i], pad], dim=2)
+            state.key_cache[i] = _with_room(k, extra, dim=2)
+            state.value_cache[i] = _with_room(state.value_cache[i], extra, dim=2)
             m = state.mask_cache[i]
             if id(m) not in grown:
-                grown[id(m)] = torch.cat([m, m.new_zeros(m.shape[0], extra)], dim=1)
+                grown[id(m)] = _with_room(m, extra, dim=1)
             state.mask_cache[i] = grown[id(m)]
 
     @torch.no_grad()
@@ -356,15 +346,15 @@ class LlamaDecoderRunner:
         pos = state.next_pos[:, None]
         cos_sin = self.lm.rotary_emb(hidden, pos)
         # layers share one mask buffer per group (before / after the cut): mark the new slot once per group
-        allowed: dict[int, Tensor | None] = {}
+        biases: dict[int, Tensor | None] = {}
         for m, n, pad in zip(state.mask_cache, state.lengths, state.padded, strict=True):
-            if id(m) not in allowed:
+            if id(m) not in biases:
                 m[:, n] = True
-                allowed[id(m)] = self._bias(self._allowed(m[:, : n + 1], 1, pad), hidden.dtype)
+                biases[id(m)] = self._bias(self._allowed(m[:, : n + 1], 1, pad), hidden.dtype)
         for i, layer in enumerate(self.layers):
             n = state.lengths[i]
             cache = (state.key_cache[i], state.value_cache[i], n)
-            hidden = self._layer(layer, hidden, cos_sin, allowed[id(state.mask_cache[i])], cache, False)[0]
+            hidden = self._layer(layer, hidden, cos_sin, biases[id(state.mask_cache[i])], cache, False)[0]
             state.lengths[i] = n + 1
         state.next_pos = state.next_pos + 1
         return self.lm_head(self.lm.norm(hidden))[:, 0]
