@@ -174,6 +174,14 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, *, image_size: int, patc
     )
 
 
+# LLaVA-1.5-7B's shapes (CLIP ViT-L/14-336 tower, LLaMA-7B: 4096 hidden, 11008 FFN, 32 heads, vocab 32064), as
+# ``llava_config`` keywords: benchmarks and real-shape tests build from it, with fewer layers where they say so
+LLAVA_7B_SHAPE = dict(
+    image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
+    text_hidden=4096, text_intermediate=11008, text_layers=32, heads=32, kv_heads=32, vocab_size=32064,
+)  # fmt: skip
+
+
 def llava_config(
     *,
     image_size: int,

@@ -61,10 +61,6 @@ DEFAULT_BUDGET_S = 420.0
 HBM_PEAK_GBPS = {"H200": 4800.0}  # checked before bench_kernels' own table / the driver's clock x bus width
 
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 + Vicuna-7B widths; --quick: the same 576 patches, tiny widths, 2+2 layers
-FULL_SHAPE = dict(
-    image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=24, vision_heads=16,
-    text_hidden=4096, text_intermediate=11008, text_layers=32, heads=32, kv_heads=32, vocab_size=32064,
-)  # fmt: skip
 QUICK_SHAPE = dict(
     image_size=336, patch=14, vision_hidden=64, vision_intermediate=256, vision_layers=2, vision_heads=4,
     text_hidden=128, text_intermediate=344, text_layers=2, heads=4, kv_heads=4, vocab_size=32064,
@@ -387,8 +383,9 @@ def measure(args: argparse.Namespace, device: Any, dtype: Any, t_start: float, a
     import transformers
 
     from actors.engine import METHODS
+    from actors.tiny import LLAVA_7B_SHAPE
 
-    shape = QUICK_SHAPE if args.quick else FULL_SHAPE
+    shape = QUICK_SHAPE if args.quick else LLAVA_7B_SHAPE
     batches = args.batches or ([2] if args.quick else [16, 64])
     fastv_layer = min(FASTV_LAYER, shape["text_layers"] - 1)
     pre_method = args.pre_method

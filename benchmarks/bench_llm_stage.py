@@ -22,6 +22,7 @@ import torch  # noqa: E402
 
 from actors.engine import METHODS, LlavaEngine, resolve_keep_tokens  # noqa: E402
 from actors.tiny import (  # noqa: E402
+    LLAVA_7B_SHAPE,
     build_processor,
     build_tiny_llava,
     build_tokenizer,
@@ -49,11 +50,8 @@ def load_engine(name: str, dtype: torch.dtype = torch.bfloat16) -> LlavaEngine:
         return LlavaEngine(model, processor, model_id="tiny-random")
     if name == "llava7b-2l":  # LLaVA-1.5-7B widths, 2 vision + 2 LLM layers, random weights
         tok = build_tokenizer()
-        config = llava_config(
-            image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=2,
-            vision_heads=16, text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32,
-            vocab_size=32064, image_token_index=tok.convert_tokens_to_ids("<image>"),
-        )  # fmt: skip
+        config = llava_config(**{**LLAVA_7B_SHAPE, "vision_layers": 2, "text_layers": 2},
+                              image_token_index=tok.convert_tokens_to_ids("<image>"))
         model = fast_random_llava(config, dtype=dtype)
         return LlavaEngine(model, build_processor(tok, image_size=336, patch=14), model_id=name)
     return LlavaEngine.from_pretrained(name)

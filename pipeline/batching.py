@@ -2,8 +2,9 @@
 
 Length buckets: a left-padded batch computes every row at the batch's longest prompt, so the LVLM tier
 takes a whole Ray block (``graph.BLOCK_BATCHES`` model batches, the unit the crash-loss bound counts in)
-and runs its rows sorted by prompt length (a caption spliced into one prompt no longer pads fifteen others). What padding remains is reported per row
-(``prefill_pad_tokens``) and as the summary's ``padding_fraction``.
+and runs its rows sorted by prompt length (a caption spliced into one prompt no longer pads fifteen
+others). What padding remains is reported per row (``prefill_pad_tokens``) and as the summary's
+``padding_fraction``.
 
 Threads: each actor runs torch with as many intra-op threads as the CPUs Ray gave it (at least one), so
 two actors on a 2-CPU node use two threads between them instead of each spawning one per core.

@@ -39,6 +39,14 @@ def lvlm_inputs(rows: list[dict[str, Any]], method: str) -> dict[str, Any]:
     }
 
 
+def prompt_format(cfg: JobConfig):
+    """The LVLM prompt of this run (``actors.prompt.PromptFormat``): with ``--task`` the rows carry the
+    benchmark's answer-format line already, so no suffix is added here."""
+    from actors.prompt import PromptFormat
+
+    return PromptFormat(cfg.conv, None if cfg.task else cfg.answer_suffix)
+
+
 def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
     """``engine.generate`` on ``lvlm_inputs``: greedy answers + per-item FLOPs."""
     import torch
@@ -49,13 +57,11 @@ def lvlm_generate(engine, cfg: JobConfig, inputs: dict[str, Any]):
         retained = torch.from_numpy(np.stack(feats)).to(device, dtype)
     else:
         retained = [torch.from_numpy(f.copy()).to(device, dtype) for f in feats]
-    from actors.prompt import PromptFormat
-
     return engine.generate(retained, inputs["questions"], inputs["captions"], method=inputs["method"],
                            keep_tokens=inputs["keep_tokens"], fastv_layer=cfg.fastv_layer,
                            dart_layer=cfg.dart_layer, dart_count=cfg.dart_count,
                            max_new_tokens=cfg.max_new_tokens,
-                           prompt_format=PromptFormat(cfg.conv, None if cfg.task else cfg.answer_suffix))
+                           prompt_format=prompt_format(cfg))
 
 
 class LVLMTier:
@@ -100,10 +106,9 @@ class LVLMTier:
 
     def _buckets(self, rows: list[dict[str, Any]], method: str) -> list[list[dict[str, Any]]]:
         """Model batches of ``--batch-size`` rows of similar prompt length (pipeline.batching)."""
-        from actors.prompt import PromptFormat
         from pipeline.config import CAPTION_METHODS
 
-        fmt = PromptFormat(self.cfg.conv, None if self.cfg.task else self.cfg.answer_suffix)
+        fmt = prompt_format(self.cfg)
         lengths = [len(self.engine.prompt_ids(r["question"], r.get("caption") if method in CAPTION_METHODS
                                               else None, fmt)) for r in rows]
         return [[rows[i] for i in b] for b in length_buckets(lengths, self.cfg.batch_size)]

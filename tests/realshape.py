@@ -312,10 +312,7 @@ def realshape_parts(tmp_path_factory, *, light: bool = False) -> dict[str, Path]
 def llava_7b_config(tokenizer, *, vision_layers: int):
     """LLaVA-1.5-7B's widths (CLIP ViT-L/14-336 tower and projector, LLaMA-7B: 4096 hidden, 11008 FFN, 32 heads,
     vocab 32064) with ``vision_layers`` tower layers and 2 LLM layers: real shapes at CPU-test cost."""
-    from actors.tiny import llava_config
+    from actors.tiny import LLAVA_7B_SHAPE, llava_config
 
-    return llava_config(
-        image_size=336, patch=14, vision_hidden=1024, vision_intermediate=4096, vision_layers=vision_layers,
-        vision_heads=16, text_hidden=4096, text_intermediate=11008, text_layers=2, heads=32, kv_heads=32,
-        vocab_size=32064, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )  # fmt: skip
+    return llava_config(**{**LLAVA_7B_SHAPE, "vision_layers": vision_layers, "text_layers": 2},
+                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
