@@ -61,12 +61,13 @@ def vocabulary() -> list[str]:
     return list(seen)
 
 
-def build_tokenizer():
-    """Word-level tokenizer; '<s>' prepended like LLaMA's, '<image>' registered as the image token."""
+def build_tokenizer(words: list[str] | None = None):
+    """Word-level tokenizer; '<s>' prepended like LLaMA's, '<image>' registered as the image token.
+    ``words``: another world's vocabulary (default: Shapes-VQA v1's, ``vocabulary()``)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(vocabulary())}
+    vocab = {w: i for i, w in enumerate(words or vocabulary())}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -97,9 +98,10 @@ IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.25, 0.25, 0.25)
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, *, image_size: int = shapes.IMAGE_SIZE, patch_size: int = shapes.CELL):
     """LlavaProcessor as CLIP's: shortest side resized to 64 and center-cropped (a Shapes image, already 64x64,
-    passes unchanged; a photo of any size is answered), rescale + normalise; 64 visual tokens per image."""
+    passes unchanged; a photo of any size is answered), rescale + normalise; 64 visual tokens per image
+    (``image_size`` / ``patch_size``: another world's)."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -113,13 +115,13 @@ def build_processor(tokenizer=None):
         image_mean=list(IMAGE_MEAN),
         image_std=list(IMAGE_STD),
         do_convert_rgb=True,
-        size={"shortest_edge": shapes.IMAGE_SIZE},
-        crop_size={"height": shapes.IMAGE_SIZE, "width": shapes.IMAGE_SIZE},
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
     )
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=shapes.CELL,
+        patch_size=patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
@@ -267,17 +269,18 @@ class Branch:
 
 
 def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,
-                  qtypes: tuple[str, ...] = shapes.QUESTION_TYPES) -> list[Branch]:
-    """Questions about one scene: plain image questions, image + fact, and text-only (fact, no image)."""
+                  qtypes: tuple[str, ...] = shapes.QUESTION_TYPES, world=shapes) -> list[Branch]:
+    """Questions about one scene: plain image questions, image + fact, and text-only (fact, no image).
+    ``world``: the module that asks and states facts (``pipeline.shapes`` or ``pipeline.shapes_v2``)."""
     out: list[Branch] = []
     for kind, n in (("image", n_image), ("fact", n_fact), ("text", n_text)):
         while n > 0:
             qtype = qtypes[int(rng.integers(len(qtypes)))]
-            asked = shapes.ask(objects, qtype, rng)
+            asked = world.ask(objects, qtype, rng)
             if asked is None:
                 continue
             q, a, target = asked
-            cap = None if kind == "image" else shapes.fact(objects, qtype, q, target)
+            cap = None if kind == "image" else world.fact(objects, qtype, q, target)
             out.append(Branch(q, a, qtype, cap, kind != "text", tuple(objects), tuple(target)))
             n -= 1
     return out
@@ -305,8 +308,12 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int = 64) -> PackedBatch:
-    """Packed sequences: ``<s> USER:`` + visual slots, then each branch sees only the prefix and itself."""
+def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int = 64,
+               attention_targets=None) -> PackedBatch:
+    """Packed sequences: ``<s> USER:`` + visual slots, then each branch sees only the prefix and itself.
+    ``attention_targets``: the world's ``(qtype, words, objects) -> (own, in_context, decisive)``
+    (default: v1's ``_word_attention_targets``)."""
+    attention_targets = attention_targets or _word_attention_targets
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     before, _ = build_prompt("q").split(IMAGE_TOKEN)
     prefix = [tokenizer.bos_token_id] + _ids(tokenizer, before)  # <s> USER :
@@ -328,7 +335,7 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
             toks = q_ids + a_ids
             start = len(prefix) + (n_visual if br.use_image else 0)
             if br.use_image and br.caption is None and br.objects:
-                own, in_context, decisive = _word_attention_targets(
+                own, in_context, decisive = attention_targets(
                     br.qtype, tokenizer.convert_ids_to_tokens(q_ids), br.objects)
                 base = len(ids)
                 for out_list, targets in ((words, own), (contexts, in_context)):

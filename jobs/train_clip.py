@@ -1,0 +1,297 @@
+"""Train the proving ground v2's CLIP (``actors/shapes_clip.py``) on Shapes v2 scenes, on CPU, resumably.
+
+Three losses, every step, on freshly rendered train-split scenes (never stored):
+
+* **image-text contrastive** (CLIP's symmetric InfoNCE): each image against one object caption of its own
+  scene, the batch's other captions as negatives; pooled CLS -> ``visual_projection`` vs EOS -> ``text_projection``;
+* **text-to-patch contrastive**: a caption or question against the image's 144 projected patch embeddings
+  (``post_layernorm`` + ``visual_projection`` of the last layer), softmax over patches, target = the patches
+  of the objects the text is about. This is what makes the projected patch space the one PruMerge+'s text
+  picks, CDPruner's relevance and ACCM's mapper read (a question picks its objects' patches);
+* **feature-layer probes** (training only, heads discarded): the layer the LVLM reads (-2) must say, per
+  patch, the colour, shape, row and column of the cell it lies in, so the LVLM gets an object's identity and
+  position from any of its 2x2 patches.
+
+Usage::
+
+    python jobs/train_clip.py --output models/shapes_v2/clip --ckpt runs/clip/ckpt.pt   # add --resume after a stop
+    python jobs/train_clip.py --evaluate models/shapes_v2/clip --split test --eval-seed 4242 --json clip_test.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors import shapes_clip as C  # noqa: E402
+from pipeline import shapes_v2 as world  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+class ProbeHeads(nn.Module):
+    """Per-patch colour / shape / cell row / cell column heads on the LVLM's feature layer (training only)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.heads = nn.ModuleDict({
+            "color": nn.Linear(dim, 1 + len(world.COLOR_NAMES)), "shape": nn.Linear(dim, 1 + len(world.SHAPES)),
+            "row": nn.Linear(dim, world.CELLS), "col": nn.Linear(dim, world.CELLS),
+        })
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(patches) for name, head in self.heads.items()}
+
+
+def relevant_objects(item_objects, qtype: str, target: tuple[int, ...]) -> tuple[int, ...]:
+    """The objects a question is about: for ``exist`` every object of the named colour and shape."""
+    if qtype == "exist" and target:
+        o = item_objects[target[0]]
+        return tuple(i for i, p in enumerate(item_objects) if (p.color, p.shape) == (o.color, o.shape))
+    return target
+
+
+def patch_target(objects, idx: tuple[int, ...]) -> np.ndarray:
+    t = np.zeros(world.GRID * world.GRID, np.float32)
+    for i in idx:
+        t[list(world.patch_indices(objects[i]))] = 1.0
+    return t
+
+
+def make_batch(rng: np.random.Generator, n: int, n_objects: tuple[int, int], split: str = "train") -> dict:
+    """Images, one caption each (contrastive), one targeted question each (text-to-patch), probe labels."""
+    images, captions, questions, q_targets, labels = [], [], [], [], {k: [] for k in ("color", "shape", "row", "col")}
+    cap_targets = []
+    for _ in range(n):
+        objects = world.sample_scene(rng, split, n_objects)
+        images.append(np.asarray(world.render(objects, world.sample_background(rng))))
+        i = int(rng.integers(len(objects)))
+        captions.append(world.caption(objects[i]))
+        cap_targets.append(patch_target(objects, (i,)))
+        while True:
+            qtype = world.QUESTION_TYPES[int(rng.integers(len(world.QUESTION_TYPES)))]
+            asked = world.ask(objects, qtype, rng)
+            if asked is not None and asked[2]:
+                break
+        questions.append(asked[0])
+        q_targets.append(patch_target(objects, relevant_objects(objects, qtype, asked[2])))
+        for k, v in C.patch_labels(objects).items():
+            labels[k].append(v)
+    return {
+        "pixels": C.pixel_values(images), "captions": captions, "questions": questions,
+        "patch_targets": torch.from_numpy(np.stack(cap_targets + q_targets)),
+        "labels": {k: torch.from_numpy(np.stack(v)) for k, v in labels.items()},
+    }
+
+
+def encode_text(model, tok, texts: list[str]) -> torch.Tensor:
+    enc = tok(texts, padding=True, return_tensors="pt")
+    out = model.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    emb = model.text_projection(out.pooler_output)
+    return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def forward_losses(model, heads: ProbeHeads, tok, batch: dict) -> tuple[torch.Tensor, dict]:
+    vis = model.vision_model(pixel_values=batch["pixels"], output_hidden_states=True)
+    img = model.visual_projection(vis.pooler_output)
+    img = img / img.norm(dim=-1, keepdim=True)
+    texts = encode_text(model, tok, batch["captions"] + batch["questions"])
+    n = img.shape[0]
+    scale = model.logit_scale.exp()
+    logits = scale * texts[:n] @ img.T
+    ref = torch.arange(n)
+    global_loss = (F.cross_entropy(logits, ref) + F.cross_entropy(logits.T, ref)) / 2
+    patches = C.patch_embeddings(model, vis.last_hidden_state)  # [n, N, P]
+    owner = torch.cat([ref, ref])
+    patch_logits = scale * torch.einsum("tp,tnp->tn", texts, patches[owner])
+    target = batch["patch_targets"]
+    dense_loss = -(target * patch_logits.log_softmax(-1)).sum(-1).div(target.sum(-1)).mean()
+    preds = heads(vis.hidden_states[-2][:, 1:])
+    probe = {k: F.cross_entropy(v.flatten(0, 1), batch["labels"][k].flatten()) for k, v in preds.items()}
+    probe_loss = sum(probe.values()) / len(probe)
+    parts = {"global": global_loss.item(), "dense": dense_loss.item(), "probe": probe_loss.item()}
+    return global_loss + dense_loss + probe_loss, parts
+
+
+def cls_attention(model, hidden_in: torch.Tensor) -> torch.Tensor:
+    """[B, N] head-mean attention of the CLS query over the patches in the last layer (what PruMerge+ reads)."""
+    layer = model.vision_model.encoder.layers[-1]
+    x = layer.layer_norm1(hidden_in)
+    attn = layer.self_attn
+    b, t, _ = x.shape
+    q = attn.q_proj(x[:, :1]).view(b, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, t, attn.num_heads, attn.head_dim).transpose(1, 2)
+    w = (q @ k.transpose(-1, -2) * attn.scale).softmax(-1)  # [B, H, 1, T]
+    return w.mean(1)[:, 0, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, heads: ProbeHeads | None, tok, seed: int, n: int = 200, split: str = "val") -> dict:
+    """Held-out retrieval, question-to-patch precision, probe accuracy (with ``heads``) and CLS focus.
+
+    Retrieval: each image against one caption of one of its objects, among ``n`` images. Question-to-patch:
+    the share of a question's 4 most similar projected patches that lie on the objects it is about (for
+    exist, every object of the named colour and shape)."""
+    was_training = model.training
+    model.eval()
+    batch = make_batch(np.random.default_rng([seed, 99, 0]), n, (world.MIN_OBJECTS, world.MAX_OBJECTS), split)
+    vis = model.vision_model(pixel_values=batch["pixels"], output_hidden_states=True)
+    img = model.visual_projection(vis.pooler_output)
+    img = img / img.norm(dim=-1, keepdim=True)
+    caps, qs = encode_text(model, tok, batch["captions"]), encode_text(model, tok, batch["questions"])
+    sim = caps @ img.T
+    ref = torch.arange(n)
+    patches = C.patch_embeddings(model, vis.last_hidden_state)
+    q_sim = torch.einsum("tp,tnp->tn", qs, patches)
+    q_target = batch["patch_targets"][n:]
+    top = q_sim.topk(4, dim=-1).indices
+    precision = q_target.gather(1, top).mean().item()
+    cap_top = torch.einsum("tp,tnp->tn", caps, patches).topk(4, dim=-1).indices
+    cap_precision = batch["patch_targets"][:n].gather(1, cap_top).mean().item()
+    preds = heads(vis.hidden_states[-2][:, 1:]) if heads is not None else {}
+    probes = {}
+    for k, v in preds.items():
+        lab = batch["labels"][k]
+        mask = lab > 0 if k in ("color", "shape") else torch.ones_like(lab, dtype=torch.bool)
+        probes[k] = round((v.argmax(-1) == lab)[mask].float().mean().item(), 4)
+    cls = cls_attention(model, vis.hidden_states[-2])
+    occupied = (batch["labels"]["color"] > 0).float()
+    model.train(was_training)
+    return {
+        "image_to_text_top1": round((sim.argmax(0) == ref).float().mean().item(), 4),
+        "text_to_image_top1": round((sim.argmax(1) == ref).float().mean().item(), 4),
+        "question_patch_precision_at_4": round(precision, 4),
+        "caption_patch_precision_at_4": round(cap_precision, 4),
+        **({"probe_accuracy": probes} if heads is not None else {}),
+        "cls_attention_on_objects": round((cls * occupied).sum(-1).mean().item(), 4),
+        "object_patch_fraction": round(occupied.mean().item(), 4),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", help="folder for the trained CLIPModel + processor")
+    p.add_argument("--ckpt", help="training checkpoint (written every --ckpt-every steps)")
+    p.add_argument("--evaluate", metavar="DIR", help="only evaluate this trained CLIP folder (--split, --eval-seed)")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="--evaluate: split to measure on")
+    p.add_argument("--eval-seed", type=int, default=4242, help="--evaluate: seed of the held-out scenes")
+    p.add_argument("--eval-images", type=int, default=500, help="--evaluate: images (retrieval among all of them)")
+    p.add_argument("--json", help="--evaluate: also write the result here")
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt")
+    p.add_argument("--preset", default="default", choices=sorted(C.PRESETS))
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--objects", default="4-28", help="object-count range of the training scenes (LO-HI)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=int, default=200)
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("TORCH_THREADS", "2")))
+    args = p.parse_args(argv)
+    if not args.evaluate and not (args.output and args.ckpt):
+        p.error("--output and --ckpt are required to train")
+    return args
+
+
+def evaluate_saved(args) -> dict:
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(args.evaluate)
+    res = evaluate(model, None, AutoTokenizer.from_pretrained(args.evaluate), args.eval_seed, args.eval_images,
+                   args.split)
+    res = {"model": args.evaluate, "split": args.split, "seed": args.eval_seed, "images": args.eval_images, **res}
+    print(json.dumps(res, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from pipeline.shapes import parse_lo_hi
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.evaluate:
+        return evaluate_saved(args)
+    tok = C.build_tokenizer()
+    model = C.build_clip(args.preset, tokenizer=tok, seed=args.seed)
+    heads = ProbeHeads(model.config.vision_config.hidden_size)
+    params = list(model.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.05)
+    state = {"step": 0, "log": []}
+    ckpt = Path(args.ckpt)
+    if args.resume and ckpt.exists():
+        saved = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(saved["model"])
+        heads.load_state_dict(saved["heads"])
+        opt.load_state_dict(saved["opt"])
+        state = saved["state"]
+        log(f"resumed at step {state['step']}")
+    model.train()
+    n_objects = parse_lo_hi(args.objects)
+    t0, window = time.time(), []
+    while state["step"] < args.steps:
+        step = state["step"]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        batch = make_batch(np.random.default_rng([args.seed, 11, step]), args.batch, n_objects)
+        loss, parts = forward_losses(model, heads, tok, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        window.append(parts)
+        state["step"] = step + 1
+        if state["step"] % 20 == 0:
+            mean = {k: round(sum(w[k] for w in window) / len(window), 4) for k in window[0]}
+            log(f"step {state['step']}/{args.steps} loss {mean} scale {model.logit_scale.exp().item():.1f} "
+                f"{(time.time() - t0) / len(window):.2f} s/step")
+            state["log"].append({"step": state["step"], **mean})
+            window, t0 = [], time.time()
+        if state["step"] % args.eval_every == 0 or state["step"] == args.steps:
+            res = evaluate(model, heads, tok, args.seed)
+            state["log"].append({"step": state["step"], "val": res})
+            log(f"val {json.dumps(res)}")
+        if state["step"] % args.ckpt_every == 0 or state["step"] == args.steps:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "heads": heads.state_dict(), "opt": opt.state_dict(),
+                        "state": state, "args": vars(args)}, tmp)
+            tmp.replace(ckpt)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    C.build_processor(tok).save_pretrained(out)
+    final = evaluate(model, heads, tok, args.seed)
+    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": state["log"], "final_val": final},
+                                                      indent=1))
+    log(f"saved {out}")
+    return final
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""Train the proving ground v2's LVLM (``actors/shapes_lvlm_v2.py``) on Shapes v2, on CPU, resumably.
+
+The vision tower is the trained Shapes v2 CLIP's (``--clip``), frozen; the projector and the LLaMA decoder are
+trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for why each piece is there):
+
+* projector standardisation: the tower's per-dimension feature mean/std folded into the projector's first
+  Linear (the residual stream's shared component otherwise makes the visual tokens look alike to the LLM);
+* attention supervision: naming words attend to the patches of the objects they select (``--word-layer``,
+  ``--context-layer``), the answer position to the question's decisive word (``--hop-layer``);
+* stage 1: plain image questions on scenes of every size (1-28 objects); stage 2: instruction tuning with the
+  answer's fact beside the image ("additional information") and text-only questions, scenes narrowing to the
+  benchmark's 20-28 objects; a share of the fact questions' objects are left out of the image, so the fact is
+  the only source (the LVLM must read supplemental text; it never sees ACCM captions or evaluation items).
+
+Usage::
+
+    python jobs/train_lvlm_v2.py --clip models/shapes_v2/clip --output runs/lvlm_v2/model --ckpt runs/lvlm_v2/ckpt.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from actors import shapes_clip as C  # noqa: E402
+from actors import shapes_lvlm as L  # noqa: E402
+from actors import shapes_lvlm_v2 as V  # noqa: E402
+from jobs.train_clip import log, lr_at  # noqa: E402
+from pipeline import shapes_v2 as world  # noqa: E402
+
+
+def scene_range(stage: int, progress: float, ramp: float) -> tuple[int, int]:
+    """Stage 1: every scene size; stage 2: narrowing from 1-28 to the benchmark's 20-28 by ``ramp``."""
+    if stage == 1:
+        return 1, world.MAX_OBJECTS
+    t = 1.0 if ramp <= 0 else min(1.0, progress / ramp)
+    return int(round(1 + t * (world.MIN_OBJECTS - 1))), world.MAX_OBJECTS
+
+
+def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], stage: int):
+    n_image, n_fact, n_text = (args.n_image, args.n_fact, args.n_text) if stage == 2 else (args.stage1_n_image, 0, 0)
+    images, branches = [], []
+    for _ in range(args.batch):
+        objs = world.sample_scene(rng, "train", n_range)
+        background = world.sample_background(rng)
+        if n_fact and rng.random() < args.hide_fact_objects:
+            # the fact questions are about objects the image does not show: the fact is the only source
+            facts = V.draw_branches(objs, rng, n_image=0, n_fact=n_fact, n_text=n_text)
+            hidden = {i for br in facts if br.use_image for i in br.target}
+            shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
+            if shown:
+                images.append(V.render(shown, background))
+                branches.append(V.draw_branches(shown, rng, n_image=n_image, n_fact=0, n_text=0) + facts)
+                continue
+        images.append(V.render(objs, background))
+        branches.append(V.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text))
+    return C.pixel_values(images), V.pack_batch(tok, branches)
+
+
+@torch.no_grad()
+def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False) -> dict:
+    """Single-question accuracy per type: greedy first answer token (answers are one word) vs the answer."""
+    model.eval()
+    per: dict[str, list[int]] = {}
+    for i in range(0, len(items), 50):
+        chunk = items[i:i + 50]
+        branches = []
+        for it in chunk:
+            cap = world.fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
+            branches.append([L.Branch(it.question, it.answer, it.question_type, cap, not text_only)])
+        pb = V.pack_batch(tok, branches)
+        logits, labels = L.packed_logits(model, C.pixel_values([V.render(it) for it in chunk]), pb)
+        counts = (pb.labels != -100).sum(1)
+        first = torch.cumsum(counts, 0) - counts  # the first labelled position of a row: the first answer token
+        for it, ok in zip(chunk, (logits[first].argmax(-1) == labels[first]).tolist(), strict=True):
+            per.setdefault(it.question_type, []).append(int(ok))
+    res = {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
+    res["all"] = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 4)
+    model.train()
+    return res
+
+
+@torch.no_grad()
+def standardize_projector(model, seed: int, n_images: int = 128) -> dict:
+    """Fold per-dimension standardisation of the tower features into the projector's first Linear (v1's
+    ``jobs/train_lvlm.standardize_projector``, on v2 scenes)."""
+    rng = np.random.default_rng([seed, 7, 0])
+    images = [V.render(world.sample_scene(rng, "train"), world.sample_background(rng)) for _ in range(n_images)]
+    hidden, _ = L.vision_features(model, C.pixel_values(images))
+    feats = hidden[:, 1:].reshape(-1, hidden.shape[-1])
+    mu, sigma = feats.mean(0), feats.std(0) + 1e-5
+    lin = model.model.multi_modal_projector.linear_1
+    lin.bias -= (lin.weight / sigma) @ mu
+    lin.weight /= sigma
+    return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+
+
+def save(model, tok, out: Path, state: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    V.build_processor(tok).save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps({k: v for k, v in state.items() if not k.endswith("opt")},
+                                                      indent=1))
+
+
+def run_stage(model, tok, args, state: dict, stage: int) -> None:
+    steps = args.stage1_steps if stage == 1 else args.stage2_steps
+    params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    start = 0
+    if f"stage{stage}_opt" in state:
+        opt.load_state_dict(state.pop(f"stage{stage}_opt"))
+        start = state[f"stage{stage}_step"]
+    val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
+    heads = args.attn_sup_heads
+    t0 = time.time()
+    for step in range(start, steps):
+        n_range = scene_range(stage, step / steps, args.ramp)
+        px, pb = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage)
+        floor = 1.0 if stage == 1 else 0.1
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor)
+        with torch.no_grad():
+            hidden, _ = L.vision_features(model, px)
+        logits, labels, attn = L.packed_logits(model, px, pb, features=hidden[:, 1:], output_attentions=True)
+        word = (L.attention_target_loss(attn[args.word_layer], pb.word_targets, heads)
+                + L.attention_target_loss(attn[args.context_layer], pb.context_targets, heads))
+        hop = L.attention_target_loss(attn[args.hop_layer], pb.hop_targets, heads)
+        loss = F.cross_entropy(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        (loss + args.attn_sup * (word + hop)).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % args.log_every == 0:
+            img = pb.first_kind == 1
+            acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
+            log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
+                f"{hop.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
+        done = step + 1 == steps
+        if (step + 1) % args.eval_every == 0 or done:
+            res = {"stage": stage, "step": step + 1, "val": evaluate(model, tok, val),
+                   "fact": evaluate(model, tok, val[: len(val) // 2], with_fact=True),
+                   "text": evaluate(model, tok, val[: len(val) // 2], text_only=True),
+                   "minutes": round(state["minutes"] + (time.time() - state["t_start"]) / 60, 2)}
+            state.setdefault("evals", []).append(res)
+            log(f"EVAL {json.dumps(res)}")
+        if (step + 1) % args.ckpt_every == 0 or done:
+            state[f"stage{stage}_step"] = step + 1
+            save_ckpt(model, opt, state, args, stage)
+            save(model, tok, Path(args.output), state)
+    state[f"stage{stage}_done"] = True
+    state.pop(f"stage{stage}_opt", None)
+
+
+def save_ckpt(model, opt, state: dict, args, stage: int) -> None:
+    path = Path(args.ckpt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"model": model.state_dict(), "state": {**state, f"stage{stage}_opt": opt.state_dict(),
+                                                   "minutes": state["minutes"] + (time.time() - state["t_start"]) / 60}}
+    torch.save(blob, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--clip", required=True, help="the trained Shapes v2 CLIP folder (its vision tower is taken)")
+    p.add_argument("--output", required=True, help="HF-layout output folder (written at every checkpoint)")
+    p.add_argument("--ckpt", required=True, help="resumable checkpoint path")
+    p.add_argument("--resume", action="store_true", help="continue from --ckpt")
+    p.add_argument("--preset", default="default", choices=sorted(V.PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-seed", type=int, default=1234)
+    p.add_argument("--val-items", type=int, default=250)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stage1-steps", type=int, default=600)
+    p.add_argument("--stage1-n-image", type=int, default=10, help="stage 1: plain image questions per image")
+    p.add_argument("--stage2-steps", type=int, default=900)
+    p.add_argument("--n-image", type=int, default=6, help="stage 2: plain image questions per image")
+    p.add_argument("--n-fact", type=int, default=2, help="stage 2: image + fact questions per image")
+    p.add_argument("--n-text", type=int, default=1, help="stage 2: text-only (fact, no image) questions per image")
+    p.add_argument("--hide-fact-objects", type=float, default=0.5,
+                   help="stage 2: share of images drawn without the objects their fact questions are about")
+    p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
+    p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--attn-sup", type=float, default=1.0, help="weight of the attention-supervision losses")
+    p.add_argument("--attn-sup-heads", type=int, default=0, help="supervised heads per layer (0 = half)")
+    p.add_argument("--word-layer", type=int, default=2)
+    p.add_argument("--context-layer", type=int, default=3)
+    p.add_argument("--hop-layer", type=int, default=4)
+    p.add_argument("--log-every", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--ckpt-every", type=int, default=50)
+    args = p.parse_args(argv)
+    preset = V.PRESETS[args.preset]
+    args.attn_sup_heads = args.attn_sup_heads or max(1, preset["heads"] // 2)
+    if max(args.word_layer, args.context_layer, args.hop_layer) >= preset["layers"]:
+        p.error(f"--word-layer/--context-layer/--hop-layer must be < {preset['layers']} for preset {args.preset!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tok = V.build_tokenizer()
+    model = V.build_model(args.preset, tokenizer=tok, seed=args.seed)
+    state: dict = {"minutes": 0.0, "args": vars(args)}
+    if args.resume and Path(args.ckpt).exists():
+        blob = torch.load(args.ckpt, weights_only=False)
+        model.load_state_dict(blob["model"])
+        state = blob["state"]
+        log(f"resumed from {args.ckpt}: {[k for k in state if k.endswith(('_done', '_step'))]}")
+    else:
+        V.load_clip_tower(model, args.clip)
+        state["projector"] = standardize_projector(model, args.seed)
+        log(f"tower from {args.clip}; projector standardised {state['projector']}")
+    state["t_start"] = time.time()
+    model.model.vision_tower.requires_grad_(False)
+    model.model.vision_tower.eval()
+    for stage in (1, 2):
+        if not state.get(f"stage{stage}_done"):
+            run_stage(model, tok, args, state, stage)
+    state["minutes"] = round(state["minutes"] + (time.time() - state.pop("t_start")) / 60, 1)
+    save(model, tok, Path(args.output), state)
+    log(f"done: {state['minutes']} min of training; saved {args.output}")
+    return state
+
+
+if __name__ == "__main__":
+    main()
