@@ -1,12 +1,16 @@
 """The model card's table: Shapes-VQA test accuracy per question type, full tokens vs pruned, with FLOPs.
 
 Runs through the pruned-LLaVA engine (``actors.engine.LlavaEngine``): full tokens, then
-50 / 75 / 87.5 / 93.75% pruning for random, visionzip, prumerge_plus and fastv, plus an "oracle caption"
-row (the item's fact spliced as ``additional information``, 87.5% pruning) that shows how much a
-caption can give back. Scores are VQAv2 accuracy (``pipeline.scoring.vqa_accuracy``).
+50 / 75 / 87.5 / 93.75% pruning for each of ``--methods``, plus an "oracle caption" row (the item's fact
+spliced as ``additional information``, 87.5% pruning) that shows how much a caption can give back. Scores are
+VQAv2 accuracy (``pipeline.scoring.vqa_accuracy``); ``se`` is one standard error of the ``all`` column.
+``--world v2`` evaluates on Shapes v2 (``pipeline/shapes_v2.py``); ``--clip`` gives the text-guided pruners
+(PruMerge+'s text picks, CDPruner) their CLIP text tower.
 
     .venv/bin/python jobs/eval_lvlm.py --model models/shapes/lvlm --seed 4242 --per-type 100 \
         --json runs/eval_lvlm.json --markdown runs/eval_lvlm.md
+    .venv/bin/python jobs/eval_lvlm.py --world v2 --model models/shapes_v2/lvlm --clip models/shapes_v2/clip \
+        --methods random,visionzip,prumerge_plus,divprune,cdpruner,fastv --seed 4242 --json runs/eval_v2.json
 """
 
 from __future__ import annotations
@@ -24,16 +28,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline import shapes  # noqa: E402
+from pipeline import shapes, shapes_v2  # noqa: E402
 
 RATES = (0.5, 0.75, 0.875, 0.9375)
 METHODS = ("random", "visionzip", "prumerge_plus", "fastv")
+WORLDS = {"v1": shapes, "v2": shapes_v2}
+world = shapes  # the benchmark being evaluated (main() switches it with --world)
 
 
-def test_items(seed: int, per_type: int) -> list[shapes.Item]:
+def render(item):
+    """The item's image in its world (v2 scenes carry a background texture)."""
+    return world.render(item.objects, item.background) if world is shapes_v2 else world.render(item.objects)
+
+
+def test_items(seed: int, per_type: int) -> list:
     items = []
-    for qtype in shapes.QUESTION_TYPES:
-        items += [shapes.make_item(seed, "test", i, qtype) for i in range(per_type)]
+    for qtype in world.QUESTION_TYPES:
+        items += [world.make_item(seed, "test", i, qtype) for i in range(per_type)]
     return items
 
 
@@ -41,15 +52,15 @@ def score(pred: str, answer: str) -> float:
     try:
         from pipeline.scoring import vqa_accuracy
 
-        return float(vqa_accuracy(pred, [answer] * shapes.NUM_ANSWERS))
+        return float(vqa_accuracy(pred, [answer] * world.NUM_ANSWERS))
     except ImportError:  # scoring not available: exact match
         return float(pred.strip().lower() == answer)
 
 
-def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int]) -> list[shapes.Item]:
-    """Test-split items whose scenes hold ``n_range`` objects (the benchmark's own are 10-16)."""
-    return [shapes.make_item(seed, "test", i, qtype, n_objects=n_range)
-            for qtype in shapes.QUESTION_TYPES for i in range(per_type)]
+def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int]) -> list:
+    """Test-split items whose scenes hold ``n_range`` objects (the benchmark's own: v1 10-16, v2 20-28)."""
+    return [world.make_item(seed, "test", i, qtype, n_objects=n_range)
+            for qtype in world.QUESTION_TYPES for i in range(per_type)]
 
 
 def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int, int]], batch: int = 50) -> list[dict]:
@@ -72,7 +83,7 @@ def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int,
 
 
 def by_objects_markdown(rows: list[dict]) -> str:
-    cols = list(shapes.QUESTION_TYPES) + ["all"]
+    cols = list(world.QUESTION_TYPES) + ["all"]
     lines = ["| objects | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     lines += [f"| {r['objects']} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + " |" for r in rows]
     return "\n".join(lines)
@@ -88,8 +99,8 @@ def run_setting(engine, items, *, method: str, rate: float | None, captions: boo
     vision: list[float] = []
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
-        images = [shapes.render(it.objects) for it in chunk]
-        caps = [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in chunk] if captions else None
+        images = [render(it) for it in chunk]
+        caps = [world.fact(it.objects, it.question_type, it.question, it.target) for it in chunk] if captions else None
         keep = None if rate is None else engine.num_patches - int(round(rate * engine.num_patches))
         res, _ = engine.answer(images, [it.question for it in chunk], [it.id for it in chunk], caps,
                                method=method, keep_tokens=keep, max_new_tokens=4)
@@ -98,16 +109,21 @@ def run_setting(engine, items, *, method: str, rate: float | None, captions: boo
             flops.append(f["total"])
             vision.append(f["vision"])
     row = {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(per.items())}
-    row["all"] = round(100 * sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 1)
+    scores = [x for v in per.values() for x in v]
+    mean = sum(scores) / len(scores)
+    row["all"] = round(100 * mean, 1)
+    row["se"] = round(100 * (sum((x - mean) ** 2 for x in scores) / max(1, len(scores) - 1) / len(scores)) ** 0.5, 1)
+    row["kept"] = engine.num_patches if rate is None else keep
     row["mflops"] = round(sum(flops) / len(flops) / 1e6, 1)
     row["vision_share"] = round(sum(vision) / sum(flops), 3)
     return row
 
 
-def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RATES, methods=METHODS) -> list[dict]:
+def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RATES, methods=METHODS,
+             clip: str | None = None) -> list[dict]:
     from actors.engine import LlavaEngine
 
-    engine = LlavaEngine.from_pretrained(model_dir)
+    engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
     items = test_items(seed, per_type)
     rows = [{"method": "none", "pruning": 0.0, "caption": False,
              **run_setting(engine, items, method="none", rate=None, captions=False, batch=batch)}]
@@ -125,22 +141,26 @@ def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RA
 
 
 def markdown(rows: list[dict]) -> str:
-    cols = list(shapes.QUESTION_TYPES) + ["all"]
+    cols = list(world.QUESTION_TYPES) + ["all"]
     head = "| method | pruning | kept | " + " | ".join(cols) + " | MFLOPs/item | tower share |"
     lines = [head, "|" + "---|" * (len(cols) + 5)]
     full = rows[0]["all"]
     for r in rows:
-        kept = 64 - int(round(r["pruning"] * 64))
+        kept = r["kept"]
         name = r["method"] + (" + oracle caption" if r["caption"] else "")
         vals = " | ".join(f"{r[c]:.1f}" for c in cols)
-        drop = "" if r is rows[0] else f" ({r['all'] - full:+.1f})"
+        drop = f" ± {r['se']:.1f}" + ("" if r is rows[0] else f" ({r['all'] - full:+.1f})")
         lines.append(f"| {name} | {100 * r['pruning']:.2f}% | {kept} | {vals}{drop} | {r['mflops']:.1f} | {r['vision_share']:.3f} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--world", default="v1", choices=sorted(WORLDS), help="Shapes-VQA v1 or v2")
     p.add_argument("--model", default="models/shapes/lvlm")
+    p.add_argument("--clip", default=None, help="CLIPModel folder: the text guide of the text-guided pruners")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated pruning methods")
+    p.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated pruning rates")
     p.add_argument("--seed", type=int, default=4242, help="test-split seed")
     p.add_argument("--per-type", type=int, default=100, help="test items per question type")
     p.add_argument("--batch", type=int, default=50)
@@ -151,6 +171,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="diagnostic instead of the table: full-token accuracy per question type for scenes of "
                         "these object counts, e.g. 1,2,4,10-16")
     args = p.parse_args(argv)
+    global world
+    world = WORLDS[args.world]
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.by_objects:
@@ -160,10 +182,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(by_objects_markdown(rows) + "\n")
         return rows
-    rows = evaluate(args.model, args.seed, args.per_type, args.batch)
+    rows = evaluate(args.model, args.seed, args.per_type, args.batch, methods=tuple(args.methods.split(",")),
+                    rates=tuple(float(r) for r in args.rates.split(",")), clip=args.clip)
     table = markdown(rows)
     print(table)
-    print(f"({time.time() - t0:.0f}s, {args.per_type * len(shapes.QUESTION_TYPES)} test items, seed {args.seed})")
+    print(f"({time.time() - t0:.0f}s, {args.per_type * len(world.QUESTION_TYPES)} test items, seed {args.seed})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -42,7 +42,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from actors.prompt import ANSWER_SUFFIXES  # noqa: E402
-from pipeline import shapes, storage  # noqa: E402
+from pipeline import shapes, shapes_v2, storage  # noqa: E402
 from pipeline.schema import INPUT_SCHEMA  # noqa: E402
 
 log = logging.getLogger("make_shapes_vqa")
@@ -61,15 +61,22 @@ MC_VOCABULARY = {
 MC_L2 = {"color": "attribute_recognition", "shape": "attribute_recognition", "count": "counting"}
 
 
+WORLDS = {"v1": shapes, "v2": shapes_v2}
+
+
 def shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:05d}.parquet"
 
 
-def shard_table(split: str, seed: int, start: int, stop: int) -> pa.Table:
-    """Items ``start..stop-1`` of ``split`` as a table in the input schema, with provenance metadata."""
-    rows = [shapes.item_row(shapes.make_item(seed, split, i)) for i in range(start, stop)]
+def shard_table(split: str, seed: int, start: int, stop: int, world: str = "v1") -> pa.Table:
+    """Items ``start..stop-1`` of ``split`` as a table in the input schema, with provenance metadata
+    (``world``: Shapes-VQA ``v1``, or ``v2`` = ``pipeline.shapes_v2``, the proving ground v2's benchmark)."""
+    gen = WORLDS[world]
+    rows = [gen.item_row(gen.make_item(seed, split, i)) for i in range(start, stop)]
     table = pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
     provenance = {"generator": GENERATOR_VERSION, "split": split, "seed": seed, "items": [start, stop]}
+    if world != "v1":
+        provenance["world"] = world
     return table.replace_schema_metadata({"shapes_vqa": json.dumps(provenance, sort_keys=True)})
 
 
@@ -87,6 +94,7 @@ def write_shards(
     seed: int,
     rows_per_shard: int,
     s3_endpoint: str | None = None,
+    world: str = "v1",
 ) -> list[str]:
     """Generate and write every shard; returns the written URLs in shard order."""
     if split not in shapes.SPLITS:
@@ -98,7 +106,7 @@ def write_shards(
     written = []
     for shard in range(n_shards):
         start, stop = shard * rows_per_shard, min(num_items, (shard + 1) * rows_per_shard)
-        data = parquet_bytes(shard_table(split, seed, start, stop))
+        data = parquet_bytes(shard_table(split, seed, start, stop, world))
         url = output.rstrip("/") + "/" + shard_name(split, shard)
         storage.write_bytes(url, data, **options)
         log.info("wrote %s: items %d..%d (%d rows, %d bytes)", storage.redact(url), start, stop - 1,
@@ -313,6 +321,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(exist questions, llava_pope_test.jsonl + images/ + annotations/coco_pope_*.json); "
                         "hf-parquet: the same as lmms-lab/POPE's Parquet; mmbench-tsv: color/shape/count "
                         "questions as 4-way multiple choice in MMBench's TSV (base64 PNG images)")
+    parser.add_argument("--world", default="v1", choices=sorted(WORLDS),
+                        help="v1: Shapes-VQA (64x64, one object per patch); v2: Shapes v2 (96x96, 144 patches, "
+                        "20-28 objects of 2x2 patches; pipeline/shapes_v2.py), parquet format only (default v1)")
     parser.add_argument("--seed", type=int, default=0,
                         help="generator seed; the same seed and arguments give byte-identical shards (default 0)")
     parser.add_argument("--rows-per-shard", type=int, default=1000,
@@ -328,6 +339,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num-items must be >= 1")
     if args.rows_per_shard < 1:
         parser.error("--rows-per-shard must be >= 1")
+    if args.world != "v1" and args.format != "parquet":
+        parser.error("--world v2 writes the pipeline's parquet format only")
     return args
 
 
@@ -345,7 +358,7 @@ def main(argv: list[str] | None = None) -> list[str]:
                  args.split, args.seed, storage.redact(args.output))
         return written
     written = write_shards(args.output, args.split, args.num_items, args.seed, args.rows_per_shard,
-                           s3_endpoint=args.s3_endpoint)
+                           s3_endpoint=args.s3_endpoint, world=args.world)
     log.info("done: %d rows of split %r (seed %d) in %d shards under %s", args.num_items, args.split,
              args.seed, len(written), storage.redact(args.output))
     return written

@@ -26,7 +26,7 @@ SCRIPT = ROOT / "jobs" / "make_shapes_vqa.py"
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, check=True).stdout
     for option in ("--output", "--split", "--num-items", "--seed", "--rows-per-shard", "--s3-endpoint", "--log-level",
-                   "--format"):
+                   "--format", "--world"):
         assert option in out
     assert "s3://" in out and "AWS_ACCESS_KEY_ID" in out
 
@@ -54,6 +54,16 @@ def test_two_runs_are_byte_identical_and_valid(tmp_path, caplog):
     assert all(len(a) == 10 for a in tables[0].column("answers").to_pylist())
 
 
+def test_world_v2_shards_hold_v2_items(tmp_path):
+    from pipeline import shapes_v2
+
+    (url,) = job.main(["--output", str(tmp_path), "--split", "test", "--num-items", "3", "--world", "v2"])
+    table = pq.read_table(url)
+    validate_input_schema(table.schema, url)
+    assert table.to_pylist() == [shapes_v2.item_row(shapes_v2.make_item(0, "test", i)) for i in range(3)]
+    assert json.loads(table.schema.metadata[b"shapes_vqa"])["world"] == "v2"
+
+
 def test_other_seed_differs_and_stale_shards_warn(tmp_path, caplog):
     job.write_shards(str(tmp_path), "test", 4, seed=1, rows_per_shard=2)
     a = (tmp_path / "test-00000.parquet").read_bytes()
@@ -76,7 +86,8 @@ def test_writes_to_s3(s3_server, tmp_bucket, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [["--split", "dev"], ["--num-items", "0"], ["--rows-per-shard", "-1"],
-                                 ["--format", "llava-json"]])
+                                 ["--format", "llava-json"], ["--world", "v3"],
+                                 ["--world", "v2", "--format", "mmbench-tsv"]])
 def test_rejects_bad_arguments(bad, tmp_path):
     args = {"--output": str(tmp_path), "--split": "test", "--num-items": "3", "--rows-per-shard": "2"}
     args.update(dict(zip(bad[::2], bad[1::2], strict=True)))

@@ -106,6 +106,14 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
     clip = CLIPModel.from_pretrained(clip_dir)
     for name, value in clip.vision_model.state_dict().items():  # the frozen tower is the CLIP's, unchanged
         assert torch.equal(model.model.vision_tower.state_dict()[name], value), name
+    # the card's table command runs on it: v2 test items, the text-guided pruners with the CLIP's text tower
+    from jobs import eval_lvlm
+
+    rows = eval_lvlm.main(["--world", "v2", "--model", str(tmp_path / "lvlm"), "--clip", clip_dir, "--per-type", "1",
+                           "--methods", "prumerge_plus,cdpruner", "--rates", "0.5,0.75", "--threads", "1", "--markdown", str(tmp_path / "t.md")])
+    assert [(r["method"], r["kept"]) for r in rows[:3]] == [("none", 144), ("prumerge_plus", 72), ("prumerge_plus", 36)]
+    assert all(0 <= r["all"] <= 100 and r["se"] >= 0 for r in rows) and "± " in (tmp_path / "t.md").read_text()
+    assert rows[0]["mflops"] > rows[2]["mflops"]
     proc = AutoProcessor.from_pretrained(str(tmp_path / "lvlm"))
     prompt = "USER: <image>\nWhat row is the red circle in? ASSISTANT:"
     for size in ((1, 1), (640, 480)):
