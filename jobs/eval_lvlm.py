@@ -89,6 +89,47 @@ def by_objects_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def object_patches(obj) -> tuple[int, ...]:
+    return world.patch_indices(obj) if world is shapes_v2 else (world.patch_index(obj),)
+
+
+def needed_objects(item) -> tuple[int, ...]:
+    """The objects a question's answer rests on (an exist-yes question: every object of the named pair)."""
+    if item.question_type == "exist" and item.target:
+        t = item.objects[item.target[0]]
+        return tuple(i for i, o in enumerate(item.objects) if (o.color, o.shape) == (t.color, t.shape))
+    return item.target
+
+
+def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str | None, batch: int = 50) -> list[dict]:
+    """Diagnostic: how often a pre-LLM pruner keeps at least one patch of every object the answer rests on
+    (no LLM run; VisionZip's merged tokens are not counted). It bounds what a perfect reader of the kept
+    patches could answer, which is why the accuracy curve has the shape it has."""
+    from actors.engine import LlavaEngine
+
+    engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
+    items = [it for it in test_items(seed, per_type) if needed_objects(it)]
+    rows = []
+    for method in methods:
+        for rate in rates:
+            keep = engine.num_patches - int(round(rate * engine.num_patches))
+            hits: dict[str, list[int]] = {}
+            for i in range(0, len(items), batch):
+                chunk = items[i:i + batch]
+                vision = engine.encode_images(engine.preprocess([render(it) for it in chunk]))
+                pruned = engine.prune(vision, method, keep, [it.id for it in chunk], [it.question for it in chunk])
+                for it, kept in zip(chunk, pruned.kept_indices.tolist(), strict=True):
+                    kept = set(kept)
+                    ok = all(kept & set(object_patches(it.objects[j])) for j in needed_objects(it))
+                    hits.setdefault(it.question_type, []).append(int(ok))
+            row = {"method": method, "pruning": rate, "kept": keep,
+                   **{t: round(100 * sum(v) / len(v), 1) for t, v in sorted(hits.items())}}
+            row["all"] = round(100 * sum(map(sum, hits.values())) / sum(map(len, hits.values())), 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def _ranges(text: str) -> list[tuple[int, int]]:
     return [shapes.parse_lo_hi(part) for part in text.split(",")]
 
@@ -167,6 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="write rows here")
     p.add_argument("--markdown", default="", help="write the markdown table here")
+    p.add_argument("--coverage", action="store_true",
+                   help="diagnostic instead of the table: how often each pruner keeps a patch of every object the "
+                        "answer rests on (no LLM run)")
     p.add_argument("--by-objects", default="", metavar="RANGES",
                    help="diagnostic instead of the table: full-token accuracy per question type for scenes of "
                         "these object counts, e.g. 1,2,4,10-16")
@@ -175,6 +219,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     world = WORLDS[args.world]
     torch.set_num_threads(args.threads)
     t0 = time.time()
+    if args.coverage:
+        rows = coverage(args.model, args.seed, args.per_type, args.methods.split(","),
+                        [float(r) for r in args.rates.split(",")], args.clip, args.batch)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return rows
     if args.by_objects:
         rows = by_objects(args.model, args.seed, args.per_type, _ranges(args.by_objects), args.batch)
         print(by_objects_markdown(rows))

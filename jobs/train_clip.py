@@ -50,8 +50,12 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+COUNT_CLASSES = 10  # 0..9 objects of one colour or shape (more are counted as 9)
+
+
 class ProbeHeads(nn.Module):
-    """Per-patch colour / shape / cell row / cell column heads on the LVLM's feature layer (training only)."""
+    """Heads on the LVLM's feature layer (training only): per patch colour / shape / cell row / cell column,
+    and on the CLS how many objects of each colour and of each shape the scene holds."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -59,9 +63,26 @@ class ProbeHeads(nn.Module):
             "color": nn.Linear(dim, 1 + len(world.COLOR_NAMES)), "shape": nn.Linear(dim, 1 + len(world.SHAPES)),
             "row": nn.Linear(dim, world.CELLS), "col": nn.Linear(dim, world.CELLS),
         })
+        self.counts = nn.ModuleDict({
+            "color_counts": nn.Linear(dim, len(world.COLOR_NAMES) * COUNT_CLASSES),
+            "shape_counts": nn.Linear(dim, len(world.SHAPES) * COUNT_CLASSES),
+        })
 
-    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: head(patches) for name, head in self.heads.items()}
+    def forward(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``hidden``: the feature layer [B, 1 + N, D] (CLS first)."""
+        out = {name: head(hidden[:, 1:]) for name, head in self.heads.items()}
+        out.update({name: head(hidden[:, 0]).view(hidden.shape[0], -1, COUNT_CLASSES)
+                    for name, head in self.counts.items()})
+        return out
+
+
+def scene_counts(objects) -> dict[str, np.ndarray]:
+    color = np.zeros(len(world.COLOR_NAMES), np.int64)
+    shape = np.zeros(len(world.SHAPES), np.int64)
+    for o in objects:
+        color[world.COLOR_NAMES.index(o.color)] += 1
+        shape[world.SHAPES.index(o.shape)] += 1
+    return {"color_counts": np.minimum(color, COUNT_CLASSES - 1), "shape_counts": np.minimum(shape, COUNT_CLASSES - 1)}
 
 
 def relevant_objects(item_objects, qtype: str, target: tuple[int, ...]) -> tuple[int, ...]:
@@ -81,7 +102,8 @@ def patch_target(objects, idx: tuple[int, ...]) -> np.ndarray:
 
 def make_batch(rng: np.random.Generator, n: int, n_objects: tuple[int, int], split: str = "train") -> dict:
     """Images, one caption each (contrastive), one targeted question each (text-to-patch), probe labels."""
-    images, captions, questions, q_targets, labels = [], [], [], [], {k: [] for k in ("color", "shape", "row", "col")}
+    keys = ("color", "shape", "row", "col", "color_counts", "shape_counts")
+    images, captions, questions, q_targets, labels = [], [], [], [], {k: [] for k in keys}
     cap_targets = []
     for _ in range(n):
         objects = world.sample_scene(rng, split, n_objects)
@@ -96,7 +118,7 @@ def make_batch(rng: np.random.Generator, n: int, n_objects: tuple[int, int], spl
                 break
         questions.append(asked[0])
         q_targets.append(patch_target(objects, relevant_objects(objects, qtype, asked[2])))
-        for k, v in C.patch_labels(objects).items():
+        for k, v in {**C.patch_labels(objects), **scene_counts(objects)}.items():
             labels[k].append(v)
     return {
         "pixels": C.pixel_values(images), "captions": captions, "questions": questions,
@@ -112,31 +134,36 @@ def encode_text(model, tok, texts: list[str]) -> torch.Tensor:
     return emb / emb.norm(dim=-1, keepdim=True)
 
 
-def forward_losses(model, heads: ProbeHeads, tok, batch: dict) -> tuple[torch.Tensor, dict]:
+def forward_losses(model, heads: ProbeHeads, tok, batch: dict, weights: dict[str, float],
+                   dense_questions: bool = False) -> tuple[torch.Tensor, dict]:
     vis = model.vision_model(pixel_values=batch["pixels"], output_hidden_states=True)
     img = model.visual_projection(vis.pooler_output)
     img = img / img.norm(dim=-1, keepdim=True)
-    texts = encode_text(model, tok, batch["captions"] + batch["questions"])
+    texts = encode_text(model, tok, batch["captions"] + (batch["questions"] if dense_questions else []))
     n = img.shape[0]
     scale = model.logit_scale.exp()
     logits = scale * texts[:n] @ img.T
     ref = torch.arange(n)
     global_loss = (F.cross_entropy(logits, ref) + F.cross_entropy(logits.T, ref)) / 2
     patches = C.patch_embeddings(model, vis.last_hidden_state)  # [n, N, P]
-    owner = torch.cat([ref, ref])
+    owner = torch.cat([ref, ref])[: texts.shape[0]]
     patch_logits = scale * torch.einsum("tp,tnp->tn", texts, patches[owner])
-    target = batch["patch_targets"]
+    target = batch["patch_targets"][: texts.shape[0]]
     dense_loss = -(target * patch_logits.log_softmax(-1)).sum(-1).div(target.sum(-1)).mean()
-    preds = heads(vis.hidden_states[-2][:, 1:])
+    preds = heads(vis.hidden_states[-2])
     probe = {k: F.cross_entropy(v.flatten(0, 1), batch["labels"][k].flatten()) for k, v in preds.items()}
+    count_loss = (probe.pop("color_counts") + probe.pop("shape_counts")) / 2
     probe_loss = sum(probe.values()) / len(probe)
-    parts = {"global": global_loss.item(), "dense": dense_loss.item(), "probe": probe_loss.item()}
-    return global_loss + dense_loss + probe_loss, parts
+    parts = {"global": global_loss.item(), "dense": dense_loss.item(), "probe": probe_loss.item(),
+             "count": count_loss.item()}
+    total = global_loss + weights["dense"] * dense_loss + probe_loss + weights["count"] * count_loss
+    return total, parts
 
 
-def cls_attention(model, hidden_in: torch.Tensor) -> torch.Tensor:
-    """[B, N] head-mean attention of the CLS query over the patches in the last layer (what PruMerge+ reads)."""
-    layer = model.vision_model.encoder.layers[-1]
+def cls_attention(model, hidden_in: torch.Tensor, layer_index: int = -1) -> torch.Tensor:
+    """[B, N] head-mean attention of the CLS query over the patches in one layer, from that layer's input:
+    the last layer's is what PruMerge+ reads, the feature layer's (-2) what VisionZip reads."""
+    layer = model.vision_model.encoder.layers[layer_index]
     x = layer.layer_norm1(hidden_in)
     attn = layer.self_attn
     b, t, _ = x.shape
@@ -169,14 +196,22 @@ def evaluate(model, heads: ProbeHeads | None, tok, seed: int, n: int = 200, spli
     precision = q_target.gather(1, top).mean().item()
     cap_top = torch.einsum("tp,tnp->tn", caps, patches).topk(4, dim=-1).indices
     cap_precision = batch["patch_targets"][:n].gather(1, cap_top).mean().item()
-    preds = heads(vis.hidden_states[-2][:, 1:]) if heads is not None else {}
+    preds = heads(vis.hidden_states[-2]) if heads is not None else {}
     probes = {}
     for k, v in preds.items():
         lab = batch["labels"][k]
         mask = lab > 0 if k in ("color", "shape") else torch.ones_like(lab, dtype=torch.bool)
         probes[k] = round((v.argmax(-1) == lab)[mask].float().mean().item(), 4)
     cls = cls_attention(model, vis.hidden_states[-2])
+    feature_cls = cls_attention(model, vis.hidden_states[-3], layer_index=-2)
     occupied = (batch["labels"]["color"] > 0).float()
+    cover = {}
+    for k in (72, 18):  # the 50% and 87.5% budgets: objects with a patch among the k most CLS-attended ones
+        for name, att in (("feature_layer", feature_cls), ("last_layer", cls)):
+            top = torch.zeros_like(att).scatter_(1, att.topk(k, dim=-1).indices, 1.0)
+            per_cell = (top * occupied).view(n, world.CELLS, 2, world.CELLS, 2).amax(dim=(2, 4))
+            cells = occupied.view(n, world.CELLS, 2, world.CELLS, 2).amax(dim=(2, 4))
+            cover[f"{name}_top{k}"] = round((per_cell.sum() / cells.sum()).item(), 4)
     model.train(was_training)
     return {
         "image_to_text_top1": round((sim.argmax(0) == ref).float().mean().item(), 4),
@@ -185,6 +220,8 @@ def evaluate(model, heads: ProbeHeads | None, tok, seed: int, n: int = 200, spli
         "caption_patch_precision_at_4": round(cap_precision, 4),
         **({"probe_accuracy": probes} if heads is not None else {}),
         "cls_attention_on_objects": round((cls * occupied).sum(-1).mean().item(), 4),
+        "feature_layer_cls_attention_on_objects": round((feature_cls * occupied).sum(-1).mean().item(), 4),
+        "objects_covered_by_top_cls_patches": cover,
         "object_patch_fraction": round(occupied.mean().item(), 4),
     }
 
@@ -205,6 +242,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--objects", default="4-28", help="object-count range of the training scenes (LO-HI)")
+    p.add_argument("--dense-weight", type=float, default=0.1,
+                   help="weight of the caption-to-patch loss (1.0 with --dense-questions made text picks near "
+                        "perfect: 97%% of a question's top-4 patches on its objects, unlike a real CLIP)")
+    p.add_argument("--dense-questions", action="store_true", help="also train questions against their patches")
+    p.add_argument("--count-weight", type=float, default=1.0,
+                   help="weight of the feature-layer CLS count probes (they spread the CLS attention over objects)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--ckpt-every", type=int, default=100)
@@ -257,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         batch = make_batch(np.random.default_rng([args.seed, 11, step]), args.batch, n_objects)
-        loss, parts = forward_losses(model, heads, tok, batch)
+        loss, parts = forward_losses(model, heads, tok, batch, {"dense": args.dense_weight, "count": args.count_weight},
+                                     args.dense_questions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

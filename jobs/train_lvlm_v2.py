@@ -109,18 +109,19 @@ def save(model, tok, out: Path, state: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     V.build_processor(tok).save_pretrained(out)
-    (out / "training_log.json").write_text(json.dumps({k: v for k, v in state.items() if not k.endswith("opt")},
-                                                      indent=1))
+    saved = {k: v for k, v in state.items() if not k.endswith("opt") and k != "t_start"}
+    if "t_start" in state:
+        saved["minutes"] = round(state["minutes"] + (time.time() - state["t_start"]) / 60, 2)
+    (out / "training_log.json").write_text(json.dumps(saved, indent=1))
 
 
 def run_stage(model, tok, args, state: dict, stage: int) -> None:
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
-    start = 0
+    start = state.get(f"stage{stage}_step", 0)
     if f"stage{stage}_opt" in state:
         opt.load_state_dict(state.pop(f"stage{stage}_opt"))
-        start = state[f"stage{stage}_step"]
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
     heads = args.attn_sup_heads
     t0 = time.time()
@@ -217,11 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
     tok = V.build_tokenizer()
     model = V.build_model(args.preset, tokenizer=tok, seed=args.seed)
     state: dict = {"minutes": 0.0, "args": vars(args)}
+    saved_log = Path(args.output, "training_log.json")
     if args.resume and Path(args.ckpt).exists():
         blob = torch.load(args.ckpt, weights_only=False)
         model.load_state_dict(blob["model"])
         state = blob["state"]
         log(f"resumed from {args.ckpt}: {[k for k in state if k.endswith(('_done', '_step'))]}")
+    elif args.resume and saved_log.exists():
+        # no checkpoint (another machine): the HF folder written at every checkpoint holds the weights and the
+        # stage/step reached; training goes on from there with a fresh optimizer state
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.output, attn_implementation="eager")
+        state = json.loads(saved_log.read_text())
+        log(f"resumed from the saved model {args.output} (fresh optimizer state): "
+            f"{ {k: v for k, v in state.items() if k.endswith(('_done', '_step'))} }")
     else:
         V.load_clip_tower(model, args.clip)
         state["projector"] = standardize_projector(model, args.seed)
@@ -229,8 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
     state["t_start"] = time.time()
     model.model.vision_tower.requires_grad_(False)
     model.model.vision_tower.eval()
-    for stage in (1, 2):
-        if not state.get(f"stage{stage}_done"):
+    for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
+        if state.get(f"stage{stage}_step", 0) < steps:  # (more steps than a finished run had: it goes on)
             run_stage(model, tok, args, state, stage)
     state["minutes"] = round(state["minutes"] + (time.time() - state.pop("t_start")) / 60, 1)
     save(model, tok, Path(args.output), state)

@@ -51,7 +51,10 @@ def test_clip_trains_resumes_and_serves_as_text_guide(trained_clip):
     assert first == 2  # the checkpoint of the first run, which the resumed run continued from
     log = json.loads((out / "model" / "training_log.json").read_text())
     assert log["log"][-1]["step"] == 3 and "val" in log["log"][-1]
-    assert 0 <= final["question_patch_precision_at_4"] <= 1 and set(final["probe_accuracy"]) == {"color", "shape", "row", "col"}
+    assert 0 <= final["question_patch_precision_at_4"] <= 1 and set(final["probe_accuracy"]) == {
+        "color", "shape", "row", "col", "color_counts", "shape_counts"}
+    assert set(final["objects_covered_by_top_cls_patches"]) == {
+        f"{layer}_top{k}" for layer in ("feature_layer", "last_layer") for k in (72, 18)}
     from jobs import train_clip
 
     held_out = train_clip.main(["--evaluate", str(out / "model"), "--split", "test", "--eval-images", "6",
@@ -100,6 +103,14 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--log-every", "1",
     ])
     assert state["stage1_done"] and state["stage2_done"] and state["evals"][-1]["step"] == 2
+    # without the checkpoint (another machine), --resume goes on from the saved HF folder's weights and step
+    (tmp_path / "ck.pt").unlink()
+    again = train_lvlm_v2.main([
+        "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
+        "--stage1-steps", "1", "--stage2-steps", "3", "--batch", "2", "--val-items", "10", "--eval-every", "3",
+        "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--resume",
+    ])
+    assert again["stage2_step"] == 3 and [e["step"] for e in again["evals"]] == [1, 2, 3]
     model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm"))
     from transformers import CLIPModel
 
