@@ -77,6 +77,7 @@ def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int,
     for lo, hi in ranges:
         row = run_setting(engine, items_with_objects(seed, per_type, (lo, hi)), method="none", rate=None,
                           captions=False, batch=batch)
+        row.pop("_scores")
         rows.append({"objects": f"{lo}" if lo == hi else f"{lo}-{hi}", **row})
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -93,12 +94,13 @@ def object_patches(obj) -> tuple[int, ...]:
     return world.patch_indices(obj) if world is shapes_v2 else (world.patch_index(obj),)
 
 
-def needed_objects(item) -> tuple[int, ...]:
-    """The objects a question's answer rests on (an exist-yes question: every object of the named pair)."""
+def needed_objects(item) -> tuple[tuple[int, ...], bool]:
+    """The objects a question's answer rests on, and whether *all* of them must be seen (count, colour,
+    shape, spatial) or *any* (an exist-yes question: one object of the named pair shows it)."""
     if item.question_type == "exist" and item.target:
         t = item.objects[item.target[0]]
-        return tuple(i for i, o in enumerate(item.objects) if (o.color, o.shape) == (t.color, t.shape))
-    return item.target
+        return tuple(i for i, o in enumerate(item.objects) if (o.color, o.shape) == (t.color, t.shape)), False
+    return item.target, True
 
 
 def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str | None, batch: int = 50) -> list[dict]:
@@ -106,9 +108,13 @@ def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str
     (no LLM run; VisionZip's merged tokens are not counted). It bounds what a perfect reader of the kept
     patches could answer, which is why the accuracy curve has the shape it has."""
     from actors.engine import LlavaEngine
+    from actors.pruners import IN_LLM_METHODS
 
+    if set(methods) & set(IN_LLM_METHODS):
+        raise ValueError(f"--coverage measures pre-LLM pruners; {sorted(set(methods) & set(IN_LLM_METHODS))} prune "
+                         "inside the LLM")
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
-    items = [it for it in test_items(seed, per_type) if needed_objects(it)]
+    items = [it for it in test_items(seed, per_type) if needed_objects(it)[0]]
     rows = []
     for method in methods:
         for rate in rates:
@@ -120,7 +126,8 @@ def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str
                 pruned = engine.prune(vision, method, keep, [it.id for it in chunk], [it.question for it in chunk])
                 for it, kept in zip(chunk, pruned.kept_indices.tolist(), strict=True):
                     kept = set(kept)
-                    ok = all(kept & set(object_patches(it.objects[j])) for j in needed_objects(it))
+                    objs, need_all = needed_objects(it)
+                    ok = (all if need_all else any)(kept & set(object_patches(it.objects[j])) for j in objs)
                     hits.setdefault(it.question_type, []).append(int(ok))
             row = {"method": method, "pruning": rate, "kept": keep,
                    **{t: round(100 * sum(v) / len(v), 1) for t, v in sorted(hits.items())}}
@@ -134,8 +141,23 @@ def _ranges(text: str) -> list[tuple[int, int]]:
     return [shapes.parse_lo_hi(part) for part in text.split(",")]
 
 
+def clustered_se(values: list[float], clusters: list[str]) -> float:
+    """Standard error of the mean of ``values`` whose items share scenes: the items of one index (one id) across
+    the question types are questions about the same scene, so their scores are not independent. The mean of
+    cluster means' spread, over the number of clusters (equal cluster sizes here)."""
+    groups: dict[str, list[float]] = {}
+    for v, c in zip(values, clusters, strict=True):
+        groups.setdefault(c, []).append(v)
+    means = [sum(g) / len(g) for g in groups.values()]
+    m = sum(means) / len(means)
+    return (sum((x - m) ** 2 for x in means) / max(1, len(means) - 1) / len(means)) ** 0.5
+
+
 def run_setting(engine, items, *, method: str, rate: float | None, captions: bool, batch: int) -> dict:
+    """One table row; ``_scores`` (per item, in ``items`` order) is kept for the paired SE of a drop and
+    dropped before the row is written."""
     per: dict[str, list[float]] = {}
+    scores: list[float] = []
     flops: list[float] = []
     vision: list[float] = []
     for i in range(0, len(items), batch):
@@ -146,14 +168,14 @@ def run_setting(engine, items, *, method: str, rate: float | None, captions: boo
         res, _ = engine.answer(images, [it.question for it in chunk], [it.id for it in chunk], caps,
                                method=method, keep_tokens=keep, max_new_tokens=4)
         for it, text, f in zip(chunk, res.texts, res.flops, strict=True):
-            per.setdefault(it.question_type, []).append(score(text, it.answer))
+            scores.append(score(text, it.answer))
+            per.setdefault(it.question_type, []).append(scores[-1])
             flops.append(f["total"])
             vision.append(f["vision"])
     row = {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(per.items())}
-    scores = [x for v in per.values() for x in v]
-    mean = sum(scores) / len(scores)
-    row["all"] = round(100 * mean, 1)
-    row["se"] = round(100 * (sum((x - mean) ** 2 for x in scores) / max(1, len(scores) - 1) / len(scores)) ** 0.5, 1)
+    row["all"] = round(100 * sum(scores) / len(scores), 1)
+    row["se"] = round(100 * clustered_se(scores, [it.id for it in items]), 1)
+    row["_scores"] = scores
     row["kept"] = engine.num_patches if rate is None else keep
     row["mflops"] = round(sum(flops) / len(flops) / 1e6, 1)
     row["vision_share"] = round(sum(vision) / sum(flops), 3)
@@ -166,18 +188,19 @@ def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RA
 
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
     items = test_items(seed, per_type)
-    rows = [{"method": "none", "pruning": 0.0, "caption": False,
-             **run_setting(engine, items, method="none", rate=None, captions=False, batch=batch)}]
-    print(json.dumps(rows[-1]), flush=True)
-    for method in methods:
-        for rate in rates:
-            rows.append({"method": method, "pruning": rate, "caption": False,
-                         **run_setting(engine, items, method=method, rate=rate, captions=False, batch=batch)})
-            print(json.dumps(rows[-1]), flush=True)
-    for method in ("prumerge_plus",):
-        rows.append({"method": method, "pruning": 0.875, "caption": True,
-                     **run_setting(engine, items, method=method, rate=0.875, captions=True, batch=batch)})
-        print(json.dumps(rows[-1]), flush=True)
+    settings = [("none", None, False)] + [(m, r, False) for m in methods for r in rates] + [("prumerge_plus", 0.875, True)]
+    rows: list[dict] = []
+    full: list[float] = []
+    ids = [it.id for it in items]
+    for method, rate, captions in settings:
+        row = {"method": method, "pruning": rate or 0.0, "caption": captions,
+               **run_setting(engine, items, method=method, rate=rate, captions=captions, batch=batch)}
+        scores = row.pop("_scores")
+        full = full or scores
+        # the drop from full tokens is a paired difference on the same items: its own (scene-clustered) SE
+        row["drop_se"] = round(100 * clustered_se([a - b for a, b in zip(scores, full, strict=True)], ids), 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -190,7 +213,7 @@ def markdown(rows: list[dict]) -> str:
         kept = r["kept"]
         name = r["method"] + (" + oracle caption" if r["caption"] else "")
         vals = " | ".join(f"{r[c]:.1f}" for c in cols)
-        drop = f" ± {r['se']:.1f}" + ("" if r is rows[0] else f" ({r['all'] - full:+.1f})")
+        drop = f" ± {r['se']:.1f}" + ("" if r is rows[0] else f" ({r['all'] - full:+.1f} ± {r['drop_se']:.1f})")
         lines.append(f"| {name} | {100 * r['pruning']:.2f}% | {kept} | {vals}{drop} | {r['mflops']:.1f} | {r['vision_share']:.3f} |")
     return "\n".join(lines)
 
@@ -216,7 +239,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "these object counts, e.g. 1,2,4,10-16")
     args = p.parse_args(argv)
     global world
-    world = WORLDS[args.world]
+    previous, world = world, WORLDS[args.world]
+    try:
+        return _run(args)
+    finally:  # other callers of this module's functions keep the world they had
+        world = previous
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     if args.coverage:

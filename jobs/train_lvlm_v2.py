@@ -58,7 +58,9 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
             facts = V.draw_branches(objs, rng, n_image=0, n_fact=n_fact, n_text=n_text)
             hidden = {i for br in facts if br.use_image for i in br.target}
             shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
-            if shown:
+            # the subset is a scene of its own: it must hash into the train split too (a small one could be a
+            # val or test scene), else the full scene is used
+            if shown and world.scene_hash(shown) % 10 in world._SPLIT_BUCKETS["train"]:
                 images.append(V.render(shown, background))
                 branches.append(V.draw_branches(shown, rng, n_image=n_image, n_fact=0, n_text=0) + facts)
                 continue
@@ -120,8 +122,11 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     start = state.get(f"stage{stage}_step", 0)
+    rewarm = 0  # a fresh optimizer in mid-schedule (resumed from the HF folder) warms up again
     if f"stage{stage}_opt" in state:
         opt.load_state_dict(state.pop(f"stage{stage}_opt"))
+    elif start > 0:
+        rewarm = args.warmup
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
     heads = args.attn_sup_heads
     t0 = time.time()
@@ -130,7 +135,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         px, pb = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage)
         floor = 1.0 if stage == 1 else 0.1
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor)
+            g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor) * min(1.0, (step - start + 1) / max(1, rewarm))
         with torch.no_grad():
             hidden, _ = L.vision_features(model, px)
         logits, labels, attn = L.packed_logits(model, px, pb, features=hidden[:, 1:], output_attentions=True)
@@ -233,11 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
         state = json.loads(saved_log.read_text())
         log(f"resumed from the saved model {args.output} (fresh optimizer state): "
             f"{ {k: v for k, v in state.items() if k.endswith(('_done', '_step'))} }")
+    elif args.resume:
+        raise SystemExit(f"--resume: neither {args.ckpt} nor {saved_log} exists")
     else:
         V.load_clip_tower(model, args.clip)
         state["projector"] = standardize_projector(model, args.seed)
         log(f"tower from {args.clip}; projector standardised {state['projector']}")
     state["t_start"] = time.time()
+    if args.resume:  # the log says what this part of the run was started with
+        state.setdefault("resumed_with", []).append(vars(args))
     model.model.vision_tower.requires_grad_(False)
     model.model.vision_tower.eval()
     for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):

@@ -50,7 +50,8 @@ def test_clip_trains_resumes_and_serves_as_text_guide(trained_clip):
     out, first, final = trained_clip
     assert first == 2  # the checkpoint of the first run, which the resumed run continued from
     log = json.loads((out / "model" / "training_log.json").read_text())
-    assert log["log"][-1]["step"] == 3 and "val" in log["log"][-1]
+    # the first run's evaluation at step 2 is carried over: the second run resumed, it did not start again
+    assert [e["step"] for e in log["log"] if "val" in e] == [2, 3]
     assert 0 <= final["question_patch_precision_at_4"] <= 1 and set(final["probe_accuracy"]) == {
         "color", "shape", "row", "col", "color_counts", "shape_counts"}
     assert set(final["objects_covered_by_top_cls_patches"]) == {
@@ -80,7 +81,13 @@ def test_lvlm_v2_attention_targets_point_at_the_named_objects():
         item = world.make_item(8, "val", i)
         words = tok.convert_ids_to_tokens(tok(item.question, add_special_tokens=False)["input_ids"])
         own, in_context, decisive = V.attention_targets(item.question_type, words, item.objects)
-        assert decisive is not None
+        expected = {"color": "column", "shape": "column"}.get(item.question_type)
+        if expected:  # the number after "column"
+            assert words[decisive - 1] == "column" and words[decisive].isdigit()
+        elif item.question_type == "count":
+            assert words[decisive] in world.COLORS
+        else:
+            assert words[decisive] in world.SHAPES
         if item.question_type in ("color", "shape", "spatial") or (item.question_type == "exist" and item.answer == "yes"):
             # the answer's object(s): the last in-context target is exactly their 2x2 patches
             t = item.objects[item.target[0]]
@@ -105,12 +112,22 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
     assert state["stage1_done"] and state["stage2_done"] and state["evals"][-1]["step"] == 2
     # without the checkpoint (another machine), --resume goes on from the saved HF folder's weights and step
     (tmp_path / "ck.pt").unlink()
+    saved = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).state_dict()
+    common = ["--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
+              "--stage1-steps", "1", "--batch", "2", "--val-items", "10", "--word-layer", "0", "--context-layer", "1",
+              "--hop-layer", "2", "--threads", "1", "--resume"]
+    train_lvlm_v2.main([*common, "--stage2-steps", "2"])  # nothing left to run: the folder is written back as loaded
+    reloaded = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).state_dict()
+    assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
     again = train_lvlm_v2.main([
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "3", "--batch", "2", "--val-items", "10", "--eval-every", "3",
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--resume",
     ])
     assert again["stage2_step"] == 3 and [e["step"] for e in again["evals"]] == [1, 2, 3]
+    with pytest.raises(SystemExit):  # nothing to resume from
+        train_lvlm_v2.main(["--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "nowhere"),
+                            "--ckpt", str(tmp_path / "nowhere.pt"), "--resume"])
     model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm"))
     from transformers import CLIPModel
 
@@ -124,7 +141,14 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
                            "--methods", "prumerge_plus,cdpruner", "--rates", "0.5,0.75", "--threads", "1", "--markdown", str(tmp_path / "t.md")])
     assert [(r["method"], r["kept"]) for r in rows[:3]] == [("none", 144), ("prumerge_plus", 72), ("prumerge_plus", 36)]
     assert all(0 <= r["all"] <= 100 and r["se"] >= 0 for r in rows) and "± " in (tmp_path / "t.md").read_text()
-    assert rows[0]["mflops"] > rows[2]["mflops"]
+    assert rows[0]["mflops"] > rows[2]["mflops"] and rows[0]["drop_se"] == 0.0
+    covered = eval_lvlm.main(["--world", "v2", "--model", str(tmp_path / "lvlm"), "--clip", clip_dir, "--coverage",
+                              "--per-type", "2", "--methods", "random,divprune", "--rates", "0.5,0.9375", "--threads", "1"])
+    assert [(r["method"], r["kept"]) for r in covered] == [("random", 72), ("random", 9), ("divprune", 72), ("divprune", 9)]
+    assert all(0 <= r["all"] <= 100 for r in covered) and covered[0]["all"] >= covered[1]["all"]
+    with pytest.raises(ValueError, match="inside the LLM"):
+        eval_lvlm.main(["--world", "v2", "--model", str(tmp_path / "lvlm"), "--coverage", "--methods", "fastv"])
+    assert eval_lvlm.world is eval_lvlm.shapes  # main() put the module's world back
     proc = AutoProcessor.from_pretrained(str(tmp_path / "lvlm"))
     prompt = "USER: <image>\nWhat row is the red circle in? ASSISTANT:"
     for size in ((1, 1), (640, 480)):
