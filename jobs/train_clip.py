@@ -247,6 +247,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-seed", type=int, default=4242, help="--evaluate: seed of the held-out scenes")
     p.add_argument("--eval-images", type=int, default=500, help="--evaluate: images (retrieval among all of them)")
     p.add_argument("--json", help="--evaluate: also write the result here")
+    p.add_argument("--probes", action="store_true",
+                   help="--evaluate: also fit linear probes (colour, shape, row, column per patch) on the feature "
+                        "layer and on the projected patch embeddings")
+    p.add_argument("--probe-images", type=int, default=256, help="--probes: train-split images the probes are fit on")
     p.add_argument("--resume", action="store_true", help="continue from --ckpt")
     p.add_argument("--preset", default="default", choices=sorted(C.PRESETS))
     p.add_argument("--steps", type=int, default=1200)
@@ -274,6 +278,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def linear_probes(model, seed: int, split: str, train_images: int = 256, test_images: int = 100,
+                  steps: int = 300) -> dict:
+    """What a linear read-out recovers per patch (colour, shape, cell row, cell column) from the feature layer
+    (what the LVLM reads) and from the projected patch embeddings (what ACCM's reference caption model reads):
+    probes fitted on train-split scenes, scored on ``split`` scenes (colour/shape on occupied patches)."""
+    def features(rng_key, n, which_split):
+        batch = make_batch(np.random.default_rng(rng_key), n, (world.MIN_OBJECTS, world.MAX_OBJECTS), which_split)
+        with torch.no_grad():
+            vis = model.vision_model(pixel_values=batch["pixels"], output_hidden_states=True)
+            feats = {"feature_layer": vis.hidden_states[-2][:, 1:],
+                     "projected": C.patch_embeddings(model, vis.last_hidden_state)}
+        return feats, batch["labels"]
+
+    train_feats, train_labels = features([seed, 98, 0], train_images, "train")
+    test_feats, test_labels = features([seed, 98, 1], test_images, split)
+    out: dict[str, dict[str, float]] = {}
+    for space in train_feats:
+        x, xt = train_feats[space].flatten(0, 1), test_feats[space].flatten(0, 1)
+        mu, sd = x.mean(0), x.std(0) + 1e-6
+        x, xt = (x - mu) / sd, (xt - mu) / sd
+        out[space] = {}
+        for key in ("color", "shape", "row", "col"):
+            y, yt = train_labels[key].flatten(), test_labels[key].flatten()
+            probe = nn.Linear(x.shape[1], int(y.max()) + 1)
+            opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+            for _ in range(steps):
+                loss = F.cross_entropy(probe(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                pred = probe(xt).argmax(-1)
+            mask = yt > 0 if key in ("color", "shape") else torch.ones_like(yt, dtype=torch.bool)
+            out[space][key] = round((pred == yt)[mask].float().mean().item(), 4)
+    return out
+
+
 def evaluate_saved(args) -> dict:
     from transformers import AutoTokenizer, CLIPModel
 
@@ -281,6 +322,9 @@ def evaluate_saved(args) -> dict:
     res = evaluate(model, None, AutoTokenizer.from_pretrained(args.evaluate), args.eval_seed, args.eval_images,
                    args.split)
     res = {"model": args.evaluate, "split": args.split, "seed": args.eval_seed, "images": args.eval_images, **res}
+    if args.probes:
+        res["linear_probes"] = linear_probes(model, args.eval_seed, args.split, args.probe_images,
+                                             max(1, args.probe_images * 100 // 256))
     print(json.dumps(res, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1) + "\n")

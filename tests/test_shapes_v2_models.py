@@ -59,7 +59,10 @@ def test_clip_trains_resumes_and_serves_as_text_guide(trained_clip):
     from jobs import train_clip
 
     held_out = train_clip.main(["--evaluate", str(out / "model"), "--split", "test", "--eval-images", "6",
-                                "--json", str(out / "test.json")])
+                                "--json", str(out / "test.json"), "--probes", "--probe-images", "8"])
+    probes = held_out["linear_probes"]
+    assert set(probes) == {"feature_layer", "projected"} and all(
+        set(p) == {"color", "shape", "row", "col"} and all(0 <= v <= 1 for v in p.values()) for p in probes.values())
     assert json.loads((out / "test.json").read_text()) == held_out and held_out["split"] == "test"
     assert 0 <= held_out["image_to_text_top1"] <= 1 and "probe_accuracy" not in held_out
     guide = TextGuide.from_pretrained(str(out / "model"))
