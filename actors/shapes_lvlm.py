@@ -140,9 +140,21 @@ PRESETS: dict[str, dict] = {
 }
 
 
+def llama_config(p: dict, tokenizer, max_positions: int = 512):
+    """The proving-ground LLaMA from a preset's ``hidden/inter/layers/heads/kv_heads`` (both worlds)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["inter"],
+        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
+        max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
     """A from-scratch LlavaForConditionalGeneration in the llava-1.5 layout (eager attention by default)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
 
     p = PRESETS[preset]
     tokenizer = tokenizer or build_tokenizer()
@@ -151,12 +163,7 @@ def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
         num_attention_heads=p["v_heads"], image_size=shapes.IMAGE_SIZE, patch_size=shapes.CELL,
         projection_dim=p["v_hidden"], hidden_act="quick_gelu",
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["inter"],
-        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text = llama_config(p, tokenizer)
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",

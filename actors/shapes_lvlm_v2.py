@@ -42,16 +42,11 @@ def build_processor(tokenizer=None):
 
 def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
     """A LlavaForConditionalGeneration in the llava-1.5 layout on the v2 CLIP's tower shape (eager attention)."""
-    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
     p = PRESETS[preset]
     tokenizer = tokenizer or build_tokenizer()
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["inter"],
-        num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=1024, rope_theta=10000.0, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    text = L.llama_config(p, tokenizer, max_positions=1024)
     config = LlavaConfig(
         vision_config=C.vision_config(p["clip"]), text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), projector_hidden_act="gelu",

@@ -84,9 +84,10 @@ class Item:
         )
 
 
-def scene_hash(objects: tuple[SceneObject, ...]) -> int:
+def scene_hash(objects: tuple[SceneObject, ...], salt: str = "") -> int:
+    """Content hash that assigns a scene to its split (``salt``: another world's, so its splits differ)."""
     key = ";".join(f"{o.shape},{o.color},{o.row},{o.col}" for o in sorted(objects, key=lambda o: (o.row, o.col)))
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256((salt + key).encode()).digest()[:8], "big")
 
 
 def sample_scene(
@@ -117,25 +118,29 @@ def sample_scene(
             return objects
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb: tuple[int, int, int]) -> None:
-    x0 = obj.col * CELL + obj.dx
-    y0 = obj.row * CELL + obj.dy
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb: tuple[int, int, int], *, cell: int = CELL,
+                bold: bool = False) -> None:
+    """Draw ``obj`` in its ``cell``-pixel cell; ``bold`` (v2's larger shapes): squares inset by a pixel,
+    3-px cross bars and 2-px rings."""
+    x0 = obj.col * cell + obj.dx
+    y0 = obj.row * cell + obj.dy
     s = obj.size - 1
     x1, y1 = x0 + s, y0 + s
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    inset, bar = (1, 1.5) if bold else (0, 0.5)
     if obj.shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=rgb)
     elif obj.shape == "square":
-        draw.rectangle([x0, y0, x1, y1], fill=rgb)
+        draw.rectangle([x0 + inset, y0 + inset, x1 - inset, y1 - inset], fill=rgb)
     elif obj.shape == "triangle":
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=rgb)
     elif obj.shape == "cross":
-        draw.rectangle([x0, cy - 0.5, x1, cy + 0.5], fill=rgb)
-        draw.rectangle([cx - 0.5, y0, cx + 0.5, y1], fill=rgb)
+        draw.rectangle([x0, cy - bar, x1, cy + bar], fill=rgb)
+        draw.rectangle([cx - bar, y0, cx + bar, y1], fill=rgb)
     elif obj.shape == "diamond":
         draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
     elif obj.shape == "ring":
-        draw.ellipse([x0, y0, x1, y1], outline=rgb, width=1)
+        draw.ellipse([x0, y0, x1, y1], outline=rgb, width=2 if bold else 1)
     else:  # pragma: no cover - SHAPES is closed
         raise ValueError(obj.shape)
 

@@ -23,14 +23,24 @@ few. Here the information is spread out the way it is in photos:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipeline.shapes import COLOR_NAMES, COLORS, NUM_ANSWERS, NUMBER_WORDS, SHAPES, SPLITS, encode_png, plural
+from pipeline import shapes as _v1
+from pipeline.shapes import (  # noqa: F401 - SceneObject is this world's too (row/col: the 6x6 cell)
+    COLOR_NAMES,
+    COLORS,
+    NUM_ANSWERS,
+    NUMBER_WORDS,
+    SHAPES,
+    SPLITS,
+    SceneObject,
+    encode_png,
+    plural,
+)
 
 IMAGE_SIZE = 96
 PATCH = 8
@@ -41,17 +51,6 @@ MIN_OBJECTS, MAX_OBJECTS = 20, 28
 QUESTION_TYPES = ("color", "shape", "count", "exist", "spatial")
 TEXTURES = ("stripes", "checks", "dots")
 _SPLIT_BUCKETS = {"train": range(0, 8), "val": range(8, 9), "test": range(9, 10)}
-
-
-@dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    color: str
-    row: int  # 0-based cell row (top = 0) of the 6x6 object grid
-    col: int  # 0-based cell column (left = 0)
-    dx: int  # pixel offset of the shape inside its 16-px cell
-    dy: int
-    size: int  # bounding box edge in pixels
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,7 @@ class Item:
 
 
 def scene_hash(objects: tuple[SceneObject, ...]) -> int:
-    key = ";".join(f"{o.shape},{o.color},{o.row},{o.col}" for o in sorted(objects, key=lambda o: (o.row, o.col)))
-    return int.from_bytes(hashlib.sha256(("v2|" + key).encode()).digest()[:8], "big")
+    return _v1.scene_hash(objects, salt="v2|")
 
 
 def sample_background(rng: np.random.Generator) -> Background:
@@ -132,34 +130,11 @@ def _texture(bg: Background) -> np.ndarray:
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, rgb: tuple[int, int, int]) -> None:
-    x0 = obj.col * CELL + obj.dx
-    y0 = obj.row * CELL + obj.dy
-    s = obj.size - 1
-    x1, y1 = x0 + s, y0 + s
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    if obj.shape == "circle":
-        draw.ellipse([x0, y0, x1, y1], fill=rgb)
-    elif obj.shape == "square":
-        draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], fill=rgb)
-    elif obj.shape == "triangle":
-        draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=rgb)
-    elif obj.shape == "cross":
-        draw.rectangle([x0, cy - 1.5, x1, cy + 1.5], fill=rgb)
-        draw.rectangle([cx - 1.5, y0, cx + 1.5, y1], fill=rgb)
-    elif obj.shape == "diamond":
-        draw.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=rgb)
-    elif obj.shape == "ring":
-        draw.ellipse([x0, y0, x1, y1], outline=rgb, width=2)
-    else:  # pragma: no cover - SHAPES is closed
-        raise ValueError(obj.shape)
-
-
 def render(objects: tuple[SceneObject, ...], background: Background) -> Image.Image:
     image = Image.fromarray(_texture(background), "RGB")
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        _draw_shape(draw, obj, COLORS[obj.color])
+        _v1._draw_shape(draw, obj, COLORS[obj.color], cell=CELL, bold=True)
     return image
 
 
