@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actors.attention_rows import target_nll  # noqa: F401 - re-exported: the supervision loss's core
 from actors.prompt import IMAGE_TOKEN, build_prompt
 from pipeline import shapes
 
@@ -472,19 +473,6 @@ def attention_target_loss(attention: torch.Tensor, targets: list[tuple[int, int,
     """
     if not targets:
         return attention.new_zeros(())
-    # one gather for all targets (a Python loop of small index ops made the backward allocate a full-size
-    # gradient of the attention map per target): keys padded to the longest list, padding masked out
-    dev = attention.device
-    rows = torch.tensor([t[0] for t in targets], device=dev)
-    queries = torch.tensor([t[1] for t in targets], device=dev)
-    width = max(len(t[2]) for t in targets)
-    keys = torch.zeros((len(targets), width), dtype=torch.long, device=dev)
-    valid = torch.zeros((len(targets), width), dtype=torch.bool, device=dev)
-    for i, (_, _, k) in enumerate(targets):
-        keys[i, : len(k)] = torch.tensor(k, dtype=torch.long)
-        valid[i, : len(k)] = True
-    picked = attention[rows, :heads, queries]  # [T, heads, L]
-    probs = picked.gather(-1, keys[:, None, :].expand(-1, picked.shape[1], -1))  # [T, heads, width]
-    logp = torch.log(probs.clamp_min(1e-6)) * valid[:, None, :]
-    per_target = -logp.sum(-1).sum(-1) / (valid.sum(-1) * picked.shape[1])
-    return per_target.mean()
+    rows = torch.tensor([t[0] for t in targets], device=attention.device)
+    queries = torch.tensor([t[1] for t in targets], device=attention.device)
+    return target_nll(attention[rows, :heads, queries], targets)  # one gather for all targets

@@ -6,7 +6,8 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
 * projector standardisation: the tower's per-dimension feature mean/std folded into the projector's first
   Linear (the residual stream's shared component otherwise makes the visual tokens look alike to the LLM);
 * attention supervision: naming words attend to the patches of the objects they select (``--word-layer``,
-  ``--context-layer``), the answer position to the question's decisive word (``--hop-layer``);
+  ``--context-layer``), the answer position to the question's decisive word (``--hop-layer``). The forward runs
+  on SDPA; the supervised rows are recomputed from the captured layer inputs (``actors/attention_rows.py``);
 * stage 1: plain image questions on scenes of every size (1-28 objects); stage 2: instruction tuning with the
   answer's fact beside the image ("additional information") and text-only questions, scenes narrowing to the
   benchmark's 20-28 objects; a share of the fact questions' objects are left out of the image, so the fact is
@@ -35,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors import shapes_clip as C  # noqa: E402
 from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
+from actors.attention_rows import AttentionCapture  # noqa: E402
 from jobs.train_clip import log, lr_at  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
@@ -138,10 +140,15 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor) * min(1.0, (step - start + 1) / max(1, rewarm))
         with torch.no_grad():
             hidden, _ = L.vision_features(model, px)
-        logits, labels, attn = L.packed_logits(model, px, pb, features=hidden[:, 1:], output_attentions=True)
-        word = (L.attention_target_loss(attn[args.word_layer], pb.word_targets, heads)
-                + L.attention_target_loss(attn[args.context_layer], pb.context_targets, heads))
-        hop = L.attention_target_loss(attn[args.hop_layer], pb.hop_targets, heads)
+        # SDPA forward; the supervised rows are recomputed from the captured layer inputs (actors/attention_rows)
+        with AttentionCapture(model.model.language_model, {args.word_layer, args.context_layer, args.hop_layer}) as cap:
+            logits, labels = L.packed_logits(model, px, pb, features=hidden[:, 1:])
+
+        sup = {name: L.target_nll(cap.rows(layer, t, heads), t) if t else logits.new_zeros(())
+               for name, layer, t in (("word", args.word_layer, pb.word_targets),
+                                      ("context", args.context_layer, pb.context_targets),
+                                      ("hop", args.hop_layer, pb.hop_targets))}
+        word, hop = sup["word"] + sup["context"], sup["hop"]
         loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         (loss + args.attn_sup * (word + hop)).backward()
@@ -249,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         state.setdefault("resumed_with", []).append(vars(args))
     model.model.vision_tower.requires_grad_(False)
     model.model.vision_tower.eval()
+    model.config.text_config._attn_implementation = "sdpa"  # no attention maps are asked for (AttentionCapture)
     for stage, steps in ((1, args.stage1_steps), (2, args.stage2_steps)):
         if state.get(f"stage{stage}_step", 0) < steps:  # (more steps than a finished run had: it goes on)
             run_stage(model, tok, args, state, stage)

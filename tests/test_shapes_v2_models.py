@@ -160,3 +160,31 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == V.N_VISUAL
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
         assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_captured_attention_rows_equal_eager_maps_under_sdpa():
+    """The supervised rows recomputed from captured inputs (forward on SDPA) equal eager's attention maps, and
+    the loss on them trains (gradients reach the supervised layer)."""
+    from actors import shapes_lvlm as L
+    from actors.attention_rows import AttentionCapture
+
+    tok = V.build_tokenizer()
+    model = V.build_model("tiny", tokenizer=tok)
+    rng = np.random.default_rng(4)
+    scenes = [world.sample_scene(rng, "train", (3, 8)) for _ in range(2)]
+    pb = V.pack_batch(tok, [V.draw_branches(s, rng, n_image=3, n_fact=1, n_text=1) for s in scenes])
+    px = C.pixel_values([V.render(s, world.sample_background(rng)) for s in scenes])
+    model.config.text_config._attn_implementation = "eager"
+    logits_eager, _, maps = L.packed_logits(model, px, pb, output_attentions=True)
+    model.config.text_config._attn_implementation = "sdpa"
+    with AttentionCapture(model.model.language_model, {0, 1, 2}) as cap:
+        logits, _ = L.packed_logits(model, px, pb)
+    assert torch.allclose(logits, logits_eager, atol=1e-4)
+    for layer, targets in ((0, pb.word_targets), (1, pb.context_targets), (2, pb.hop_targets)):
+        rows = cap.rows(layer, targets, heads=1)
+        ref = maps[layer][[t[0] for t in targets], :1, [t[1] for t in targets]]
+        assert rows.shape == ref.shape and torch.allclose(rows, ref, atol=1e-5)
+        loss = L.attention_target_loss(maps[layer], targets, 1)
+        assert torch.allclose(L.target_nll(rows, targets), loss, atol=1e-5)
+    L.target_nll(cap.rows(0, pb.word_targets, heads=1), pb.word_targets).backward()
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
