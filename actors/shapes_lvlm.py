@@ -218,6 +218,19 @@ def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
 
 
+@torch.no_grad()
+def fold_feature_standardisation(model, pixels: torch.Tensor) -> dict:
+    """Fold the per-dimension mean/std of the tower's feature-layer patches on ``pixels`` into the projector's
+    first Linear (W <- W / sigma, b <- b - W mu / sigma): see ``jobs/train_lvlm.standardize_projector``."""
+    hidden, _ = vision_features(model, pixels)
+    feats = hidden[:, 1:].reshape(-1, hidden.shape[-1])
+    mu, sigma = feats.mean(0), feats.std(0) + 1e-5
+    lin = model.model.multi_modal_projector.linear_1
+    lin.bias -= (lin.weight / sigma) @ mu
+    lin.weight /= sigma
+    return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+
+
 def vision_features(model, pixels: torch.Tensor, *, output_attentions: bool = False):
     """Penultimate-layer patch features [B, 64, Dv] (CLS dropped) and, optionally, CLS hidden + attentions."""
     out = model.model.vision_tower(pixels, output_hidden_states=True, output_attentions=output_attentions)

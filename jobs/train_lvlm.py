@@ -247,13 +247,7 @@ def standardize_projector(model, seed: int, n_images: int = 256) -> dict:
     rng = np.random.default_rng([seed, 7, 0])
     images = [np.asarray(shapes.render(L.sample_train_scene(rng, shapes.MIN_OBJECTS, shapes.MAX_OBJECTS)))
               for _ in range(n_images)]
-    hidden, _ = L.vision_features(model, L.pixel_values(images))
-    feats = hidden[:, 1:].reshape(-1, hidden.shape[-1])
-    mu, sigma = feats.mean(0), feats.std(0) + 1e-5
-    lin = model.model.multi_modal_projector.linear_1
-    lin.bias -= (lin.weight / sigma) @ mu
-    lin.weight /= sigma
-    return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+    return L.fold_feature_standardisation(model, L.pixel_values(images))
 
 
 def run_vqa_stage(model, tok, proc, args, state: dict, stage: int) -> None:

@@ -94,19 +94,11 @@ def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: boo
     return res
 
 
-@torch.no_grad()
 def standardize_projector(model, seed: int, n_images: int = 128) -> dict:
-    """Fold per-dimension standardisation of the tower features into the projector's first Linear (v1's
-    ``jobs/train_lvlm.standardize_projector``, on v2 scenes)."""
+    """v1's projector standardisation (``actors.shapes_lvlm.fold_feature_standardisation``) on v2 scenes."""
     rng = np.random.default_rng([seed, 7, 0])
     images = [V.render(world.sample_scene(rng, "train"), world.sample_background(rng)) for _ in range(n_images)]
-    hidden, _ = L.vision_features(model, C.pixel_values(images))
-    feats = hidden[:, 1:].reshape(-1, hidden.shape[-1])
-    mu, sigma = feats.mean(0), feats.std(0) + 1e-5
-    lin = model.model.multi_modal_projector.linear_1
-    lin.bias -= (lin.weight / sigma) @ mu
-    lin.weight /= sigma
-    return {"feature_mean_norm": round(mu.norm().item(), 2), "feature_std_mean": round(sigma.mean().item(), 3)}
+    return L.fold_feature_standardisation(model, C.pixel_values(images))
 
 
 def save(model, tok, out: Path, state: dict) -> None:
