@@ -36,19 +36,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import shapes_clip as C  # noqa: E402
+from jobs.train_lvlm import log, lr_at  # noqa: E402 - the trainers' one log line and LR schedule
 from pipeline import shapes_v2 as world  # noqa: E402
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
 
 COUNT_CLASSES = 10  # 0..9 objects of one colour or shape (more are counted as 9)
 
@@ -360,7 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     while state["step"] < args.steps:
         step = state["step"]
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            group["lr"] = lr_at(step, args.steps, args.lr, args.warmup, floor=0.05)
         batch = make_batch(np.random.default_rng([args.seed, 11, step]), args.batch, n_objects)
         weights = {"dense": args.dense_weight, "count": args.count_weight, "cls": args.cls_weight}
         loss, parts = forward_losses(model, heads, tok, batch, weights, args.dense_questions)
