@@ -277,14 +277,27 @@ def build_selector(
     strip_caption: bool = True,
     remove_suffixes: list[str] | tuple[str, ...] = (),
     max_text_tokens: int | None = None,
+    text_encoder_dir: str | None = None,
 ) -> CaptionSelector:
     """A small random-init CLIP text encoder (frozen) + a fresh classifier.
 
     ``max_positions``: the text encoder's position table; ``max_text_tokens`` (default: all of it) the token
     budget of a candidate. ``arch``, ``dropout``, ``template``, ``strip_caption``, ``remove_suffixes``: see
-    ``SelectorConfig``."""
+    ``SelectorConfig``. ``text_encoder_dir``: a trained CLIPModel folder whose text tower (with its projection and
+    tokenizer) is the frozen encoder instead of a random one -- LongCLIP's role in the reference; the
+    ``text_*``, ``projection_dim``, ``max_positions`` and ``tokenizer`` arguments are then the folder's."""
     from transformers import CLIPTextConfig
 
+    if text_encoder_dir is not None:
+        encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder_dir, attn_implementation="eager")
+        config = SelectorConfig(hidden=encoder.config.projection_dim, layers=layers, heads=heads,
+                                intermediate=intermediate, rank_embedding=rank_embedding, arch=arch, dropout=dropout,
+                                template=template, strip_caption=strip_caption,
+                                remove_suffixes=list(remove_suffixes), max_text_tokens=max_text_tokens)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = CaptionSelector(config, encoder, AutoTokenizer.from_pretrained(text_encoder_dir))
+        return model.eval()
     tokenizer = tokenizer or build_selector_tokenizer()
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer),

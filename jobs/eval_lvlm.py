@@ -28,17 +28,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pipeline import shapes, shapes_v2  # noqa: E402
+from pipeline import shapes  # noqa: E402
+from pipeline.worlds import WORLDS  # noqa: E402
 
 RATES = (0.5, 0.75, 0.875, 0.9375)
 METHODS = ("random", "visionzip", "prumerge_plus", "fastv")
-WORLDS = {"v1": shapes, "v2": shapes_v2}
 world = shapes  # the benchmark being evaluated (main() switches it with --world)
 
 
 def render(item):
     """The item's image in its world (v2 scenes carry a background texture)."""
-    return world.render(item.objects, item.background) if world is shapes_v2 else world.render(item.objects)
+    return world.render_item(item)
 
 
 def test_items(seed: int, per_type: int) -> list:
@@ -91,7 +91,7 @@ def by_objects_markdown(rows: list[dict]) -> str:
 
 
 def object_patches(obj) -> tuple[int, ...]:
-    return world.patch_indices(obj) if world is shapes_v2 else (world.patch_index(obj),)
+    return world.patch_indices(obj)
 
 
 def needed_objects(item) -> tuple[tuple[int, ...], bool]:

@@ -42,8 +42,9 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from actors.prompt import ANSWER_SUFFIXES  # noqa: E402
-from pipeline import shapes, shapes_v2, storage  # noqa: E402
+from pipeline import shapes, storage  # noqa: E402
 from pipeline.schema import INPUT_SCHEMA  # noqa: E402
+from pipeline.worlds import WORLDS  # noqa: E402
 
 log = logging.getLogger("make_shapes_vqa")
 GENERATOR_VERSION = "shapes-vqa/1"
@@ -61,7 +62,6 @@ MC_VOCABULARY = {
 MC_L2 = {"color": "attribute_recognition", "shape": "attribute_recognition", "count": "counting"}
 
 
-WORLDS = {"v1": shapes, "v2": shapes_v2}
 
 
 def shard_name(split: str, shard: int) -> str:

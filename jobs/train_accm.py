@@ -45,92 +45,21 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
+# batches: actors.accm_batches (re-exported here for the jobs and tests that import them from this job)
+from actors.accm_batches import (  # noqa: E402, F401
+    ABSTAIN_CAPTION,
+    candidate_kl,
+    fact_objects,
+    make_batch,
+    slot_attributes,
+    slot_labels,
+    target_slots,
+)
+from jobs.accm_ablation import evaluate, markdown  # noqa: E402, F401
 from pipeline import shapes  # noqa: E402
+from pipeline.worlds import WORLDS  # noqa: E402
 
-# ------------------------------------------------------------------------------------------------ data
-
-
-def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
-               n_objects: tuple[int, int] | None = None) -> dict:
-    """Shapes-VQA items -> frozen tower -> base pruner: everything a training/eval step needs.
-
-    ``n_objects``: scene sizes other than the benchmark's (pre-training's curriculum)."""
-    sizes = n_objects or (shapes.MIN_OBJECTS, shapes.MAX_OBJECTS)
-    items = [shapes.make_item(seed, split, i, n_objects=sizes) for i in indices]
-    questions = [it.question for it in items]
-    ids = [it.id for it in items]
-    with torch.no_grad():
-        vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
-        pruned = engine.prune(vision, "prumerge_plus", keep, ids, questions)
-    slots = [target_slots(it, d) for it, d in zip(items, pruned.discarded_indices.tolist(), strict=True)]
-    return {
-        "ids": ids,
-        "questions": questions,
-        "answers": [it.answer for it in items],
-        "qtypes": [it.question_type for it in items],
-        "facts": [shapes.fact(it.objects, it.question_type, it.question, it.target) for it in items],
-        "discarded": pruned.discarded,
-        # can the caption model see the object the question names? (count/exist facts: always stated)
-        "target_discarded": [it.question_type in ("count", "exist") or
-                             shapes.patch_index(it.objects[it.target[0]]) not in set(kept)
-                             for it, kept in zip(items, pruned.kept_indices.tolist(), strict=True)],
-        "target_slots": slots,
-        # does the mapper see every object the fact is about? (exist-no facts are about none: always)
-        "fact_visible": [len(s) == len(fact_objects(it)) for it, s in zip(items, slots, strict=True)],
-        "slot_labels": slot_labels(items, pruned.discarded_indices),
-        "retained": list(pruned.retained.unbind(0)),
-        "full": list(vision.patch_features.unbind(0)),
-    }
-
-
-def fact_objects(item) -> tuple[int, ...]:
-    """The objects an item's fact is about: every object a count question counts, else the one it names."""
-    return item.target if item.question_type == "count" else item.target[:1]
-
-
-def target_slots(item, discarded_indices: list[int]) -> list[int]:
-    """Slots (positions in the discarded-patch list) of the objects an item's fact is about; objects the
-    base pruner kept are not there."""
-    slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
-    cells = (shapes.patch_index(item.objects[o]) for o in fact_objects(item))
-    return [slot_of[c] for c in cells if c in slot_of]
-
-
-# What the caption model is taught to say when the mapper does not see what the fact is about
-# (``--pretrain-targets abstain``): it stops at once, and nothing is spliced (actors.prompt.has_words).
-ABSTAIN_CAPTION = "."
-
-
-SLOT_ATTRIBUTES = (len(shapes.COLOR_NAMES), len(shapes.SHAPES), shapes.GRID, shapes.GRID)  # colour, shape, row, col
-
-
-def slot_labels(items, discarded_indices: Tensor) -> Tensor:
-    """[B, M, 4] (colour, shape, row, column) classes of the object in each discarded-patch slot; -100 where no
-    object is. What a fact can ask about a patch: its attributes, and where it is (spatial questions)."""
-    labels = torch.full((*discarded_indices.shape, len(SLOT_ATTRIBUTES)), -100, dtype=torch.long)
-    for r, (item, patches) in enumerate(zip(items, discarded_indices.tolist(), strict=True)):
-        slot_of = {patch: slot for slot, patch in enumerate(patches)}
-        for o in item.objects:
-            slot = slot_of.get(shapes.patch_index(o))
-            if slot is not None:
-                labels[r, slot] = torch.tensor([shapes.COLOR_NAMES.index(o.color), shapes.SHAPES.index(o.shape),
-                                                o.row, o.col])
-    return labels
-
-
-def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
-    """[B, N]: KL(reference || with caption_i), averaged over the answer positions (SPEC §1.5)."""
-    from actors.accm import answer_log_probs
-
-    b, n = len(candidates), len(candidates[0])
-    with torch.no_grad():
-        ref = answer_log_probs(engine, batch["full"], batch["questions"], [None] * b, batch["answers"])
-        flat = [c for cands in candidates for c in cands]
-        rep = [i for i in range(b) for _ in range(n)]
-        cand = answer_log_probs(engine, [batch["retained"][i] for i in rep], [batch["questions"][i] for i in rep],
-                                flat, [batch["answers"][i] for i in rep])
-    kl = torch.stack([(ref[i].exp() * (ref[i] - c)).sum(-1).mean() for i, c in zip(rep, cand, strict=True)])
-    return kl.view(b, n)
+SLOT_ATTRIBUTES = slot_attributes(shapes)  # v1's (colour, shape, row, column) classes
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -139,14 +68,16 @@ def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
 class ACCMTrainable(nn.Module):
     """Caption model + selector as one module so that DeepSpeed wraps (and checkpoints) both."""
 
-    def __init__(self, captioner, selector, slot_reader: bool = False) -> None:
+    def __init__(self, captioner, selector, slot_reader: bool = False,
+                 attributes: tuple[int, ...] = SLOT_ATTRIBUTES) -> None:
         super().__init__()
         self.captioner = captioner
         self.selector = selector
+        self.attributes = tuple(attributes)  # classes per slot attribute (actors.accm_batches.slot_attributes)
         # pre-training only (not saved with the caption model): a linear read-out of each patch slot's colour,
         # shape, row and column from the hidden state the supervised attention heads read, so that it keeps
         # them (--slot-read)
-        self.slot_reader = nn.Linear(captioner.config.hidden, sum(SLOT_ATTRIBUTES)) if slot_reader else None
+        self.slot_reader = nn.Linear(captioner.config.hidden, sum(self.attributes)) if slot_reader else None
 
     def forward(self, stage: str, batch: dict, best_captions: list[str] | None = None,
                 candidates: list[list[str]] | None = None, best: Tensor | None = None,
@@ -164,7 +95,7 @@ class ACCMTrainable(nn.Module):
             ce, attn = out["caption_ce"].mean(), out["attention"]
             loss, logs = ce + attention_weight * attn, {"caption_ce": ce.detach(), "attention_loss": attn.detach()}
             if read:
-                logits = self.slot_reader(out["slot_hidden"]).float().split(SLOT_ATTRIBUTES, dim=-1)
+                logits = self.slot_reader(out["slot_hidden"]).float().split(self.attributes, dim=-1)
                 labels = batch["slot_labels"][rows].to(logits[0].device)
                 read_loss = sum(F.cross_entropy(lg.flatten(0, 1), labels[..., a].flatten())
                                 for a, lg in enumerate(logits))
@@ -219,6 +150,16 @@ def init_from(source: str, target: str, arch: dict) -> None:
     print(json.dumps({"init_captioner": source, "mapper_layers": model.config.mapper_layers}), flush=True)
 
 
+def batches(config: dict, engine, features: str):
+    """``make_batch`` for this run's world and the caption model's feature kind."""
+    world = WORLDS[config.get("world", "v1")]
+
+    def batch(seed: int, split: str, indices: list[int], keep: int, n_objects=None) -> dict:
+        return make_batch(engine, seed, split, indices, keep, n_objects, world=world, features=features)
+
+    return batch
+
+
 def build_or_load(config: dict, engine):
     from actors.captioner import CaptionModel, build_caption_model
     from actors.selector import CaptionSelector, build_selector
@@ -227,11 +168,17 @@ def build_or_load(config: dict, engine):
     if init_c and (Path(init_c) / "accm_captioner.json").exists():
         captioner = CaptionModel.from_pretrained(init_c)
     else:
-        captioner = build_caption_model(engine.tokenizer, feature_dim=engine.config.vision_config.hidden_size,
-                                        **config["captioner_arch"])
+        arch = config["captioner_arch"]
+        projected = arch.get("input_features") == "projected"
+        if projected and engine.text_guide is None:
+            raise SystemExit("input_features 'projected' reads the CLIP's projected patches: pass --clip")
+        # the width of what the mapper reads: the tower's feature layer, or the CLIP's projection
+        feature_dim = (engine.text_guide.visual_projection.out_features if projected
+                       else engine.config.vision_config.hidden_size)
+        captioner = build_caption_model(engine.tokenizer, feature_dim=feature_dim, **arch)
         # fold feature standardisation into the mapper's Linear (items disjoint from every training batch)
-        stats = make_batch(engine, config["seed"], "train", list(range(STATS_OFFSET, STATS_OFFSET + 256)),
-                           config["keep"])["discarded"]
+        stats = batches(config, engine, captioner.config.input_features)(
+            config["seed"], "train", list(range(STATS_OFFSET, STATS_OFFSET + 256)), config["keep"])["discarded"]
         print(json.dumps({"mapper_input_standardized": captioner.mapper.standardize_input(stats)}), flush=True)
     if init_s and (Path(init_s) / "accm_selector.json").exists():
         selector = CaptionSelector.from_pretrained(init_s)
@@ -256,13 +203,15 @@ def train_loop(config: dict) -> None:
     torch.set_num_threads(config.get("threads", 2))
     torch.manual_seed(config["seed"])
     stage = config["stage"]
-    engine = LlavaEngine.from_pretrained(config["lvlm"])
+    engine = LlavaEngine.from_pretrained(config["lvlm"], clip_text_url=config.get("clip"))
     engine.model.requires_grad_(False)
     captioner, selector = build_or_load(config, engine)
+    batch_of = batches(config, engine, captioner.config.input_features)
     if stage == "pretrain" and not captioner.config.patch_prefix and (config.get("attn_sup") or config.get("slot_read")):
         raise ValueError("--attn-sup / --slot-read supervise patch slots: they need a patch_prefix caption model "
                          "(or pass --attn-sup 0 --slot-read 0)")
-    module = ACCMTrainable(captioner, selector, slot_reader=stage == "pretrain" and config.get("slot_read", 0) > 0).train()
+    module = ACCMTrainable(captioner, selector, slot_reader=stage == "pretrain" and config.get("slot_read", 0) > 0,
+                           attributes=slot_attributes(WORLDS[config.get("world", "v1")])).train()
     module.requires_grad_(False)
     if stage == "pretrain":
         groups = [{"params": list(captioner.mapper.parameters()), "lr": config["lr_mapper"]},
@@ -290,7 +239,7 @@ def train_loop(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, s - warm) / max(1, steps - warm))))))
     ds, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=sched, config=ds_config)
-    val = make_batch(engine, config["seed"], "val", list(range(config.get("val_n", 256))), config["keep"])
+    val = batch_of(config["seed"], "val", list(range(config.get("val_n", 256))), config["keep"])
 
     start = 0
     # Ray Train restores the latest checkpoint of a run re-launched under the same name; an explicit
@@ -318,11 +267,11 @@ def train_loop(config: dict) -> None:
             rng = np.random.default_rng([config["seed"], step])
             lo, hi = config.get("pretrain_keep") or (keep, keep)
             step_keep, sizes = int(rng.integers(lo, hi + 1)), config.get("pretrain_objects")
-        batch = make_batch(engine, config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
-                           step_keep, sizes)
+        batch = batch_of(config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
+                         step_keep, sizes)
         if stage == "pretrain":
             if reading:  # warm-up: every patch to the mapper, every fact a target -- learn to read before finding
-                batch["discarded"] = torch.stack(batch["full"])
+                batch["discarded"] = batch["mapper_full"]
             elif config.get("pretrain_targets") == "discarded":  # facts about what the mapper sees (see notes)
                 batch["train_rows"] = [i for i, v in enumerate(batch["target_discarded"]) if v]
             elif config.get("pretrain_targets") == "abstain":  # ... and abstain where it cannot see them
@@ -386,102 +335,6 @@ def run_stage(config: dict, *, storage: str, name: str, resume: str | None = Non
     return Path(result.checkpoint.path)
 
 
-# ------------------------------------------------------------------------------------------------ eval
-
-
-def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: int, keeps: list[int],
-             batch_size: int = 64, split: str = "test") -> dict:
-    """Ablation: base pruner alone, + first beam, + selector (ACCM), + oracle fact. ``split="val"`` is for
-    choosing between trained variants; the test split is only for reporting the chosen one."""
-    from actors.accm import ACCMCaptioner
-    from actors.engine import LlavaEngine
-    from actors.prompt import has_words
-
-    engine = LlavaEngine.from_pretrained(lvlm)
-    accm = ACCMCaptioner.from_pretrained(captioner_dir, selector_dir)
-    rows: dict[str, dict] = {}
-    caption_rows: dict[str, list[int]] = {}
-
-    types: list[str] = []  # the current batch's question types
-
-    def add(key: str, res, answers, spliced: list[str] | None = None):
-        r = rows.setdefault(key, {"correct": 0, "n": 0, "flops": 0.0, "spoke": 0, "by_type": {}})
-        for i, (t, a) in enumerate(zip(res.texts, answers, strict=True)):
-            hit = int(t.strip().lower() == a.lower())
-            r["correct"] += hit
-            r["n"] += 1
-            r["flops"] += res.flops[i]["total"]
-            per = r["by_type"].setdefault(types[i], [0, 0])
-            per[0] += hit
-            per[1] += 1
-        if spliced is not None:  # an abstention splices nothing and costs no LLM tokens
-            r["spoke"] += sum(has_words(c) for c in spliced)
-
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
-        batch = make_batch(engine, seed, split, idx, keeps[0])
-        qs, ans = batch["questions"], batch["answers"]
-        items = [shapes.make_item(seed, split, i) for i in idx]
-        types[:] = [it.question_type for it in items]
-        add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
-        # the equal-cost reference: every plain pruner at 75% pruning (16 of 64 tokens)
-        vision = engine.encode_images(engine.preprocess([shapes.render(it.objects) for it in items]))
-        for method in ("random", "fastv", "visionzip", "prumerge_plus"):
-            kept = (batch["full"] if method == "fastv"
-                    else engine.prune(vision, method, 16, batch["ids"], qs).retained)
-            # FastV's layer 2, or the last layer that still has one after it (the smoke's 2-layer LLM)
-            fastv_layer = min(2, engine.config.text_config.num_hidden_layers - 1)
-            add(f"75% {method}", engine.generate(kept, qs, method=method, keep_tokens=16, fastv_layer=fastv_layer),
-                ans)
-        for keep in keeps:
-            if keep != keeps[0]:
-                batch = make_batch(engine, seed, split, idx, keep)
-            rate = f"{100 * (1 - keep / 64):g}%"
-            add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",
-                                                         keep_tokens=keep), ans)
-            out = accm.caption(batch["discarded"], qs)
-            cap = [{"flops": f} for f in out.flops_captioner]
-            sel = [{"flops": f} for f in out.flops_selector]
-            first = [c[0] for c in out.candidates]
-            add(f"{rate} + first beam caption", engine.generate(batch["retained"], qs, first, method="accm",
-                                                                 keep_tokens=keep, captioner=cap), ans, first)
-            add(f"{rate} + selector (ACCM)", engine.generate(batch["retained"], qs, out.selected, method="accm",
-                                                             keep_tokens=keep, captioner=cap, selector=sel), ans,
-                out.selected)
-            add(f"{rate} + oracle caption", engine.generate(batch["retained"], qs, batch["facts"], method="accm",
-                                                            keep_tokens=keep), ans, batch["facts"])
-            for name, caps in (("first beam", first), ("selector", out.selected)):
-                r = caption_rows.setdefault(f"{rate} {name}", [0, 0])
-                r[0] += sum(c == f for c, f in zip(caps, batch["facts"], strict=True))
-                r[1] += len(caps)
-    table = {k: {"accuracy": v["correct"] / v["n"], "mflops_per_item": v["flops"] / v["n"] / 1e6, "n": v["n"],
-                 "accuracy_by_type": {t: c / m for t, (c, m) in sorted(v["by_type"].items())}}
-             for k, v in rows.items()}
-    for k, v in rows.items():
-        if "caption" in k or "ACCM" in k:
-            table[k]["caption_spliced"] = v["spoke"] / v["n"]
-    for k, (hit, total) in caption_rows.items():  # how often the spliced caption is exactly the scene fact
-        table[k.replace(" first beam", " + first beam caption").replace(" selector", " + selector (ACCM)")][
-            "caption_is_fact"] = hit / total
-    return table
-
-
-def markdown(table: dict) -> str:
-    """The ablation, then accuracy by question type (older tables without the breakdown print the first part)."""
-    lines = ["| setting | accuracy | MFLOPs / item | caption spliced | caption = fact |", "|---|---:|---:|---:|---:|"]
-    for k, v in table.items():
-        spliced = f"{100 * v['caption_spliced']:.1f}%" if "caption_spliced" in v else ""
-        fact = f"{100 * v['caption_is_fact']:.1f}%" if "caption_is_fact" in v else ""
-        lines.append(f"| {k} | {100 * v['accuracy']:.1f}% | {v['mflops_per_item']:.1f} | {spliced} | {fact} |")
-    types = sorted({t for v in table.values() for t in v.get("accuracy_by_type", {})})
-    if types:
-        lines += ["", "| setting | " + " | ".join(types) + " |", "|---|" + "---:|" * len(types)]
-        for k, v in table.items():
-            by = v.get("accuracy_by_type", {})
-            lines.append(f"| {k} | " + " | ".join(f"{100 * by[t]:.1f}%" if t in by else "" for t in types) + " |")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 # Width 64 because narrower caption models did not learn to read the patches (measured, docs/notes/accm.md): at
@@ -507,10 +360,20 @@ SMOKE_STAGES = ("pretrain", "accm", "accm-resume", "eval")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("pretrain", "accm", "all", "eval"), default="all")
-    p.add_argument("--lvlm", default=str(REPO / "models/shapes/lvlm"))
-    p.add_argument("--captioner", default=str(REPO / "models/shapes/captioner"),
-                   help="init (accm/eval) and output folder of the caption model")
-    p.add_argument("--selector", default=str(REPO / "models/shapes/selector"))
+    p.add_argument("--world", choices=sorted(WORLDS), default="v1",
+                   help="Shapes-VQA v1 (models/shapes) or v2 (models/shapes_v2, proving ground v2); sets the "
+                        "defaults of the model folders, --clip, --keep and --pretrain-keep")
+    p.add_argument("--lvlm", default=None, help="the frozen LVLM (default: models/<world>/lvlm)")
+    p.add_argument("--clip", default=None,
+                   help="CLIPModel folder: PruMerge+'s text-guided picks and the projected patches a caption model "
+                        "with input_features 'projected' reads (default: v1 none, v2 models/shapes_v2/clip)")
+    p.add_argument("--captioner", default=None,
+                   help="init (accm/eval) and output folder of the caption model (default: models/<world>/captioner)")
+    p.add_argument("--selector", default=None, help="default: models/<world>/selector")
+    p.add_argument("--selector-text", default=None, metavar="CLIP_DIR",
+                   help="fresh selectors: the frozen text encoder is this CLIP's text tower (LongCLIP's role in "
+                        "the reference) instead of a random one; with --selector-arch '{\"template\": ...}' for "
+                        "a template in its vocabulary")
     p.add_argument("--init-captioner", default=None, metavar="DIR",
                    help="start --captioner (which must not exist yet) from this trained caption model, with "
                         "--captioner-arch's mapper_layers applied: a shallower mapper keeps the first blocks")
@@ -518,7 +381,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--accm-steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--accm-batch-size", type=int, default=16)
-    p.add_argument("--keep", type=int, default=8, help="retained tokens during training (base pruner budget)")
+    p.add_argument("--keep", type=int, default=None,
+                   help="retained tokens during training (base pruner budget; default 1/8 of the patches: v1 8, v2 18)")
     p.add_argument("--lr-mapper", type=float, default=2e-3)
     p.add_argument("--lr-decoder", type=float, default=2e-3)
     p.add_argument("--lr-decoder-accm", type=float, default=1e-6,
@@ -534,6 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-split", choices=("val", "test"), default="test",
                    help="val to choose between variants (with a seed of your own); test to report the chosen one")
     p.add_argument("--eval-out", default=None, help="write the ablation table to OUT.json and OUT.md")
+    p.add_argument("--eval-rates", default="0.875,0.9375",
+                   help="pruning rates of the base pruner + ACCM rows of the ablation (comma-separated)")
     p.add_argument("--storage", default=str(REPO / "runs/ray"))
     p.add_argument("--name", default="accm")
     p.add_argument("--resume", default=None, help="checkpoint directory to resume the (first) stage from")
@@ -544,8 +410,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "object the fact is about")
     p.add_argument("--pretrain-objects", default="", metavar="LO-HI",
                    help="pretrain on scenes of LO-HI objects (default: the benchmark's 10-16)")
-    p.add_argument("--pretrain-keep", default="4-8", metavar="LO-HI",
-                   help="pretrain with a base-pruner budget drawn per step from LO-HI ('': --keep); a small "
+    p.add_argument("--pretrain-keep", default=None, metavar="LO-HI",
+                   help="pretrain with a base-pruner budget drawn per step from LO-HI ('': --keep; default 1/16 to "
+                        "1/8 of the patches: v1 4-8, v2 9-18); a small "
                         "budget shows the mapper more of the scene")
     p.add_argument("--pretrain-read-steps", type=int, default=0,
                    help="first N pre-training steps: a reading warm-up on small scenes (--pretrain-read-objects) with "
@@ -582,11 +449,28 @@ def _init_ray(threads: int) -> None:
                  runtime_env={"env_vars": env})
 
 
+def world_defaults(args: argparse.Namespace) -> None:
+    """Fill the flags left unset from ``--world``: its model folders, CLIP, and budgets of 1/8 (1/16) of its
+    patches -- the 87.5% (93.75%) pruning rates the cards report."""
+    folder = REPO / ("models/shapes" if args.world == "v1" else "models/shapes_v2")
+    patches = WORLDS[args.world].GRID ** 2
+    for key in ("lvlm", "captioner", "selector"):
+        if getattr(args, key) is None:
+            setattr(args, key, str(folder / key))
+    if args.clip is None and args.world == "v2":
+        args.clip = str(folder / "clip")
+    if args.keep is None:
+        args.keep = patches // 8
+    if args.pretrain_keep is None:
+        args.pretrain_keep = f"{patches // 16}-{patches // 8}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    world_defaults(args)
     arch_c, arch_s = DEFAULT_CAPTIONER, DEFAULT_SELECTOR
     # Ray Train workers run in their own directory: hand them absolute paths
-    for key in ("lvlm", "captioner", "selector", "storage", "resume"):
+    for key in ("lvlm", "clip", "selector_text", "captioner", "selector", "storage", "resume"):
         value = getattr(args, key)
         if value and "://" not in value:
             setattr(args, key, str(Path(value).resolve()))
@@ -604,9 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
         arch_c = {**arch_c, **json.loads(args.captioner_arch)}
     if args.selector_arch:
         arch_s = {**arch_s, **json.loads(args.selector_arch)}
+    if args.selector_text:
+        arch_s = {**arch_s, "text_encoder_dir": args.selector_text}
     if args.init_captioner:
         init_from(args.init_captioner, args.captioner, json.loads(args.captioner_arch or "{}"))
-    base = dict(lvlm=args.lvlm, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
+    base = dict(lvlm=args.lvlm, clip=args.clip, world=args.world, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
@@ -622,7 +508,9 @@ def main(argv: list[str] | None = None) -> dict:
     for stage in stages:
         if stage == "eval":
             table = evaluate(args.lvlm, args.captioner, args.selector, n=args.eval_n, seed=args.eval_seed,
-                             keeps=[8, 4], batch_size=min(64, args.eval_n), split=args.eval_split)
+                             rates=tuple(float(r) for r in args.eval_rates.split(",")),
+                             batch_size=min(64, args.eval_n), split=args.eval_split, world=args.world,
+                             clip=args.clip)
             print(markdown(table))
             summary["eval"] = table
             if args.eval_out:

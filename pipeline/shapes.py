@@ -258,3 +258,17 @@ def item_row(item: Item) -> dict:
 def patch_index(obj: SceneObject) -> int:
     """Index of the visual token (row-major patch) that holds ``obj``."""
     return obj.row * GRID + obj.col
+
+
+# The interface both worlds share (pipeline.worlds): object positions range over CELLS x CELLS, an object
+# covers ``patch_indices(obj)``, ``render_item`` draws an item's image.
+CELLS = GRID  # one object per patch
+
+
+def patch_indices(obj: SceneObject) -> tuple[int, ...]:
+    """The visual tokens that hold ``obj``: its one patch."""
+    return (patch_index(obj),)
+
+
+def render_item(item: Item) -> Image.Image:
+    return render(item.objects)

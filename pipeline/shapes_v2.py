@@ -138,6 +138,10 @@ def render(objects: tuple[SceneObject, ...], background: Background) -> Image.Im
     return image
 
 
+def render_item(item: Item) -> Image.Image:
+    return render(item.objects, item.background)
+
+
 def caption(obj: SceneObject) -> str:
     """The one caption form of an object: what a perfect ACCM caption says about it."""
     return f"the {obj.color} {obj.shape} is in row {obj.row + 1}, column {obj.col + 1}."

@@ -232,3 +232,103 @@ def test_pretrain_batch_without_visible_targets_teaches_nothing():
     none["loss"].backward()
     assert none["loss"] == 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in cap.parameters())
+
+
+def _tiny_v2_folders(root):
+    """A tiny random v2 CLIP folder and a tiny v2 LVLM on its tower (the shapes and file layout of the shipped
+    ones; the weights do not matter for what these tests check)."""
+    from actors import shapes_clip as C
+    from actors import shapes_lvlm_v2 as V
+
+    tok = C.build_tokenizer()
+    C.build_clip("tiny", tokenizer=tok).save_pretrained(root / "clip")
+    C.build_processor(tok).save_pretrained(root / "clip")
+    vtok = V.build_tokenizer()
+    lvlm = V.build_model("tiny", tokenizer=vtok)
+    V.load_clip_tower(lvlm, str(root / "clip"))
+    lvlm.save_pretrained(root / "lvlm")
+    V.build_processor(vtok).save_pretrained(root / "lvlm")
+    return str(root / "clip"), str(root / "lvlm")
+
+
+def test_v2_batches_cover_every_patch_of_the_named_objects(tmp_path):
+    """World v2: objects hold 2x2 patches. target_slots lists every discarded patch of the fact's objects,
+    slot_labels label all four patches of an object with its cell (row/column over the 6 cells), the mapper
+    reads the CLIP's projected patches when asked, and a fact is visible iff each of its objects keeps a
+    discarded patch."""
+    import torch
+
+    from actors.accm_batches import make_batch, slot_attributes
+    from actors.engine import LlavaEngine
+    from pipeline import shapes_v2
+
+    clip, lvlm = _tiny_v2_folders(tmp_path)
+    engine = LlavaEngine.from_pretrained(lvlm, clip_text_url=clip)
+    n = shapes_v2.GRID ** 2
+    batch = make_batch(engine, 0, "train", list(range(10)), 18, world=shapes_v2, features="projected")
+    width = engine.text_guide.visual_projection.out_features
+    assert batch["discarded"].shape == (10, n - 18, width) and batch["mapper_full"].shape == (10, n, width)
+    plain = make_batch(engine, 0, "train", list(range(10)), 18, world=shapes_v2)
+    assert plain["discarded"].shape == (10, n - 18, engine.config.vision_config.hidden_size)
+    assert slot_attributes(shapes_v2) == (len(shapes_v2.COLOR_NAMES), len(shapes_v2.SHAPES), 6, 6)
+    labels = batch["slot_labels"]
+    assert int(labels[..., 2].max()) < shapes_v2.CELLS and int((labels[..., 0] >= 0).sum()) > 10 * 40
+    for item, slots, visible, row in zip(batch["items"], batch["target_slots"], batch["fact_visible"], labels,
+                                         strict=True):
+        objs = item.target if item.question_type == "count" else item.target[:1]
+        assert len(slots) <= 4 * len(objs)
+        if item.question_type == "color" and slots:
+            o = item.objects[item.target[0]]
+            want = [shapes_v2.COLOR_NAMES.index(o.color), shapes_v2.SHAPES.index(o.shape), o.row, o.col]
+            assert all(row[s].tolist() == want for s in slots)
+        if item.question_type in ("color", "shape", "spatial"):
+            assert visible == bool(slots)
+    with pytest.raises(ValueError, match="clip_text_url"):
+        make_batch(LlavaEngine.from_pretrained(lvlm), 0, "train", [0], 18, world=shapes_v2, features="projected")
+    assert torch.isfinite(batch["discarded"]).all()
+
+
+def test_v2_training_steps_on_projected_patches_with_the_clip_text_selector(tmp_path):
+    """train_accm's pieces on world v2: a reference-style caption model on the CLIP's projected patches, a
+    selector whose frozen text encoder is the CLIP's text tower, one pre-training step with attention
+    supervision and the v2 slot read-out, one ACCM-stage step; then the ablation runs on the v2 benchmark."""
+    import torch
+
+    from actors.engine import LlavaEngine
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    import train_accm as T
+
+    from jobs.accm_ablation import evaluate
+
+    clip, lvlm = _tiny_v2_folders(tmp_path)
+    engine = LlavaEngine.from_pretrained(lvlm, clip_text_url=clip)
+    arch_c = {**T.SMOKE_CAPTIONER, "input_features": "projected"}
+    arch_s = {**T.SMOKE_SELECTOR, "text_encoder_dir": clip, "template": "{q} {c}"}
+    config = {"captioner_arch": arch_c, "selector_arch": arch_s, "seed": 0, "keep": 18, "world": "v2"}
+    with torch.enable_grad():
+        captioner, selector = T.build_or_load(config, engine)
+        assert captioner.config.input_features == "projected"
+        assert selector.text_encoder.config.projection_dim == engine.text_guide.visual_projection.out_features
+        model = T.ACCMTrainable(captioner, selector, slot_reader=True,
+                                attributes=T.slot_attributes(T.WORLDS["v2"])).train()
+        batch = T.batches(config, engine, "projected")(0, "train", list(range(4)), 18)
+        pre = model("pretrain", batch, attention_weight=1.0, read_weight=1.0)
+        pre["loss"].backward()
+        assert torch.isfinite(pre["loss"]) and pre["slot_read_loss"] > 0
+        assert model.slot_reader.weight.grad.abs().sum() > 0
+        model.zero_grad()
+        candidates = captioner.beam_search(batch["discarded"], batch["questions"]).captions
+        kl = T.candidate_kl(engine, batch, candidates)
+        out = model("accm", batch, best_captions=[c[0] for c in candidates], candidates=candidates,
+                    best=kl.argmin(1))
+        (out["caption_ce"] + out["selector_kl"]).backward()
+        assert all(p.grad is not None for p in selector.trainable_parameters())
+    captioner.save_pretrained(tmp_path / "captioner")
+    selector.save_pretrained(tmp_path / "selector")
+    table = evaluate(lvlm, str(tmp_path / "captioner"), str(tmp_path / "selector"), n=4, seed=1, batch_size=4,
+                     split="val", world="v2", clip=clip, rates=(0.875,))
+    assert {"all tokens", "75% divprune", "75% cdpruner", "87.5% + selector (ACCM)"} <= set(table)
+    assert all(v["n"] == 4 and 0 <= v["se"] <= 0.5 for v in table.values())
+    # 87.5% of 144 patches keeps 18: the ACCM row prices fewer LLM FLOPs than all tokens
+    assert table["87.5% prumerge_plus"]["mflops_per_item"] < table["all tokens"]["mflops_per_item"]

@@ -1,0 +1,120 @@
+"""Training and evaluation batches for ACCM's caption model on a Shapes world (``pipeline.worlds``).
+
+A batch is what one step needs: the frozen LVLM's tower run once, the base pruner (PruMerge+) applied, the
+discarded patches in the feature kind the caption model reads, the scene fact each question rests on, and
+where the objects that fact is about sit among the discarded patches (for the attention supervision and the
+slot read-out of pre-training). v1 objects hold one patch; v2 objects hold 2x2 (``world.patch_indices``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from pipeline import shapes
+
+# What the caption model is taught to say when the mapper does not see what the fact is about
+# (``--pretrain-targets abstain``): it stops at once, and nothing is spliced (actors.prompt.has_words).
+ABSTAIN_CAPTION = "."
+FEATURE_KINDS = ("feature_layer", "projected")
+
+
+def slot_attributes(world: ModuleType = shapes) -> tuple[int, int, int, int]:
+    """Classes per slot attribute: colour, shape, row, column (positions range over the world's cells)."""
+    return len(world.COLOR_NAMES), len(world.SHAPES), world.CELLS, world.CELLS
+
+
+def fact_objects(item) -> tuple[int, ...]:
+    """The objects an item's fact is about: every object a count question counts, else the one it names."""
+    return item.target if item.question_type == "count" else item.target[:1]
+
+
+def target_slots(item, discarded_indices: list[int], world: ModuleType = shapes) -> list[int]:
+    """Slots (positions in the discarded-patch list) of every patch of the objects an item's fact is about;
+    patches the base pruner kept are not there."""
+    slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
+    patches = (p for o in fact_objects(item) for p in world.patch_indices(item.objects[o]))
+    return [slot_of[p] for p in patches if p in slot_of]
+
+
+def objects_seen(item, discarded_indices: list[int], world: ModuleType = shapes) -> int:
+    """How many of the fact's objects have at least one patch among the discarded ones (the mapper sees it)."""
+    dropped = set(discarded_indices)
+    return sum(any(p in dropped for p in world.patch_indices(item.objects[o])) for o in fact_objects(item))
+
+
+def slot_labels(items, discarded_indices: Tensor, world: ModuleType = shapes) -> Tensor:
+    """[B, M, 4] (colour, shape, row, column) classes of the object on each discarded patch; -100 where no
+    object is. What a fact can ask about a patch: its attributes, and where it is (spatial questions)."""
+    labels = torch.full((*discarded_indices.shape, len(slot_attributes(world))), -100, dtype=torch.long)
+    for r, (item, patches) in enumerate(zip(items, discarded_indices.tolist(), strict=True)):
+        slot_of = {patch: slot for slot, patch in enumerate(patches)}
+        for o in item.objects:
+            value = torch.tensor([world.COLOR_NAMES.index(o.color), world.SHAPES.index(o.shape), o.row, o.col])
+            for patch in world.patch_indices(o):
+                if patch in slot_of:
+                    labels[r, slot_of[patch]] = value
+    return labels
+
+
+def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
+               n_objects: tuple[int, int] | None = None, *, world: ModuleType = shapes,
+               features: str = "feature_layer") -> dict:
+    """Items of ``world`` -> frozen tower -> base pruner: everything a training/eval step needs.
+
+    ``n_objects``: scene sizes other than the benchmark's (pre-training's curriculum). ``features``: what the
+    caption model reads ("feature_layer", or "projected" = the CLIP's projected patch embeddings, the ACCM
+    reference input; needs an engine built with ``clip_text_url``)."""
+    if features not in FEATURE_KINDS:
+        raise ValueError(f"features must be one of {FEATURE_KINDS}, not {features!r}")
+    sizes = n_objects or (world.MIN_OBJECTS, world.MAX_OBJECTS)
+    items = [world.make_item(seed, split, i, n_objects=sizes) for i in indices]
+    questions = [it.question for it in items]
+    ids = [it.id for it in items]
+    with torch.no_grad():
+        vision = engine.encode_images(engine.preprocess([world.render_item(it) for it in items]),
+                                      projected=True if features == "projected" else None)
+        pruned = engine.prune(vision, "prumerge_plus", keep, ids, questions)
+    projected = features == "projected"
+    if projected and pruned.discarded_projected is None:
+        raise ValueError("projected features: the engine computed none (build it with clip_text_url)")
+    dropped = pruned.discarded_indices.tolist()
+    slots = [target_slots(it, d, world) for it, d in zip(items, dropped, strict=True)]
+    seen = [objects_seen(it, d, world) for it, d in zip(items, dropped, strict=True)]
+    return {
+        "ids": ids,
+        "items": items,
+        "questions": questions,
+        "answers": [it.answer for it in items],
+        "qtypes": [it.question_type for it in items],
+        "facts": [world.fact(it.objects, it.question_type, it.question, it.target) for it in items],
+        "discarded": pruned.discarded_projected if projected else pruned.discarded,
+        # every patch in the caption model's feature kind (pre-training's reading warm-up)
+        "mapper_full": vision.projected if projected else vision.patch_features,
+        # can the caption model see the object the question names (a patch of it is discarded)? count/exist
+        # facts: always stated
+        "target_discarded": [it.question_type in ("count", "exist") or s > 0 for it, s in zip(items, seen, strict=True)],
+        "target_slots": slots,
+        # does the mapper see every object the fact is about? (exist-no facts are about none: always)
+        "fact_visible": [s == len(fact_objects(it)) for it, s in zip(items, seen, strict=True)],
+        "slot_labels": slot_labels(items, pruned.discarded_indices, world),
+        "retained": list(pruned.retained.unbind(0)),
+        "full": list(vision.patch_features.unbind(0)),
+    }
+
+
+def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
+    """[B, N]: KL(reference || with caption_i), averaged over the answer positions (SPEC §1.5)."""
+    from actors.accm import answer_log_probs
+
+    b, n = len(candidates), len(candidates[0])
+    with torch.no_grad():
+        ref = answer_log_probs(engine, batch["full"], batch["questions"], [None] * b, batch["answers"])
+        flat = [c for cands in candidates for c in cands]
+        rep = [i for i in range(b) for _ in range(n)]
+        cand = answer_log_probs(engine, [batch["retained"][i] for i in rep], [batch["questions"][i] for i in rep],
+                                flat, [batch["answers"][i] for i in rep])
+    kl = torch.stack([(ref[i].exp() * (ref[i] - c)).sum(-1).mean() for i, c in zip(rep, cand, strict=True)])
+    return kl.view(b, n)
