@@ -76,6 +76,9 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     with torch.no_grad():
         vision = engine.encode_images(engine.preprocess([world.render_item(it) for it in items]),
                                       projected=True if features == "projected" else None)
+        if vision.patch_features.shape[1] != world.GRID ** 2:
+            raise ValueError(f"the LVLM's tower gives {vision.patch_features.shape[1]} patches, the world "
+                             f"{world.__name__} draws {world.GRID ** 2}: pass the LVLM of that world")
         pruned = engine.prune(vision, "prumerge_plus", keep, ids, questions)
     projected = features == "projected"
     if projected and pruned.discarded_projected is None:

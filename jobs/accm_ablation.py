@@ -38,7 +38,7 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
     engine = LlavaEngine.from_pretrained(lvlm, clip_text_url=clip)
     accm = ACCMCaptioner.from_pretrained(captioner_dir, selector_dir)
     patches = gen.GRID * gen.GRID
-    keeps = [max(1, round((1 - r) * patches)) for r in rates]
+    keeps = list(dict.fromkeys(max(1, round((1 - r) * patches)) for r in rates))  # each budget once
     quarter = patches // 4
     fastv_layer = min(2, engine.config.text_config.num_hidden_layers - 1)  # the smoke's LLM has 2 layers
     rows: dict[str, dict] = {}
@@ -61,6 +61,7 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         batch = make_batch(engine, seed, split, idx, keeps[0], world=gen, features=accm.input_features)
+        batch_keep = keeps[0]
         qs, ans = batch["questions"], batch["answers"]
         types[:] = batch["qtypes"]
         add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
@@ -72,8 +73,9 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             add(f"75% {method}", engine.generate(kept, qs, method=method, keep_tokens=quarter,
                                                  fastv_layer=fastv_layer), ans)
         for keep in keeps:
-            if keep != keeps[0]:
+            if keep != batch_keep:
                 batch = make_batch(engine, seed, split, idx, keep, world=gen, features=accm.input_features)
+                batch_keep = keep
             rate = rate_label(keep, patches)
             add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",
                                                          keep_tokens=keep), ans)

@@ -62,8 +62,6 @@ MC_VOCABULARY = {
 MC_L2 = {"color": "attribute_recognition", "shape": "attribute_recognition", "count": "counting"}
 
 
-
-
 def shard_name(split: str, shard: int) -> str:
     return f"{split}-{shard:05d}.parquet"
 

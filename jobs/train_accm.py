@@ -467,6 +467,8 @@ def world_defaults(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.smoke and args.world != "v1":
+        raise SystemExit("--smoke builds a tiny v1 LVLM: run it with --world v1 (tests/test_train_accm.py covers v2)")
     world_defaults(args)
     arch_c, arch_s = DEFAULT_CAPTIONER, DEFAULT_SELECTOR
     # Ray Train workers run in their own directory: hand them absolute paths
