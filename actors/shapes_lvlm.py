@@ -330,18 +330,23 @@ def _ids(tokenizer, text: str) -> list[int]:
 
 
 def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int = 64,
-               attention_targets=None) -> PackedBatch:
+               attention_targets=None, visual_keep: list[list[int]] | None = None) -> PackedBatch:
     """Packed sequences: ``<s> USER:`` + visual slots, then each branch sees only the prefix and itself.
     ``attention_targets``: the world's ``(qtype, words, objects) -> (own, in_context, decisive)``
-    (default: v1's ``_word_attention_targets``)."""
+    (default: v1's ``_word_attention_targets``). ``visual_keep``: per image, the patches (ascending) whose
+    tokens the sequence holds -- the others are left out, as a pre-LLM pruner leaves them out (the features
+    passed to ``packed_logits`` are then those patches' rows only); attention targets follow the kept patches."""
     attention_targets = attention_targets or _word_attention_targets
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     before, _ = build_prompt("q").split(IMAGE_TOKEN)
     prefix = [tokenizer.bos_token_id] + _ids(tokenizer, before)  # <s> USER :
     rows = []
-    for branches in branches_per_image:
-        ids = prefix + [image_id] * n_visual
-        seg = [0] * len(prefix) + [1] * n_visual
+    for r, branches in enumerate(branches_per_image):
+        kept = list(range(n_visual)) if visual_keep is None else list(visual_keep[r])
+        slot_of = {patch: i for i, patch in enumerate(kept)}
+        n_row = len(kept)
+        ids = prefix + [image_id] * n_row
+        seg = [0] * len(prefix) + [1] * n_row
         pos = list(range(len(ids)))
         lab = [-100] * len(ids)
         types: list[str] = []
@@ -354,14 +359,14 @@ def pack_batch(tokenizer, branches_per_image: list[list[Branch]], n_visual: int 
             q_ids = _ids(tokenizer, after)
             a_ids = _ids(tokenizer, br.answer) + [tokenizer.eos_token_id]
             toks = q_ids + a_ids
-            start = len(prefix) + (n_visual if br.use_image else 0)
+            start = len(prefix) + (n_row if br.use_image else 0)
             if br.use_image and br.caption is None and br.objects:
                 own, in_context, decisive = attention_targets(
                     br.qtype, tokenizer.convert_ids_to_tokens(q_ids), br.objects)
                 base = len(ids)
                 for out_list, targets in ((words, own), (contexts, in_context)):
                     for j, keys in targets:
-                        out_list.append((base + j, [0] + [len(prefix) + k for k in keys]))
+                        out_list.append((base + j, [0] + [len(prefix) + slot_of[k] for k in keys if k in slot_of]))
                 if decisive is not None:
                     hops.append((base + len(q_ids) - 1, [base + decisive]))
             for j, t in enumerate(toks):

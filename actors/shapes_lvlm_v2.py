@@ -117,8 +117,10 @@ def attention_targets(
     return own, in_context, decisive
 
 
-def pack_batch(tokenizer, branches_per_image: list[list[L.Branch]]) -> L.PackedBatch:
-    return L.pack_batch(tokenizer, branches_per_image, n_visual=N_VISUAL, attention_targets=attention_targets)
+def pack_batch(tokenizer, branches_per_image: list[list[L.Branch]],
+               visual_keep: list[list[int]] | None = None) -> L.PackedBatch:
+    return L.pack_batch(tokenizer, branches_per_image, n_visual=N_VISUAL, attention_targets=attention_targets,
+                        visual_keep=visual_keep)
 
 
 def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,

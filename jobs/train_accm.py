@@ -20,6 +20,12 @@ the same ``--name`` and ``--storage`` resumes from its latest checkpoint (``--re
     python jobs/train_accm.py --stage all --lvlm models/shapes/lvlm       # ~the shipped checkpoints
     python jobs/train_accm.py --stage eval --lvlm models/shapes/lvlm      # the ablation table
     python jobs/train_accm.py --smoke                                     # CI
+    python jobs/train_accm.py --world v2 --stage pretrain \
+        --captioner-arch '{"input_features": "projected"}'               # proving ground v2 (models/shapes_v2)
+
+``--world v2`` trains on Shapes v2 (144 patches, objects over 2x2 patches): budgets of 18 (87.5%) and 9 tokens,
+the v2 LVLM, and its CLIP for PruMerge+'s text-guided picks and, with ``input_features: projected``, the CLIP's
+projected patch embeddings as the mapper's input (ACCM's reference input).
 """
 
 from __future__ import annotations

@@ -163,6 +163,51 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         assert out.shape[1] > inputs["input_ids"].shape[1]
 
 
+def test_token_drop_augmentation_packs_only_the_kept_tokens_and_keeps_labels_true():
+    """--drop-visual: an image keeps a random subset of its 144 tokens in their order; the packed row holds
+    only those, its branches start right after them, the attention targets point at the kept slots of the
+    named objects, and one patch of every object a plain image question is about is always kept."""
+    from types import SimpleNamespace
+
+    from actors import shapes_lvlm as L
+    from jobs.train_lvlm_v2 import visual_keep
+
+    tok = V.build_tokenizer()
+    rng = np.random.default_rng(0)
+    scenes = [world.sample_scene(rng, "train") for _ in range(6)]
+    branches = [V.draw_branches(objs, rng, n_image=4, n_fact=1, n_text=1) for objs in scenes]
+    args = SimpleNamespace(drop_visual=1.0, drop_max=0.9375)
+    keep = visual_keep(branches, np.random.default_rng(1), args)
+    assert visual_keep(branches, np.random.default_rng(1), SimpleNamespace(drop_visual=0.0, drop_max=0.9)) is None
+    assert len({len(k) for k in keep}) > 1 and all(k == sorted(set(k)) for k in keep)
+    for k, image_branches in zip(keep, branches, strict=True):
+        for br in image_branches:
+            if br.use_image and br.caption is None:
+                assert all(set(world.patch_indices(br.objects[o])) & set(k) for o in br.target)
+    full, dropped = V.pack_batch(tok, branches), V.pack_batch(tok, branches, visual_keep=keep)
+    assert dropped.image_mask.sum(1).tolist() == [len(k) for k in keep]
+    assert full.image_mask.sum(1).tolist() == [V.N_VISUAL] * len(keep)
+    prefix = int(full.image_mask[0].nonzero()[0])
+    for row, k in enumerate(keep):
+        first_text = prefix + len(k)
+        # the first branch token sits right after the kept visual tokens, at that position id
+        assert int(dropped.position_ids[row, first_text]) == first_text
+    by_row = {}
+    for (row, _query, keys), (row_f, _, keys_f) in zip(dropped.word_targets, full.word_targets, strict=True):
+        assert row == row_f and keys[0] == 0  # the <s> sink, then the kept slots of the same patches
+        slot_of = {patch: prefix + i for i, patch in enumerate(keep[row])}
+        assert keys[1:] == [slot_of[p - prefix] for p in keys_f[1:] if p - prefix in slot_of]
+        by_row[row] = by_row.get(row, 0) + 1
+    assert by_row
+    # the packed sequence takes the kept rows of the tower features, image after image
+    model = V.build_model("tiny", tokenizer=tok)
+    px = C.pixel_values([V.render(objs, world.sample_background(rng)) for objs in scenes])
+    hidden, _ = L.vision_features(model, px)
+    feats = torch.cat([hidden[b, 1:][k] for b, k in enumerate(keep)])[None]
+    logits, labels = L.packed_logits(model, px, dropped, features=feats)
+    assert torch.isfinite(logits).all() and len(labels) == int((dropped.labels != -100).sum())
+
+
 def test_captured_attention_rows_equal_eager_maps_under_sdpa():
     """The supervised rows recomputed from captured inputs (forward on SDPA) equal eager's attention maps, and
     the loss on them trains (gradients reach the supervised layer)."""
