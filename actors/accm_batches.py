@@ -105,6 +105,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "slot_labels": slot_labels(items, pruned.discarded_indices, world),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
+        "vision": vision,  # the tower's output, for other pruners on the same images
     }
 
 

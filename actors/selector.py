@@ -288,36 +288,32 @@ def build_selector(
     ``text_*``, ``projection_dim``, ``max_positions`` and ``tokenizer`` arguments are then the folder's."""
     from transformers import CLIPTextConfig
 
+    text_encoder = text_config = None
     if text_encoder_dir is not None:
-        encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder_dir, attn_implementation="eager")
-        config = SelectorConfig(hidden=encoder.config.projection_dim, layers=layers, heads=heads,
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(text_encoder_dir, attn_implementation="eager")
+        tokenizer = AutoTokenizer.from_pretrained(text_encoder_dir)
+    else:
+        tokenizer = tokenizer or build_selector_tokenizer()
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=4 * text_hidden,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            max_position_embeddings=max_positions,
+            projection_dim=projection_dim,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            attn_implementation="eager",
+        )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        if text_encoder is None:
+            text_encoder = CLIPTextModelWithProjection(text_config)
+        config = SelectorConfig(hidden=text_encoder.config.projection_dim, layers=layers, heads=heads,
                                 intermediate=intermediate, rank_embedding=rank_embedding, arch=arch, dropout=dropout,
                                 template=template, strip_caption=strip_caption,
                                 remove_suffixes=list(remove_suffixes), max_text_tokens=max_text_tokens)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            model = CaptionSelector(config, encoder, AutoTokenizer.from_pretrained(text_encoder_dir))
-        return model.eval()
-    tokenizer = tokenizer or build_selector_tokenizer()
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=4 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=text_heads,
-        max_position_embeddings=max_positions,
-        projection_dim=projection_dim,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        attn_implementation="eager",
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        text_encoder = CLIPTextModelWithProjection(text_config)
-        config = SelectorConfig(hidden=projection_dim, layers=layers, heads=heads, intermediate=intermediate,
-                                rank_embedding=rank_embedding, arch=arch, dropout=dropout, template=template,
-                                strip_caption=strip_caption, remove_suffixes=list(remove_suffixes),
-                                max_text_tokens=max_text_tokens)
         model = CaptionSelector(config, text_encoder, tokenizer)
     return model.eval()

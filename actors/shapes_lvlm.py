@@ -325,6 +325,12 @@ class PackedBatch:
     hop_targets: list[tuple[int, int, list[int]]] | None = None
 
 
+def kept_features(patch_features: torch.Tensor, visual_keep: list[list[int]]) -> torch.Tensor:
+    """[1, sum of kept, Dv]: each image's kept patch rows, image after image -- the ``features`` of
+    ``packed_logits`` for a batch packed with ``pack_batch(visual_keep=...)`` (its scatter fills them in order)."""
+    return torch.cat([patch_features[b, k] for b, k in enumerate(visual_keep)])[None]
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -66,7 +66,7 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         types[:] = batch["qtypes"]
         add("all tokens", engine.generate(batch["full"], qs, method="none"), ans)
         # the equal-cost reference: every plain pruner at 75% pruning
-        vision = engine.encode_images(engine.preprocess([gen.render_item(it) for it in batch["items"]]))
+        vision = batch["vision"]
         for method in reference_methods:
             kept = (batch["full"] if method == "fastv"
                     else engine.prune(vision, method, quarter, batch["ids"], qs).retained)

@@ -500,7 +500,8 @@ def main(argv: list[str] | None = None) -> dict:
         arch_s = {**arch_s, "text_encoder_dir": args.selector_text}
     if args.init_captioner:
         init_from(args.init_captioner, args.captioner, json.loads(args.captioner_arch or "{}"))
-    base = dict(lvlm=args.lvlm, clip=args.clip, world=args.world, keep=args.keep, seed=args.seed, threads=args.threads, ckpt_every=args.ckpt_every,
+    base = dict(lvlm=args.lvlm, clip=args.clip, world=args.world, keep=args.keep, seed=args.seed,
+                threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,

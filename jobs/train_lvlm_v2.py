@@ -121,7 +121,7 @@ def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: boo
         feats = None
         if keep is not None:
             hidden, _ = L.vision_features(model, px)
-            feats = torch.cat([hidden[b, 1:][k] for b, k in enumerate(keep)])[None]
+            feats = L.kept_features(hidden[:, 1:], keep)
         logits, labels = L.packed_logits(model, px, pb, features=feats)
         counts = (pb.labels != -100).sum(1)
         first = torch.cumsum(counts, 0) - counts  # the first labelled position of a row: the first answer token
@@ -174,9 +174,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             hidden, _ = L.vision_features(model, px)
         # SDPA forward; the supervised rows are recomputed from the captured layer inputs (actors/attention_rows)
         with AttentionCapture(model.model.language_model, {args.word_layer, args.context_layer, args.hop_layer}) as cap:
-            feats = hidden[:, 1:]
-            if keep is not None:  # the kept patches' rows, image after image (packed_logits scatters them in order)
-                feats = torch.cat([feats[b, k] for b, k in enumerate(keep)])[None]
+            feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
             logits, labels = L.packed_logits(model, px, pb, features=feats)
 
         sup = {name: L.target_nll(cap.rows(layer, t, heads), t) if t else logits.new_zeros(())

@@ -203,7 +203,9 @@ def test_token_drop_augmentation_packs_only_the_kept_tokens_and_keeps_labels_tru
     model = V.build_model("tiny", tokenizer=tok)
     px = C.pixel_values([V.render(objs, world.sample_background(rng)) for objs in scenes])
     hidden, _ = L.vision_features(model, px)
-    feats = torch.cat([hidden[b, 1:][k] for b, k in enumerate(keep)])[None]
+    feats = L.kept_features(hidden[:, 1:], keep)
+    assert feats.shape == (1, sum(map(len, keep)), hidden.shape[-1])
+    assert torch.equal(feats[0, : len(keep[0])], hidden[0, 1:][keep[0]])
     logits, labels = L.packed_logits(model, px, dropped, features=feats)
     assert torch.isfinite(logits).all() and len(labels) == int((dropped.labels != -100).sum())
 
