@@ -142,13 +142,14 @@ PRESETS: dict[str, dict] = {
 
 
 def llama_config(p: dict, tokenizer, max_positions: int = 512):
-    """The proving-ground LLaMA from a preset's ``hidden/inter/layers/heads/kv_heads`` (both worlds)."""
+    """The proving-ground LLaMA from a preset's ``hidden/inter/layers/heads/kv_heads`` and optional ``rope_theta``
+    (both worlds)."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=p["hidden"], intermediate_size=p["inter"],
         num_hidden_layers=p["layers"], num_attention_heads=p["heads"], num_key_value_heads=p["kv_heads"],
-        max_position_embeddings=max_positions, rope_theta=10000.0, tie_word_embeddings=False,
+        max_position_embeddings=max_positions, rope_theta=float(p.get("rope_theta", 10000.0)), tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
 

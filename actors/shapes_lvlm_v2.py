@@ -40,11 +40,14 @@ def build_processor(tokenizer=None):
     return L.build_processor(tokenizer or build_tokenizer(), image_size=world.IMAGE_SIZE, patch_size=world.PATCH)
 
 
-def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0):
-    """A LlavaForConditionalGeneration in the llava-1.5 layout on the v2 CLIP's tower shape (eager attention)."""
+def build_model(preset: str = "default", *, tokenizer=None, seed: int = 0, rope_theta: float | None = None):
+    """A LlavaForConditionalGeneration in the llava-1.5 layout on the v2 CLIP's tower shape (eager attention).
+    ``rope_theta`` overrides LLaMA's 10000: with 32-dim heads only ~3 rotary pairs turn slowly enough to compare
+    a question with visual tokens wherever they sit (a 128-dim head has ~16), so a larger base gives content
+    lookups room after pruning moves tokens (Llama 3 uses 500000)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    p = PRESETS[preset]
+    p = dict(PRESETS[preset], **({} if rope_theta is None else {"rope_theta": rope_theta}))
     tokenizer = tokenizer or build_tokenizer()
     text = L.llama_config(p, tokenizer, max_positions=1024)
     config = LlavaConfig(

@@ -227,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from --ckpt")
     p.add_argument("--preset", default="default", choices=sorted(V.PRESETS))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rope-theta", type=float, default=None,
+                   help="LLaMA's rotary base (default: the preset's, 10000); see shapes_lvlm_v2.build_model")
     p.add_argument("--val-seed", type=int, default=1234)
     p.add_argument("--val-items", type=int, default=250)
     p.add_argument("--threads", type=int, default=2)
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     tok = V.build_tokenizer()
-    model = V.build_model(args.preset, tokenizer=tok, seed=args.seed)
+    model = V.build_model(args.preset, tokenizer=tok, seed=args.seed, rope_theta=args.rope_theta)
     state: dict = {"minutes": 0.0, "args": vars(args)}
     saved_log = Path(args.output, "training_log.json")
     if args.resume and Path(args.ckpt).exists():

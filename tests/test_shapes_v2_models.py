@@ -111,8 +111,11 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "2", "--batch", "2", "--val-items", "10", "--eval-every", "2",
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--log-every", "1",
+        "--rope-theta", "500000",
     ])
     assert state["stage1_done"] and state["stage2_done"] and state["evals"][-1]["step"] == 2
+    saved_config = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).config.text_config
+    assert saved_config.rope_parameters["rope_theta"] == 500000.0  # --rope-theta reaches the shipped config
     # without the checkpoint (another machine), --resume goes on from the saved HF folder's weights and step
     (tmp_path / "ck.pt").unlink()
     saved = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).state_dict()
