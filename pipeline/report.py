@@ -201,21 +201,21 @@ def estimate_summary(
     4-layer encoder) with a ``caption_tokens`` caption; ``prompt_tokens`` / ``new_tokens`` are the
     text around the image and the answer length. Accuracy is unknown (NaN).
     """
-    from pipeline import flops
+    from pipeline import flops, flops_cli
 
-    config = flops.load_llava_config(model)
+    config = flops_cli.load_llava_config(model)
     total = flops.visual_tokens(config)
     records = []
     for method in methods:
         for keep in [total] if method == BASELINE_METHOD else list(keeps):
-            item = flops.cli_item(
+            item = flops_cli.cli_item(
                 config,
                 method=method,
                 keep=keep,
                 prompt_tokens=prompt_tokens,
                 new_tokens=new_tokens,
                 caption_tokens=caption_tokens if method == "accm" else None,
-                text_guide_dims=flops.default_text_guide_dims(model),
+                text_guide_dims=flops_cli.default_text_guide_dims(model),
             )
             rec: dict[str, Any] = {
                 "method": method,

@@ -24,7 +24,7 @@ from transformers import (  # noqa: E402
 )
 from transformers.models.clip.modeling_clip import CLIPEncoder  # noqa: E402
 
-from pipeline import flops  # noqa: E402
+from pipeline import flops, flops_cli  # noqa: E402
 from tests.flopcount import FlopCounterMode  # noqa: E402
 
 # The contract is 2%; both sides count exactly the same matmuls, so they agree to rounding and a tight
@@ -279,7 +279,7 @@ def test_decode_steps_use_growing_kv_length():
 
 
 def test_fastv_sees_all_tokens_before_layer_k_only():
-    config = flops.named_llava_config("llava-1.5-7b")
+    config = flops_cli.named_llava_config("llava-1.5-7b")
     kw = dict(visual_tokens_total=576, visual_tokens_kept=144, prompt_tokens=60, new_tokens=4)
     before = flops.llava_item_flops(config, method="prumerge_plus", **kw)
     fastv0 = flops.llava_item_flops(config, method="fastv", fastv_layer=0, **kw)
@@ -295,7 +295,7 @@ def test_fastv_sees_all_tokens_before_layer_k_only():
 
 
 def test_llava_7b_published_shape():
-    config = flops.named_llava_config("llava-1.5-7b")
+    config = flops_cli.named_llava_config("llava-1.5-7b")
     text = flops.dims_from_config(config.text_config)
     # Per token the linear layers cost 2 x parameters: 6.48 B non-embedding params in LLaMA-7B.
     linear = text.layers * (flops.layer_flops(text, 1, 0))
@@ -304,10 +304,10 @@ def test_llava_7b_published_shape():
 
 
 def test_fastv_convention_matches_paper_reductions():
-    config = flops.named_llava_config("llava-1.5-7b")
+    config = flops_cli.named_llava_config("llava-1.5-7b")
     for rate, paper in ((0.5, 0.45), (0.75, 0.67), (0.9, 0.80)):
-        keep = flops.resolve_keep(576, None, rate)
-        item = flops.cli_item(
+        keep = flops_cli.resolve_keep(576, None, rate)
+        item = flops_cli.cli_item(
             config, method="fastv", keep=keep, prompt_tokens=32, new_tokens=1, convention="fastv"
         )
         assert item["reduction"] == pytest.approx(paper, abs=0.01), (rate, item["reduction"])
@@ -316,7 +316,7 @@ def test_fastv_convention_matches_paper_reductions():
 def test_cli_json_every_method(capsys):
     for method in flops.METHODS:
         assert (
-            flops.main(
+            flops_cli.main(
                 ["--model", "llava-1.5-7b", "--method", method, "--prune-rate", "0.875"]
                 + ["--prompt-tokens", "64", "--new-tokens", "4", "--json"]
             )
@@ -329,7 +329,7 @@ def test_cli_json_every_method(capsys):
         assert (out["captioner"] > 0 and out["selector"] > 0) == (method == "accm")
         assert (out["total"] < out["reference_total"]) == (method != "none")
     assert (
-        flops.main(
+        flops_cli.main(
             ["--model", "llava-1.5-13b", "--method", "fastv", "--keep-tokens", "288", "--prompt-tokens", "32"]
             + ["--new-tokens", "1", "--convention", "fastv", "--json"]
         )
@@ -339,10 +339,10 @@ def test_cli_json_every_method(capsys):
 
 
 def test_table_rows_and_accm_cost():
-    rows = flops.flops_table(flops.named_llava_config("llava-1.5-7b"))
+    rows = flops_cli.flops_table(flops_cli.named_llava_config("llava-1.5-7b"))
     by = {(r["method"], r["kept"]): r for r in rows}
     assert by[("none", 576)]["percent_of_unpruned"] == pytest.approx(100.0)
-    for keep in flops.TABLE_KEEPS:
+    for keep in flops_cli.TABLE_KEEPS:
         # ACCM = its base pruner + caption model + selector + the caption's tokens in the LLM.
         assert by[("accm", keep)]["flops"] > by[("prumerge_plus", keep)]["flops"]
         assert by[("accm", keep)]["captioner"] > 0 and by[("accm", keep)]["selector"] > 0
@@ -352,9 +352,9 @@ def test_table_rows_and_accm_cost():
 def test_selector_counts_candidates_at_real_length_by_default():
     """The selector tokenizes with padding to the longest candidate, so the estimate counts real length;
     248 (LongCLIP padded, as in the paper's code) stays available and costs more."""
-    config = flops.named_llava_config("llava-1.5-7b")
-    real = flops.cli_item(config, method="accm", keep=72, prompt_tokens=64, new_tokens=4, caption_tokens=36)
-    padded = flops.cli_item(
+    config = flops_cli.named_llava_config("llava-1.5-7b")
+    real = flops_cli.cli_item(config, method="accm", keep=72, prompt_tokens=64, new_tokens=4, caption_tokens=36)
+    padded = flops_cli.cli_item(
         config, method="accm", keep=72, prompt_tokens=64, new_tokens=4, caption_tokens=36, selector_tokens=248
     )
     assert flops.selector_real_tokens(64, 36) == 64 + 36 + flops.SELECTOR_TEMPLATE_TOKENS
@@ -366,10 +366,10 @@ def test_selector_counts_candidates_at_real_length_by_default():
 
 def test_fastv_convention_counts_the_caption_splice():
     """ACCM's caption is LLM text under either convention: by default its 36-token budget plus the splice."""
-    config = flops.named_llava_config("llava-1.5-7b")
+    config = flops_cli.named_llava_config("llava-1.5-7b")
     kw = dict(keep=72, prompt_tokens=32, new_tokens=1, convention="fastv")
-    base = flops.cli_item(config, method="prumerge_plus", **kw)
-    accm = flops.cli_item(config, method="accm", **kw)
+    base = flops_cli.cli_item(config, method="prumerge_plus", **kw)
+    accm = flops_cli.cli_item(config, method="accm", **kw)
     text = config.text_config
     extra = flops.DEFAULT_CAPTION_TOKENS + flops.CAPTION_SPLICE_TOKENS
     n = 32 + 72 + extra
@@ -379,7 +379,7 @@ def test_fastv_convention_counts_the_caption_splice():
         )
     )
     assert accm["total"] > base["total"]
-    assert flops.cli_item(config, method="accm", caption_tokens=0, **kw)["total"] == base["total"]
+    assert flops_cli.cli_item(config, method="accm", caption_tokens=0, **kw)["total"] == base["total"]
 
 
 SHAPES = "models/shapes"
@@ -390,7 +390,7 @@ def test_cli_prices_shipped_accm_folders_like_the_pipeline(capsys):
     ACCMCaptioner the pipeline prices items with; a checkpoint dir gets no CLIP-L text guide it lacks."""
     from actors.accm import ACCMCaptioner
 
-    config = flops.load_llava_config(f"{SHAPES}/lvlm")
+    config = flops_cli.load_llava_config(f"{SHAPES}/lvlm")
     total = flops.visual_tokens(config)
     keep, q, cap = 8, 9, 6
     argv = [
@@ -404,7 +404,7 @@ def test_cli_prices_shipped_accm_folders_like_the_pipeline(capsys):
         "20",
     ]
     argv += ["--new-tokens", "2", "--question-tokens", str(q), "--caption-tokens", str(cap), "--json"]
-    assert flops.main(argv + ["--captioner", f"{SHAPES}/captioner", "--selector", f"{SHAPES}/selector"]) == 0
+    assert flops_cli.main(argv + ["--captioner", f"{SHAPES}/captioner", "--selector", f"{SHAPES}/selector"]) == 0
     item = json.loads(capsys.readouterr().out)
     accm = ACCMCaptioner.from_pretrained(f"{SHAPES}/captioner", f"{SHAPES}/selector")
     assert item["captioner"] == pytest.approx(accm.captioner_flops(total - keep, q, cap))
@@ -419,21 +419,21 @@ def test_cli_prices_shipped_accm_folders_like_the_pipeline(capsys):
         flops.vision_tower_flops(config.vision_config, layers=config.vision_config.num_hidden_layers - 1)
     )
     # without the folders: the reference GPT-2 + LongCLIP-L parts, far dearer than the shipped ones
-    assert flops.main(argv) == 0
+    assert flops_cli.main(argv) == 0
     reference = json.loads(capsys.readouterr().out)
     assert reference["captioner"] > 100 * item["captioner"]
     with pytest.raises(SystemExit):
-        flops.main(argv + ["--captioner", f"{SHAPES}/captioner"])
+        flops_cli.main(argv + ["--captioner", f"{SHAPES}/captioner"])
 
 
 def test_table_scales_keeps_and_unit_to_the_model(capsys):
-    config = flops.load_llava_config(f"{SHAPES}/lvlm")
-    rows = flops.flops_table(config, prompt_tokens=20, new_tokens=2)
+    config = flops_cli.load_llava_config(f"{SHAPES}/lvlm")
+    rows = flops_cli.flops_table(config, prompt_tokens=20, new_tokens=2)
     total = flops.visual_tokens(config)
     kept = {r["kept"] for r in rows if r["method"] == "prumerge_plus"}
-    assert kept == {max(1, round(k * total / 576)) for k in flops.TABLE_KEEPS}
+    assert kept == {max(1, round(k * total / 576)) for k in flops_cli.TABLE_KEEPS}
     assert (
-        flops.main(["--model", f"{SHAPES}/lvlm", "--table", "--prompt-tokens", "20", "--new-tokens", "2"])
+        flops_cli.main(["--model", f"{SHAPES}/lvlm", "--table", "--prompt-tokens", "20", "--new-tokens", "2"])
         == 0
     )
     title = capsys.readouterr().out.splitlines()[0]
@@ -443,11 +443,11 @@ def test_table_scales_keeps_and_unit_to_the_model(capsys):
 def test_table_prints_accm_floor(capsys):
     """The floor line = prumerge_plus + the caption's LLM tokens; it explains issue 6's 7B target: with a 36-token
     caption at 72 kept tokens and the default 64-token prompt, the caption's LLM tokens alone put ACCM above 30%."""
-    assert flops.main(["--model", "llava-1.5-7b", "--table"]) == 0
+    assert flops_cli.main(["--model", "llava-1.5-7b", "--table"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.strip().startswith("kept   72:"))
     floor = float(line.rsplit(":", 1)[1].strip(" %)"))
-    rows = flops.flops_table(flops.named_llava_config("llava-1.5-7b"))
+    rows = flops_cli.flops_table(flops_cli.named_llava_config("llava-1.5-7b"))
     by = {(r["method"], r["kept"]): r for r in rows}
     accm, base = by[("accm", 72)], by[("prumerge_plus", 72)]
     assert base["percent_of_unpruned"] < floor < accm["percent_of_unpruned"]
@@ -477,15 +477,15 @@ def test_single_head_cls_score_against_flop_counter():
 
 
 def test_cli_counts_the_layers_the_job_runs():
-    config = flops.named_llava_config("llava-1.5-7b")
+    config = flops_cli.named_llava_config("llava-1.5-7b")
     assert flops.vision_layers_run(config) == 23 and flops.vision_layers_run(config, projected=True) == 24
     kw = dict(keep=72, prompt_tokens=64, new_tokens=4)
-    none = flops.cli_item(config, method="none", **kw)
+    none = flops_cli.cli_item(config, method="none", **kw)
     assert none["vision"] == pytest.approx(flops.vision_tower_flops(config.vision_config, layers=23))
     # a text guide (CLIP-L's text tower, the named models' default) needs the last layer's projected patches
-    plus = flops.cli_item(config, method="prumerge_plus", **kw)
+    plus = flops_cli.cli_item(config, method="prumerge_plus", **kw)
     assert plus["vision"] == pytest.approx(flops.vision_tower_flops(config.vision_config, layers=24))
-    bare = flops.cli_item(config, method="prumerge_plus", text_guide_dims=None, **kw)
+    bare = flops_cli.cli_item(config, method="prumerge_plus", text_guide_dims=None, **kw)
     assert bare["vision"] == none["vision"]
     assert bare["pruner"] == pytest.approx(flops.cls_score_flops(config))
     # ~1.2 GFLOPs: k_proj over 577 tokens at width 1024 dominates
