@@ -203,30 +203,48 @@ def val_items(seed: int, n: int) -> list[shapes.Item]:
 
 
 @torch.no_grad()
-def evaluate(model, tok, items: list[shapes.Item], *, with_fact: bool = False, text_only: bool = False) -> dict:
-    """Single-question accuracy per type: greedy first answer token (answers are one word) vs the answer."""
+def answer_accuracy(model, tok, items: list, *, fact, pixels, pack, n_visual: int, with_fact: bool = False,
+                    text_only: bool = False, keep_rate: float = 1.0, chunk: int = 50) -> dict:
+    """Single-question accuracy per type, for either world: greedy first answer token (answers are one word) vs
+    the answer. ``fact(objects, qtype, question, target)`` gives the supplemental text, ``pixels(items)`` the
+    images, ``pack`` the world's ``pack_batch``. ``keep_rate`` < 1: each image keeps that share of its
+    ``n_visual`` tokens at random (a fixed draw per item), as a pre-LLM pruner would leave them."""
     model.eval()
     per: dict[str, list[int]] = {}
-    for i in range(0, len(items), 64):
-        chunk = items[i:i + 64]
+    for i in range(0, len(items), chunk):
+        part = items[i:i + chunk]
         branches = []
-        for it in chunk:
-            cap = shapes.fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
+        for it in part:
+            cap = fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
             branches.append([L.Branch(it.question, it.answer, it.question_type, cap, not text_only)])
-        px = L.pixel_values([np.asarray(shapes.render(it.objects)) for it in chunk])
-        pb = L.pack_batch(tok, branches)
-        logits, labels = L.packed_logits(model, px, pb)
-        # first labelled position of every row is the first answer token
+        px = pixels(part)
+        keep = None
+        if keep_rate < 1:
+            n_keep = max(1, round(keep_rate * n_visual))
+            keep = [sorted(np.random.default_rng([i + j, 5]).permutation(n_visual)[:n_keep].tolist())
+                    for j in range(len(part))]
+        pb = pack(tok, branches, visual_keep=keep)
+        feats = None
+        if keep is not None:
+            hidden, _ = L.vision_features(model, px)
+            feats = L.kept_features(hidden[:, 1:], keep)
+        logits, labels = L.packed_logits(model, px, pb, features=feats)
         counts = (pb.labels != -100).sum(1)
-        first = torch.cumsum(counts, 0) - counts
-        pred = logits[first].argmax(-1)
-        gold = labels[first]
-        for it, ok in zip(chunk, (pred == gold).tolist(), strict=True):
+        first = torch.cumsum(counts, 0) - counts  # the first labelled position of a row: the first answer token
+        for it, ok in zip(part, (logits[first].argmax(-1) == labels[first]).tolist(), strict=True):
             per.setdefault(it.question_type, []).append(int(ok))
     res = {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
     res["all"] = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 4)
     model.train()
     return res
+
+
+def evaluate(model, tok, items: list[shapes.Item], *, with_fact: bool = False, text_only: bool = False) -> dict:
+    """v1's val accuracy (``answer_accuracy`` on the Shapes world's 64 patches)."""
+    return answer_accuracy(
+        model, tok, items, fact=shapes.fact, pack=L.pack_batch, n_visual=shapes.GRID * shapes.GRID,
+        pixels=lambda part: L.pixel_values([np.asarray(shapes.render(it.objects)) for it in part]),
+        with_fact=with_fact, text_only=text_only, chunk=64)
 
 
 def save_hf(model, tok, proc, out: Path) -> None:

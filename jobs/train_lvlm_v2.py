@@ -37,7 +37,7 @@ from actors import shapes_clip as C  # noqa: E402
 from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
 from actors.attention_rows import AttentionCapture  # noqa: E402
-from jobs.train_lvlm import log, lr_at  # noqa: E402
+from jobs.train_lvlm import answer_accuracy, log, lr_at  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 
@@ -101,36 +101,11 @@ def visual_keep(branches: list[list[L.Branch]], rng: np.random.Generator, args) 
 @torch.no_grad()
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
-    """Single-question accuracy per type: greedy first answer token (answers are one word) vs the answer.
-    ``keep_rate`` < 1: each image keeps that share of its visual tokens at random (a fixed draw per item)."""
-    model.eval()
-    per: dict[str, list[int]] = {}
-    for i in range(0, len(items), 50):
-        chunk = items[i:i + 50]
-        branches = []
-        for it in chunk:
-            cap = world.fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
-            branches.append([L.Branch(it.question, it.answer, it.question_type, cap, not text_only)])
-        px = C.pixel_values([V.render(it) for it in chunk])
-        keep = None
-        if keep_rate < 1:
-            n_keep = max(1, round(keep_rate * V.N_VISUAL))
-            keep = [sorted(np.random.default_rng([i + j, 5]).permutation(V.N_VISUAL)[:n_keep].tolist())
-                    for j in range(len(chunk))]
-        pb = V.pack_batch(tok, branches, visual_keep=keep)
-        feats = None
-        if keep is not None:
-            hidden, _ = L.vision_features(model, px)
-            feats = L.kept_features(hidden[:, 1:], keep)
-        logits, labels = L.packed_logits(model, px, pb, features=feats)
-        counts = (pb.labels != -100).sum(1)
-        first = torch.cumsum(counts, 0) - counts  # the first labelled position of a row: the first answer token
-        for it, ok in zip(chunk, (logits[first].argmax(-1) == labels[first]).tolist(), strict=True):
-            per.setdefault(it.question_type, []).append(int(ok))
-    res = {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
-    res["all"] = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 4)
-    model.train()
-    return res
+    """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""
+    return answer_accuracy(
+        model, tok, items, fact=world.fact, pack=V.pack_batch, n_visual=V.N_VISUAL,
+        pixels=lambda part: C.pixel_values([V.render(it) for it in part]),
+        with_fact=with_fact, text_only=text_only, keep_rate=keep_rate, chunk=50)
 
 
 def standardize_projector(model, seed: int, n_images: int = 128) -> dict:
