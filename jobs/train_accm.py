@@ -331,8 +331,10 @@ def _init_ray(threads: int) -> None:
     if not ray.is_initialized():
         env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads)}
+        # worker_niceness 0: Ray starts workers at nice 15 by default, and the Ray Train worker here is the whole
+        # job; beside any other process it then starved (a few steps a minute). Ray's job manager does the same.
         ray.init(address="local", num_cpus=max(2, threads), include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": env})
+                 runtime_env={"env_vars": env}, _system_config={"worker_niceness": 0})
 
 
 def world_defaults(args: argparse.Namespace) -> None:
