@@ -239,3 +239,20 @@ def test_captured_attention_rows_equal_eager_maps_under_sdpa():
         assert torch.allclose(L.target_nll(rows, targets), loss, atol=1e-5)
     L.target_nll(cap.rows(0, pb.word_targets, heads=1), pb.word_targets).backward()
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_lookup_diagnostic_measures_row_and_cell_attention(tmp_path, capsys):
+    """jobs/diagnose_lvlm_lookup.py on a fresh tiny v2 LVLM: near-uniform attention puts more mass on a row's
+    objects (several objects x 4 patches) than on one cell's 4 patches, with all tokens and with half kept."""
+    from jobs import diagnose_lvlm_lookup as D
+
+    with pytest.raises(SystemExit):
+        D.parse_args(["--help"])
+    assert "by what its tokens show" in capsys.readouterr().out
+    assert all(it.question_type in ("color", "shape") for it in D.cell_items(1234, 6))
+    V.build_model("tiny").save_pretrained(tmp_path / "lvlm")
+    rows = D.main(["--model", str(tmp_path / "lvlm"), "--n", "6", "--layer", "1", "--heads", "1", "--threads", "1",
+                   "--json", str(tmp_path / "d.json")])
+    assert [r["keep"] for r in rows] == [1.0, 0.5] and json.loads((tmp_path / "d.json").read_text()) == rows
+    for r in rows:
+        assert 0 < r["cell_mass"] < r["row_mass"] < 1 and 0 <= r["accuracy"] <= 1

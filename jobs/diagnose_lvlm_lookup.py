@@ -1,0 +1,120 @@
+"""Diagnostic for a Shapes v2 LVLM: does it find the object a question names by what its tokens show, or by
+where they sit in the sequence?
+
+Colour and shape questions name their object by cell ("... the object in row 2, column 3?"). The LVLM's
+supervised heads of ``--layer`` (``jobs/train_lvlm_v2.py --context-layer``) should attend, from the row
+number, to that row's objects and, from the column number, to the object in that cell. This measures the
+attention mass of those heads on the named row's and cell's visual tokens, and the answer accuracy, with all
+144 tokens and with a random share of them kept in order (``--keep``), as a pre-LLM pruner leaves them. A
+model that finds objects by sequence offset keeps its mass with all tokens and loses it with any drop.
+
+    .venv/bin/python jobs/diagnose_lvlm_lookup.py --model models/shapes_v2/lvlm --n 80 --json runs/diag/lookup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from actors import shapes_clip as C  # noqa: E402
+from actors import shapes_lvlm as L  # noqa: E402
+from actors import shapes_lvlm_v2 as V  # noqa: E402
+from actors.attention_rows import AttentionCapture  # noqa: E402
+from pipeline import shapes_v2 as world  # noqa: E402
+
+
+def cell_items(seed: int, n: int) -> list:
+    """The first ``n`` val items whose question names its object by cell (colour and shape questions)."""
+    out, i = [], 0
+    while len(out) < n:
+        it = world.make_item(seed, "val", i)
+        if it.question_type in ("color", "shape"):
+            out.append(it)
+        i += 1
+    return out
+
+
+@torch.no_grad()
+def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int, chunk: int = 20) -> dict:
+    """Mean attention mass of the first ``heads`` heads of ``layer`` on the named row's / cell's kept visual
+    tokens (from the row / column number), and first-answer-token accuracy, at ``keep_rate``."""
+    mass: dict[str, list[float]] = {"row": [], "cell": []}
+    correct = 0
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        branches = [[L.Branch(it.question, it.answer, it.question_type, None, True, tuple(it.objects), tuple(it.target))]
+                    for it in part]
+        keep = None
+        if keep_rate < 1:  # the same fixed draw per item as train_lvlm_v2's keep50 metric
+            n_keep = max(1, round(keep_rate * V.N_VISUAL))
+            keep = [sorted(np.random.default_rng([start + j, 5]).permutation(V.N_VISUAL)[:n_keep].tolist())
+                    for j in range(len(part))]
+        pb = V.pack_batch(tok, branches, visual_keep=keep)
+        px = C.pixel_values([V.render(it) for it in part])
+        hidden, _ = L.vision_features(model, px)
+        feats = L.kept_features(hidden[:, 1:], keep) if keep else None
+        with AttentionCapture(model.model.language_model, {layer}) as cap:
+            logits, labels = L.packed_logits(model, px, pb, features=feats)
+        rows = cap.rows(layer, pb.context_targets, heads)  # [T, heads, L]
+        counts = (pb.labels != -100).sum(1)
+        first = torch.cumsum(counts, 0) - counts
+        correct += int((logits[first].argmax(-1) == labels[first]).sum())
+        seen: set[int] = set()
+        for t, (row, _, keys) in enumerate(pb.context_targets):  # per question: its row number, then its column
+            kind = "cell" if row in seen else "row"
+            seen.add(row)
+            patches = [k for k in keys if k != 0]  # key 0 is the <s> sink every target allows
+            if patches:
+                mass[kind].append(rows[t][:, patches].sum(-1).mean().item())
+    return {"keep": keep_rate, "accuracy": round(correct / len(items), 4),
+            **{f"{k}_mass": round(float(np.mean(v)), 4) if v else None for k, v in mass.items()}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, action="append", help="a Shapes v2 LVLM folder (repeatable)")
+    p.add_argument("--n", type=int, default=80, help="colour and shape val items")
+    p.add_argument("--seed", type=int, default=1234, help="val seed (train_lvlm_v2's --val-seed)")
+    p.add_argument("--keep", default="1.0,0.5", help="shares of the visual tokens kept, comma-separated")
+    p.add_argument("--layer", type=int, default=3, help="the supervised context layer")
+    p.add_argument("--heads", type=int, default=4, help="supervised heads (the first ones)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None, help="write the rows here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from transformers import LlavaForConditionalGeneration
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tok = V.build_tokenizer()
+    items = cell_items(args.seed, args.n)
+    out = []
+    for path in args.model:
+        model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+        model.config.text_config._attn_implementation = "sdpa"  # AttentionCapture recomputes the rows
+        for rate in (float(x) for x in args.keep.split(",")):
+            row = {"model": path, **lookup(model, tok, items, keep_rate=rate, layer=args.layer, heads=args.heads)}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
