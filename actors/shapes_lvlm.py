@@ -332,6 +332,23 @@ def kept_features(patch_features: torch.Tensor, visual_keep: list[list[int]]) ->
     return torch.cat([patch_features[b, k] for b, k in enumerate(visual_keep)])[None]
 
 
+def random_visual_keep(first_item: int, n_items: int, keep_rate: float, n_visual: int) -> list[list[int]] | None:
+    """Per item, a random ``keep_rate`` share of its ``n_visual`` patches (ascending), fixed by the item's index
+    (``first_item`` + its place): the validation metrics' stand-in for a pre-LLM pruner. None at ``keep_rate`` >= 1."""
+    if keep_rate >= 1:
+        return None
+    n_keep = max(1, round(keep_rate * n_visual))
+    return [sorted(np.random.default_rng([first_item + j, 5]).permutation(n_visual)[:n_keep].tolist())
+            for j in range(n_items)]
+
+
+def first_answer_hits(logits: torch.Tensor, labels: torch.Tensor, pb: PackedBatch) -> torch.Tensor:
+    """[rows] bool: is each packed row's first answer token (its first labelled position) predicted right?"""
+    counts = (pb.labels != -100).sum(1)
+    first = torch.cumsum(counts, 0) - counts
+    return logits[first].argmax(-1) == labels[first]
+
+
 def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

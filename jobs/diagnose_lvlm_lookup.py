@@ -55,11 +55,7 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
         part = items[start:start + chunk]
         branches = [[L.Branch(it.question, it.answer, it.question_type, None, True, tuple(it.objects), tuple(it.target))]
                     for it in part]
-        keep = None
-        if keep_rate < 1:  # the same fixed draw per item as train_lvlm_v2's keep50 metric
-            n_keep = max(1, round(keep_rate * V.N_VISUAL))
-            keep = [sorted(np.random.default_rng([start + j, 5]).permutation(V.N_VISUAL)[:n_keep].tolist())
-                    for j in range(len(part))]
+        keep = L.random_visual_keep(start, len(part), keep_rate, V.N_VISUAL)  # train_lvlm_v2's keep50 draw
         pb = V.pack_batch(tok, branches, visual_keep=keep)
         px = C.pixel_values([V.render(it) for it in part])
         hidden, _ = L.vision_features(model, px)
@@ -67,9 +63,7 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
         with AttentionCapture(model.model.language_model, {layer}) as cap:
             logits, labels = L.packed_logits(model, px, pb, features=feats)
         rows = cap.rows(layer, pb.context_targets, heads)  # [T, heads, L]
-        counts = (pb.labels != -100).sum(1)
-        first = torch.cumsum(counts, 0) - counts
-        correct += int((logits[first].argmax(-1) == labels[first]).sum())
+        correct += int(L.first_answer_hits(logits, labels, pb).sum())
         seen: set[int] = set()
         for t, (row, _, keys) in enumerate(pb.context_targets):  # per question: its row number, then its column
             kind = "cell" if row in seen else "row"

@@ -218,20 +218,14 @@ def answer_accuracy(model, tok, items: list, *, fact, pixels, pack, n_visual: in
             cap = fact(it.objects, it.question_type, it.question, it.target) if (with_fact or text_only) else None
             branches.append([L.Branch(it.question, it.answer, it.question_type, cap, not text_only)])
         px = pixels(part)
-        keep = None
-        if keep_rate < 1:
-            n_keep = max(1, round(keep_rate * n_visual))
-            keep = [sorted(np.random.default_rng([i + j, 5]).permutation(n_visual)[:n_keep].tolist())
-                    for j in range(len(part))]
+        keep = L.random_visual_keep(i, len(part), keep_rate, n_visual)
         pb = pack(tok, branches, visual_keep=keep)
         feats = None
         if keep is not None:
             hidden, _ = L.vision_features(model, px)
             feats = L.kept_features(hidden[:, 1:], keep)
         logits, labels = L.packed_logits(model, px, pb, features=feats)
-        counts = (pb.labels != -100).sum(1)
-        first = torch.cumsum(counts, 0) - counts  # the first labelled position of a row: the first answer token
-        for it, ok in zip(part, (logits[first].argmax(-1) == labels[first]).tolist(), strict=True):
+        for it, ok in zip(part, L.first_answer_hits(logits, labels, pb).tolist(), strict=True):
             per.setdefault(it.question_type, []).append(int(ok))
     res = {k: round(sum(v) / len(v), 4) for k, v in sorted(per.items())}
     res["all"] = round(sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values()), 4)

@@ -98,7 +98,6 @@ def visual_keep(branches: list[list[L.Branch]], rng: np.random.Generator, args) 
     return out
 
 
-@torch.no_grad()
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
     """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""

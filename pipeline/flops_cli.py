@@ -394,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
         text_guide_dims = dims_from_config(getattr(clip, "text_config", clip))
     else:
         text_guide_dims = default_text_guide_dims(args.model)
-    parts = dict(text_guide_dims=text_guide_dims, captioner_dir=args.captioner, selector_dir=args.selector)
+    # what both the table and a single item take from the command line as is
+    parts = dict(text_guide_dims=text_guide_dims, captioner_dir=args.captioner, selector_dir=args.selector,
+                 question_tokens=args.question_tokens, selector_tokens=args.selector_tokens, beams=args.beams)
     if args.table:
         prompt = 64 if args.prompt_tokens is None else args.prompt_tokens  # LLaVA-1.5's VQA prompt, see notes
         new = 4 if args.new_tokens is None else args.new_tokens
@@ -404,9 +406,6 @@ def main(argv: list[str] | None = None) -> int:
             prompt_tokens=prompt,
             new_tokens=new,
             caption_tokens=cap,
-            question_tokens=args.question_tokens,
-            selector_tokens=args.selector_tokens,
-            beams=args.beams,
             **parts,
         )
         if args.json:
@@ -444,9 +443,6 @@ def main(argv: list[str] | None = None) -> int:
         caption_tokens=args.caption_tokens,
         fastv_layer=args.fastv_layer,
         convention=args.convention,
-        question_tokens=args.question_tokens,
-        selector_tokens=args.selector_tokens,
-        beams=args.beams,
         **parts,
     )
     if args.json:
