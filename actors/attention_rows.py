@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 
 
-def target_nll(picked: Tensor, targets: list[tuple[int, int, list[int]]]) -> Tensor:
+def target_nll(picked: Tensor, targets: list[tuple[int, int, list[int]]], weights: Tensor | None = None) -> Tensor:
     """Mean over targets of the mean over heads and target keys of -log p. ``picked``: [T, heads, L], the
-    attention row of each target (``(row, query, keys)``) in order."""
+    attention row of each target (``(row, query, keys)``) in order; ``weights`` [T] scale each target's term
+    (the mean is still over the T targets)."""
     dev = picked.device
     width = max(len(t[2]) for t in targets)
     keys = torch.zeros((len(targets), width), dtype=torch.long, device=dev)
@@ -26,7 +27,8 @@ def target_nll(picked: Tensor, targets: list[tuple[int, int, list[int]]]) -> Ten
         valid[i, : len(k)] = True
     probs = picked.gather(-1, keys[:, None, :].expand(-1, picked.shape[1], -1))  # [T, heads, width]
     logp = torch.log(probs.clamp_min(1e-6)) * valid[:, None, :]
-    return (-logp.sum(-1).sum(-1) / (valid.sum(-1) * picked.shape[1])).mean()
+    per_target = -logp.sum(-1).sum(-1) / (valid.sum(-1) * picked.shape[1])
+    return (per_target if weights is None else per_target * weights.to(per_target)).mean()
 
 
 class AttentionCapture:

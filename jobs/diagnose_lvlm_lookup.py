@@ -46,9 +46,11 @@ def cell_items(seed: int, n: int) -> list:
 
 
 @torch.no_grad()
-def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int, chunk: int = 20) -> dict:
+def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int, shuffled: bool = False,
+           chunk: int = 20) -> dict:
     """Mean attention mass of the first ``heads`` heads of ``layer`` on the named row's / cell's kept visual
-    tokens (from the row / column number), and first-answer-token accuracy, at ``keep_rate``."""
+    tokens (from the row / column number), and first-answer-token accuracy, at ``keep_rate``. ``shuffled``: the
+    kept tokens enter in a random order, so no lookup by position can work (a content lookup is unaffected)."""
     mass: dict[str, list[float]] = {"row": [], "cell": []}
     correct = 0
     for start in range(0, len(items), chunk):
@@ -56,6 +58,9 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
         branches = [[L.Branch(it.question, it.answer, it.question_type, None, True, tuple(it.objects), tuple(it.target))]
                     for it in part]
         keep = L.random_visual_keep(start, len(part), keep_rate, V.N_VISUAL)  # train_lvlm_v2's keep50 draw
+        if shuffled:
+            keep = [np.random.default_rng([start + j, 6]).permutation(k).tolist()
+                    for j, k in enumerate(keep or [list(range(V.N_VISUAL))] * len(part))]
         pb = V.pack_batch(tok, branches, visual_keep=keep)
         px = C.pixel_values([V.render(it) for it in part])
         hidden, _ = L.vision_features(model, px)
@@ -71,7 +76,7 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
             patches = [k for k in keys if k != 0]  # key 0 is the <s> sink every target allows
             if patches:
                 mass[kind].append(rows[t][:, patches].sum(-1).mean().item())
-    return {"keep": keep_rate, "accuracy": round(correct / len(items), 4),
+    return {"keep": keep_rate, "shuffled": shuffled, "accuracy": round(correct / len(items), 4),
             **{f"{k}_mass": round(float(np.mean(v)), 4) if v else None for k, v in mass.items()}}
 
 
@@ -82,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n", type=int, default=80, help="colour and shape val items")
     p.add_argument("--seed", type=int, default=1234, help="val seed (train_lvlm_v2's --val-seed)")
     p.add_argument("--keep", default="1.0,0.5", help="shares of the visual tokens kept, comma-separated")
+    p.add_argument("--shuffled", action="store_true", help="also measure with the kept tokens in a random order")
     p.add_argument("--layer", type=int, default=3, help="the supervised context layer")
     p.add_argument("--heads", type=int, default=4, help="supervised heads (the first ones)")
     p.add_argument("--threads", type=int, default=2)
@@ -100,10 +106,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for path in args.model:
         model = LlavaForConditionalGeneration.from_pretrained(path).eval()
         model.config.text_config._attn_implementation = "sdpa"  # AttentionCapture recomputes the rows
-        for rate in (float(x) for x in args.keep.split(",")):
-            row = {"model": path, **lookup(model, tok, items, keep_rate=rate, layer=args.layer, heads=args.heads)}
-            print(json.dumps(row), flush=True)
-            out.append(row)
+        for shuffled in (False, True) if args.shuffled else (False,):
+            for rate in (float(x) for x in args.keep.split(",")):
+                row = {"model": path, **lookup(model, tok, items, keep_rate=rate, layer=args.layer, heads=args.heads,
+                                               shuffled=shuffled)}
+                print(json.dumps(row), flush=True)
+                out.append(row)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1))

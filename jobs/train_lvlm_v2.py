@@ -50,9 +50,10 @@ def scene_range(stage: int, progress: float, ramp: float) -> tuple[int, int]:
 
 
 def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], stage: int,
-              drop_rng: np.random.Generator | None = None):
-    """One step's images and packed branches, and the visual tokens each image keeps (``visual_keep``; its
-    own generator ``drop_rng``, so that runs without the augmentation draw the batches they always drew)."""
+              drop_rng: np.random.Generator | None = None, order_rng: np.random.Generator | None = None):
+    """One step's images and packed branches, and the visual tokens each image keeps in the order they enter
+    (``visual_keep``, ``shuffled_order``; their own generators ``drop_rng`` and ``order_rng``, so that runs
+    without the augmentations draw the batches they always drew)."""
     n_image, n_fact, n_text = (args.n_image, args.n_fact, args.n_text) if stage == 2 else (args.stage1_n_image, 0, 0)
     images, branches = [], []
     for _ in range(args.batch):
@@ -72,6 +73,7 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
         images.append(V.render(objs, background))
         branches.append(V.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text))
     keep = visual_keep(branches, drop_rng, args) if drop_rng is not None else None
+    keep = shuffled_order(keep, len(images), order_rng, args) if order_rng is not None else keep
     return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep
 
 
@@ -96,6 +98,29 @@ def visual_keep(branches: list[list[L.Branch]], rng: np.random.Generator, args) 
         others = [p for p in rng.permutation(V.N_VISUAL).tolist() if p not in needed]
         out.append(sorted(needed | set(others[: max(0, n_keep - len(needed))])))
     return out
+
+
+def shuffled_order(keep: list[list[int]] | None, n_images: int, rng: np.random.Generator, args) -> list[list[int]] | None:
+    """Token-order augmentation (``--shuffle-visual``): a share of the images present their kept visual tokens
+    in a random order. Why: token drops alone leave the order, and a model trained with them still finds a row
+    by its approximate place in the sequence (``jobs/diagnose_lvlm_lookup.py --shuffled``: row mass 0.87 with
+    half the tokens kept in order, 0.34 shuffled); with the order drawn at random only what a token shows can
+    name its cell. Inference keeps the pipeline's order: a lookup by content does not care which it is."""
+    if args.shuffle_visual <= 0:
+        return keep
+    keep = keep or [list(range(V.N_VISUAL))] * n_images
+    return [rng.permutation(k).tolist() if rng.random() < args.shuffle_visual else list(k) for k in keep]
+
+
+def cell_weights(pb: L.PackedBatch, column_id: int, cell_weight: float) -> torch.Tensor | None:
+    """Per context target, ``--cell-weight`` where the query is a column number (its target: the one cell the
+    row and column name together), else 1; None when the weight is 1 (every target counts the same). Why: with
+    shuffled tokens the LLM learns to find a row by content long before the cell (the conjunction of a row and
+    a column; ``jobs/diagnose_lvlm_lookup.py --shuffled``)."""
+    if cell_weight == 1 or not pb.context_targets:
+        return None
+    is_cell = [int(pb.input_ids[row, query - 1]) == column_id for row, query, _ in pb.context_targets]
+    return torch.tensor([cell_weight if c else 1.0 for c in is_cell])
 
 
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
@@ -136,11 +161,13 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         rewarm = args.warmup
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
     heads = args.attn_sup_heads
+    column_id = tok.convert_tokens_to_ids("column")
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
         px, pb, keep = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
-                                 np.random.default_rng([args.seed, stage, step, 1]))
+                                 np.random.default_rng([args.seed, stage, step, 1]),
+                                 np.random.default_rng([args.seed, stage, step, 2]))
         floor = 1.0 if stage == 1 else 0.1
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor) * min(1.0, (step - start + 1) / max(1, rewarm))
@@ -151,7 +178,8 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
             logits, labels = L.packed_logits(model, px, pb, features=feats)
 
-        sup = {name: L.target_nll(cap.rows(layer, t, heads), t) if t else logits.new_zeros(())
+        weights = {"context": cell_weights(pb, column_id, args.cell_weight)}
+        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, weights.get(name)) if t else logits.new_zeros(())
                for name, layer, t in (("word", args.word_layer, pb.word_targets),
                                       ("context", args.context_layer, pb.context_targets),
                                       ("hop", args.hop_layer, pb.hop_targets))}
@@ -217,6 +245,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-visual", type=float, default=0.0,
                    help="share of training images whose visual tokens are randomly thinned (token-drop augmentation; "
                         "see visual_keep)")
+    p.add_argument("--shuffle-visual", type=float, default=0.0,
+                   help="share of training images whose visual tokens enter in a random order (see shuffled_order)")
+    p.add_argument("--cell-weight", type=float, default=1.0,
+                   help="weight of the context-layer attention loss of column numbers (their target: the named "
+                        "cell) against the other context targets (see cell_weights)")
     p.add_argument("--drop-max", type=float, default=0.9375, help="largest drop rate of --drop-visual")
     p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")

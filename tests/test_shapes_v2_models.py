@@ -213,6 +213,63 @@ def test_token_drop_augmentation_packs_only_the_kept_tokens_and_keeps_labels_tru
     assert torch.isfinite(logits).all() and len(labels) == int((dropped.labels != -100).sum())
 
 
+def test_token_order_augmentation_permutes_kept_tokens_and_targets_follow_them():
+    """--shuffle-visual: an image's kept tokens enter in a random order (the same set), the packed features are
+    those patches' rows in that order, and each attention target points at the slots where its patches went."""
+    from types import SimpleNamespace
+
+    from actors import shapes_lvlm as L
+    from jobs.train_lvlm_v2 import shuffled_order, visual_keep
+
+    tok = V.build_tokenizer()
+    rng = np.random.default_rng(2)
+    scenes = [world.sample_scene(rng, "train") for _ in range(4)]
+    branches = [V.draw_branches(objs, rng, n_image=4, n_fact=0, n_text=0) for objs in scenes]
+    args = SimpleNamespace(drop_visual=0.5, drop_max=0.9375, shuffle_visual=1.0)
+    kept = visual_keep(branches, np.random.default_rng(3), args)
+    order = shuffled_order(kept, len(scenes), np.random.default_rng(4), args)
+    assert [sorted(o) for o in order] == [sorted(k) for k in kept] and order != kept
+    full = shuffled_order(None, 2, np.random.default_rng(4), args)
+    assert [sorted(o) for o in full] == [list(range(V.N_VISUAL))] * 2 and full[0] != list(range(V.N_VISUAL))
+    assert shuffled_order(kept, len(scenes), np.random.default_rng(4), SimpleNamespace(shuffle_visual=0.0)) is kept
+    pb = V.pack_batch(tok, branches, visual_keep=order)
+    sorted_pb = V.pack_batch(tok, branches, visual_keep=[sorted(o) for o in order])
+    prefix = int(pb.image_mask[0].nonzero()[0])
+    n_targets = 0
+    for (row, _, keys), (_, _, keys_sorted) in zip(pb.context_targets, sorted_pb.context_targets, strict=True):
+        patches = {order[row][k - prefix] for k in keys[1:]}
+        assert patches == {sorted(order[row])[k - prefix] for k in keys_sorted[1:]}
+        n_targets += len(patches)
+    assert n_targets > 0
+    model = V.build_model("tiny", tokenizer=tok)
+    hidden, _ = L.vision_features(model, C.pixel_values([V.render(o, world.sample_background(rng)) for o in scenes]))
+    feats = L.kept_features(hidden[:, 1:], order)
+    assert torch.equal(feats[0, : len(order[0])], hidden[0, 1:][order[0]])
+
+
+def test_cell_weight_scales_only_the_column_numbers_context_targets():
+    """--cell-weight: the context targets whose query follows the word "column" (the named cell) weigh more;
+    the weighted loss equals the plain one at weight 1 and grows with the weight."""
+    from actors import shapes_lvlm as L
+    from jobs.train_lvlm_v2 import cell_weights
+
+    tok = V.build_tokenizer()
+    rng = np.random.default_rng(5)
+    scenes = [world.sample_scene(rng, "train") for _ in range(3)]
+    pb = V.pack_batch(tok, [V.draw_branches(s, rng, n_image=6, n_fact=0, n_text=0, qtypes=("color", "exist"))
+                            for s in scenes])
+    column = tok.convert_tokens_to_ids("column")
+    assert cell_weights(pb, column, 1.0) is None
+    w = cell_weights(pb, column, 4.0)
+    words = [tok.convert_ids_to_tokens(int(pb.input_ids[r, q - 1])) for r, q, _ in pb.context_targets]
+    assert w.tolist() == [4.0 if word == "column" else 1.0 for word in words]
+    assert 4.0 in w.tolist() and 1.0 in w.tolist()  # colour questions name a cell, exist ones colour + shape
+    rows = torch.rand(len(pb.context_targets), 2, pb.input_ids.shape[1]).softmax(-1)
+    plain = L.target_nll(rows, pb.context_targets)
+    assert torch.allclose(L.target_nll(rows, pb.context_targets, torch.ones(len(w))), plain)
+    assert L.target_nll(rows, pb.context_targets, w) > plain
+
+
 def test_captured_attention_rows_equal_eager_maps_under_sdpa():
     """The supervised rows recomputed from captured inputs (forward on SDPA) equal eager's attention maps, and
     the loss on them trains (gradients reach the supervised layer)."""
@@ -252,7 +309,8 @@ def test_lookup_diagnostic_measures_row_and_cell_attention(tmp_path, capsys):
     assert all(it.question_type in ("color", "shape") for it in D.cell_items(1234, 6))
     V.build_model("tiny").save_pretrained(tmp_path / "lvlm")
     rows = D.main(["--model", str(tmp_path / "lvlm"), "--n", "6", "--layer", "1", "--heads", "1", "--threads", "1",
-                   "--json", str(tmp_path / "d.json")])
-    assert [r["keep"] for r in rows] == [1.0, 0.5] and json.loads((tmp_path / "d.json").read_text()) == rows
+                   "--shuffled", "--json", str(tmp_path / "d.json")])
+    assert [(r["keep"], r["shuffled"]) for r in rows] == [(1.0, False), (0.5, False), (1.0, True), (0.5, True)]
+    assert json.loads((tmp_path / "d.json").read_text()) == rows
     for r in rows:
         assert 0 < r["cell_mass"] < r["row_mass"] < 1 and 0 <= r["accuracy"] <= 1
