@@ -178,8 +178,9 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
             logits, labels = L.packed_logits(model, px, pb, features=feats)
 
-        weights = {"context": cell_weights(pb, column_id, args.cell_weight)}
-        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, weights.get(name)) if t else logits.new_zeros(())
+        context_weights = cell_weights(pb, column_id, args.cell_weight)
+        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, context_weights if name == "context" else None)
+               if t else logits.new_zeros(())
                for name, layer, t in (("word", args.word_layer, pb.word_targets),
                                       ("context", args.context_layer, pb.context_targets),
                                       ("hop", args.hop_layer, pb.hop_targets))}
@@ -245,12 +246,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-visual", type=float, default=0.0,
                    help="share of training images whose visual tokens are randomly thinned (token-drop augmentation; "
                         "see visual_keep)")
+    p.add_argument("--drop-max", type=float, default=0.9375, help="largest drop rate of --drop-visual")
     p.add_argument("--shuffle-visual", type=float, default=0.0,
                    help="share of training images whose visual tokens enter in a random order (see shuffled_order)")
     p.add_argument("--cell-weight", type=float, default=1.0,
                    help="weight of the context-layer attention loss of column numbers (their target: the named "
                         "cell) against the other context targets (see cell_weights)")
-    p.add_argument("--drop-max", type=float, default=0.9375, help="largest drop rate of --drop-visual")
     p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
     p.add_argument("--lr", type=float, default=1e-3)
