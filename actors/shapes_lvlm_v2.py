@@ -87,8 +87,8 @@ def attention_targets(
 
     * own: a colour word selects the patches of the objects of that colour, a shape word those of that shape;
     * in context: in exist / spatial questions the shape word selects the objects of the named colour *and*
-      shape; after ``row`` a number selects that row's objects, after ``column`` the object in that cell;
-    * decisive: color / shape questions -> the column number; count -> the colour word; exist / spatial ->
+      shape; after ``row`` a digit selects that row's objects, after ``column`` a number word the object in that cell;
+    * decisive: color / shape questions -> the column's number word; count -> the colour word; exist / spatial ->
       the shape word.
     """
     own: list[tuple[int, list[int]]] = []
@@ -113,8 +113,8 @@ def attention_targets(
         elif j > 0 and words[j - 1] == "row" and w.isdigit():
             row = int(w) - 1
             in_context.append((j, patches(o for o in objects if o.row == row)))
-        elif j > 0 and words[j - 1] == "column" and w.isdigit():
-            col = int(w) - 1
+        elif j > 0 and words[j - 1] == "column" and w in world.NUMBER_WORDS:
+            col = world.NUMBER_WORDS.index(w) - 1
             in_context.append((j, patches(o for o in objects if o.row == row and o.col == col)))
             decisive = j
     return own, in_context, decisive

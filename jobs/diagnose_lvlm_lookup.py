@@ -45,13 +45,25 @@ def cell_items(seed: int, n: int) -> list:
     return out
 
 
+def grid_line_mass(rows: torch.Tensor, image_mask: torch.Tensor, kept: list[int] | None, obj) -> tuple[float, float]:
+    """Mean head mass of ``rows`` [heads, L] on the kept visual tokens of ``obj``'s grid row and grid column
+    (every patch of the 2 patch rows / columns its cell spans). A column word that copied the row number but
+    reads no column attends along the row; one that reads the column alone attends along the column."""
+    slots = torch.nonzero(image_mask).flatten().tolist()
+    patches = kept if kept is not None else list(range(len(slots)))
+    per = world.CELL // world.PATCH
+    in_row = [s for s, p in zip(slots, patches, strict=True) if p // world.GRID // per == obj.row]
+    in_col = [s for s, p in zip(slots, patches, strict=True) if p % world.GRID // per == obj.col]
+    return rows[:, in_row].sum(-1).mean().item(), rows[:, in_col].sum(-1).mean().item()
+
+
 @torch.no_grad()
 def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int, shuffled: bool = False,
            chunk: int = 20) -> dict:
     """Mean attention mass of the first ``heads`` heads of ``layer`` on the named row's / cell's kept visual
     tokens (from the row / column number), and first-answer-token accuracy, at ``keep_rate``. ``shuffled``: the
     kept tokens enter in a random order, so no lookup by position can work (a content lookup is unaffected)."""
-    mass: dict[str, list[float]] = {"row": [], "cell": []}
+    mass: dict[str, list[float]] = {"row": [], "cell": [], "column_word_on_row": [], "column_word_on_column": []}
     correct = 0
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
@@ -76,6 +88,11 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
             patches = [k for k in keys if k != 0]  # key 0 is the <s> sink every target allows
             if patches:
                 mass[kind].append(rows[t][:, patches].sum(-1).mean().item())
+            if kind == "cell":  # where the column word looks: the named grid row / grid column, objects or not
+                line_mass = grid_line_mass(rows[t], pb.image_mask[row], keep[row] if keep else None,
+                                           part[row].objects[part[row].target[0]])
+                mass["column_word_on_row"].append(line_mass[0])
+                mass["column_word_on_column"].append(line_mass[1])
     return {"keep": keep_rate, "shuffled": shuffled, "accuracy": round(correct / len(items), 4),
             **{f"{k}_mass": round(float(np.mean(v)), 4) if v else None for k, v in mass.items()}}
 

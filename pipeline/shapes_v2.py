@@ -15,6 +15,10 @@ few. Here the information is spread out the way it is in photos:
   ``color`` (colour of the object in row r, column c), ``shape`` (shape in row r, column c), ``count``
   (how many <colour> objects), ``exist`` (is there a <colour> <shape>, POPE-balanced yes/no) and
   ``spatial`` (which row is the <colour> <shape> in, for a colour-shape pair that occurs once).
+* A cell is named ``row <digit>, column <number word>`` ("row 3, column four", see ``cell_name``): rows and
+  columns are different tokens, so an LLM's query for a cell can be the sum of a row part and a column part.
+  With the digit shared by both ("row 3, column 4") a 6-layer LLM trained with shuffled visual tokens found
+  the named row by content but not the cell (docs/notes/proving-ground-v2.md, session 5).
 * One caption form per object, ``the <colour> <shape> is in row r, column c.``: the fact ACCM's caption must
   put back, and the text the CLIP's text tower is trained on.
 * Deterministic and split-disjoint exactly like v1: item ``i`` of split ``s`` under seed ``S`` is drawn from
@@ -142,9 +146,14 @@ def render_item(item: Item) -> Image.Image:
     return render(item.objects, item.background)
 
 
+def cell_name(obj: SceneObject) -> str:
+    """How questions and captions name an object's cell: the row by a digit, the column by a number word."""
+    return f"row {obj.row + 1}, column {NUMBER_WORDS[obj.col + 1]}"
+
+
 def caption(obj: SceneObject) -> str:
     """The one caption form of an object: what a perfect ACCM caption says about it."""
-    return f"the {obj.color} {obj.shape} is in row {obj.row + 1}, column {obj.col + 1}."
+    return f"the {obj.color} {obj.shape} is in {cell_name(obj)}."
 
 
 def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator, exist_answer: str | None = None):
@@ -156,8 +165,8 @@ def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator, 
         i = int(rng.integers(len(objects)))
         o = objects[i]
         if qtype == "color":
-            return f"What color is the object in row {o.row + 1}, column {o.col + 1}?", o.color, (i,)
-        return f"What shape is in row {o.row + 1}, column {o.col + 1}?", o.shape, (i,)
+            return f"What color is the object in {cell_name(o)}?", o.color, (i,)
+        return f"What shape is in {cell_name(o)}?", o.shape, (i,)
     if qtype == "count":
         color = COLOR_NAMES[int(rng.integers(len(COLOR_NAMES)))]
         hits = tuple(i for i, o in enumerate(objects) if o.color == color)

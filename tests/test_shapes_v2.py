@@ -29,7 +29,7 @@ def solve(question: str, qtype: str, objects: list[dict]) -> str:
     """An independent reading of the scene graph: the answer each question template asks for."""
     if qtype in ("color", "shape"):
         words = question.rstrip("?").replace(",", "").split()
-        r, c = int(words[words.index("row") + 1]) - 1, int(words[words.index("column") + 1]) - 1
+        r, c = int(words[words.index("row") + 1]) - 1, world.NUMBER_WORDS.index(words[words.index("column") + 1]) - 1
         (hit,) = [o for o in objects if (o["row"], o["col"]) == (r, c)]
         return hit[qtype]
     if qtype == "count":

@@ -85,8 +85,8 @@ def test_lvlm_v2_attention_targets_point_at_the_named_objects():
         words = tok.convert_ids_to_tokens(tok(item.question, add_special_tokens=False)["input_ids"])
         own, in_context, decisive = V.attention_targets(item.question_type, words, item.objects)
         expected = {"color": "column", "shape": "column"}.get(item.question_type)
-        if expected:  # the number after "column"
-            assert words[decisive - 1] == "column" and words[decisive].isdigit()
+        if expected:  # the number word after "column"
+            assert words[decisive - 1] == "column" and words[decisive] in world.NUMBER_WORDS[1:]
         elif item.question_type == "count":
             assert words[decisive] in world.COLORS
         else:
@@ -314,3 +314,18 @@ def test_lookup_diagnostic_measures_row_and_cell_attention(tmp_path, capsys):
     assert json.loads((tmp_path / "d.json").read_text()) == rows
     for r in rows:
         assert 0 < r["cell_mass"] < r["row_mass"] < 1 and 0 <= r["accuracy"] <= 1
+        # the cell's patches lie on its grid row and on its grid column, which hold other tokens too
+        assert r["cell_mass"] < min(r["column_word_on_row_mass"], r["column_word_on_column_mass"])
+        assert max(r["column_word_on_row_mass"], r["column_word_on_column_mass"]) < 1
+
+
+def test_grid_line_mass_follows_the_kept_tokens_order():
+    """The line masses read each visual slot's patch from the keep list, so they hold under a shuffled order."""
+    from jobs.diagnose_lvlm_lookup import grid_line_mass
+
+    obj = world.SceneObject(shape="circle", color="red", row=2, col=4, dx=0, dy=0, size=12)  # cell rows 4-5, columns 8-9 of the 12x12 grid
+    kept = [4 * 12 + 8, 0, 11 * 12 + 9, 5 * 12 + 3]  # on both lines, on neither, on the column, on the row
+    mask = torch.tensor([False, True, True, True, True, False])  # <s>, 4 visual slots, a text token
+    rows = torch.tensor([[0.1, 0.4, 0.1, 0.2, 0.1, 0.1]])
+    on_row, on_col = grid_line_mass(rows, mask, kept, obj)
+    assert (round(on_row, 4), round(on_col, 4)) == (0.5, 0.6)
