@@ -87,9 +87,9 @@ def attention_targets(
 
     * own: a colour word selects the patches of the objects of that colour, a shape word those of that shape;
     * in context: in exist / spatial questions the shape word selects the objects of the named colour *and*
-      shape; after ``row`` a digit selects that row's objects, after ``column`` a number word the object in that cell;
-    * decisive: color / shape questions -> the column's number word; count -> the colour word; exist / spatial ->
-      the shape word.
+      shape; a cell word ("c4") selects the object in that cell;
+    * decisive: color / shape questions -> the cell word; count -> the colour word; exist / spatial -> the shape
+      word.
     """
     own: list[tuple[int, list[int]]] = []
     in_context: list[tuple[int, list[int]]] = []
@@ -98,7 +98,7 @@ def attention_targets(
     def patches(objs) -> list[int]:
         return [p for o in objs for p in world.patch_indices(o)]
 
-    color = row = None
+    color = None
     for j, w in enumerate(words):
         if w in world.COLORS:
             own.append((j, patches(o for o in objects if o.color == w)))
@@ -110,12 +110,8 @@ def attention_targets(
             if qtype in ("exist", "spatial"):
                 in_context.append((j, patches(o for o in objects if o.color == color and o.shape == w)))
                 decisive = j
-        elif j > 0 and words[j - 1] == "row" and w.isdigit():
-            row = int(w) - 1
-            in_context.append((j, patches(o for o in objects if o.row == row)))
-        elif j > 0 and words[j - 1] == "column" and w in world.NUMBER_WORDS:
-            col = world.NUMBER_WORDS.index(w) - 1
-            in_context.append((j, patches(o for o in objects if o.row == row and o.col == col)))
+        elif j > 0 and words[j - 1] == "cell" and (cell := world.cell_of(w)) is not None:
+            in_context.append((j, patches(o for o in objects if (o.row, o.col) == cell)))
             decisive = j
     return own, in_context, decisive
 

@@ -1,12 +1,13 @@
 """Diagnostic for a Shapes v2 LVLM: does it find the object a question names by what its tokens show, or by
 where they sit in the sequence?
 
-Colour and shape questions name their object by cell ("... the object in row 2, column 3?"). The LVLM's
-supervised heads of ``--layer`` (``jobs/train_lvlm_v2.py --context-layer``) should attend, from the row
-number, to that row's objects and, from the column number, to the object in that cell. This measures the
-attention mass of those heads on the named row's and cell's visual tokens, and the answer accuracy, with all
-144 tokens and with a random share of them kept in order (``--keep``), as a pre-LLM pruner leaves them. A
-model that finds objects by sequence offset keeps its mass with all tokens and loses it with any drop.
+Colour and shape questions name their object by one cell word ("... the object in cell c4?"). The LVLM's
+supervised heads of ``--layer`` (``jobs/train_lvlm_v2.py --context-layer``) should attend, from the cell word,
+to the object in that cell. This measures the attention mass of those heads on the named cell's visual tokens
+and on its grid row and grid column (a query that found only the row or only the column spreads along it),
+and the answer accuracy, with all 144 tokens and with a random share of them kept in order (``--keep``), as a
+pre-LLM pruner leaves them, or shuffled (``--shuffled``). A model that finds objects by sequence offset keeps
+its mass with all tokens in order and loses it with any drop or shuffle.
 
     .venv/bin/python jobs/diagnose_lvlm_lookup.py --model models/shapes_v2/lvlm --n 80 --json runs/diag/lookup.json
 """
@@ -47,8 +48,8 @@ def cell_items(seed: int, n: int) -> list:
 
 def grid_line_mass(rows: torch.Tensor, image_mask: torch.Tensor, kept: list[int] | None, obj) -> tuple[float, float]:
     """Mean head mass of ``rows`` [heads, L] on the kept visual tokens of ``obj``'s grid row and grid column
-    (every patch of the 2 patch rows / columns its cell spans). A column word that copied the row number but
-    reads no column attends along the row; one that reads the column alone attends along the column."""
+    (every patch of the 2 patch rows / columns its cell spans). A cell word whose query reads only the row
+    attends along the row; one that reads only the column attends along the column."""
     slots = torch.nonzero(image_mask).flatten().tolist()
     patches = kept if kept is not None else list(range(len(slots)))
     per = world.CELL // world.PATCH
@@ -60,10 +61,11 @@ def grid_line_mass(rows: torch.Tensor, image_mask: torch.Tensor, kept: list[int]
 @torch.no_grad()
 def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int, shuffled: bool = False,
            chunk: int = 20) -> dict:
-    """Mean attention mass of the first ``heads`` heads of ``layer`` on the named row's / cell's kept visual
-    tokens (from the row / column number), and first-answer-token accuracy, at ``keep_rate``. ``shuffled``: the
-    kept tokens enter in a random order, so no lookup by position can work (a content lookup is unaffected)."""
-    mass: dict[str, list[float]] = {"row": [], "cell": [], "column_word_on_row": [], "column_word_on_column": []}
+    """Mean attention mass of the first ``heads`` heads of ``layer``, from each question's cell word, on the
+    named cell's kept visual tokens and on its grid row / column, and first-answer-token accuracy, at
+    ``keep_rate``. ``shuffled``: the kept tokens enter in a random order, so no lookup by position can work (a
+    content lookup is unaffected)."""
+    mass: dict[str, list[float]] = {"cell": [], "cell_word_on_row": [], "cell_word_on_column": []}
     correct = 0
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
@@ -81,18 +83,14 @@ def lookup(model, tok, items: list, *, keep_rate: float, layer: int, heads: int,
             logits, labels = L.packed_logits(model, px, pb, features=feats)
         rows = cap.rows(layer, pb.context_targets, heads)  # [T, heads, L]
         correct += int(L.first_answer_hits(logits, labels, pb).sum())
-        seen: set[int] = set()
-        for t, (row, _, keys) in enumerate(pb.context_targets):  # per question: its row number, then its column
-            kind = "cell" if row in seen else "row"
-            seen.add(row)
+        for t, (row, _, keys) in enumerate(pb.context_targets):  # one per question: its cell word
             patches = [k for k in keys if k != 0]  # key 0 is the <s> sink every target allows
             if patches:
-                mass[kind].append(rows[t][:, patches].sum(-1).mean().item())
-            if kind == "cell":  # where the column word looks: the named grid row / grid column, objects or not
-                line_mass = grid_line_mass(rows[t], pb.image_mask[row], keep[row] if keep else None,
-                                           part[row].objects[part[row].target[0]])
-                mass["column_word_on_row"].append(line_mass[0])
-                mass["column_word_on_column"].append(line_mass[1])
+                mass["cell"].append(rows[t][:, patches].sum(-1).mean().item())
+            on_row, on_col = grid_line_mass(rows[t], pb.image_mask[row], keep[row] if keep else None,
+                                            part[row].objects[part[row].target[0]])
+            mass["cell_word_on_row"].append(on_row)
+            mass["cell_word_on_column"].append(on_col)
     return {"keep": keep_rate, "shuffled": shuffled, "accuracy": round(correct / len(items), 4),
             **{f"{k}_mass": round(float(np.mean(v)), 4) if v else None for k, v in mass.items()}}
 

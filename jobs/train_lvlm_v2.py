@@ -112,14 +112,14 @@ def shuffled_order(keep: list[list[int]] | None, n_images: int, rng: np.random.G
     return [rng.permutation(k).tolist() if rng.random() < args.shuffle_visual else list(k) for k in keep]
 
 
-def cell_weights(pb: L.PackedBatch, column_id: int, cell_weight: float) -> torch.Tensor | None:
-    """Per context target, ``--cell-weight`` where the query is a column number (its target: the one cell the
-    row and column name together), else 1; None when the weight is 1 (every target counts the same). Why: with
-    shuffled tokens the LLM learns to find a row by content long before the cell (the conjunction of a row and
-    a column; ``jobs/diagnose_lvlm_lookup.py --shuffled``)."""
+def cell_weights(pb: L.PackedBatch, cell_id: int, cell_weight: float) -> torch.Tensor | None:
+    """Per context target, ``--cell-weight`` where the query is a cell word (the word after ``cell``; its target:
+    the object in that cell), else 1; None when the weight is 1 (every target counts the same). Why: with
+    shuffled tokens the LLM learned to find a row by content long before a cell (``jobs/diagnose_lvlm_lookup.py
+    --shuffled``)."""
     if cell_weight == 1 or not pb.context_targets:
         return None
-    is_cell = [int(pb.input_ids[row, query - 1]) == column_id for row, query, _ in pb.context_targets]
+    is_cell = [int(pb.input_ids[row, query - 1]) == cell_id for row, query, _ in pb.context_targets]
     return torch.tensor([cell_weight if c else 1.0 for c in is_cell])
 
 
@@ -161,7 +161,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         rewarm = args.warmup
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
     heads = args.attn_sup_heads
-    column_id = tok.convert_tokens_to_ids("column")
+    cell_id = tok.convert_tokens_to_ids("cell")
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
@@ -178,7 +178,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
             logits, labels = L.packed_logits(model, px, pb, features=feats)
 
-        context_weights = cell_weights(pb, column_id, args.cell_weight)
+        context_weights = cell_weights(pb, cell_id, args.cell_weight)
         sup = {name: L.target_nll(cap.rows(layer, t, heads), t, context_weights if name == "context" else None)
                if t else logits.new_zeros(())
                for name, layer, t in (("word", args.word_layer, pb.word_targets),
@@ -250,8 +250,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shuffle-visual", type=float, default=0.0,
                    help="share of training images whose visual tokens enter in a random order (see shuffled_order)")
     p.add_argument("--cell-weight", type=float, default=1.0,
-                   help="weight of the context-layer attention loss of column numbers (their target: the named "
-                        "cell) against the other context targets (see cell_weights)")
+                   help="weight of the context-layer attention loss of cell words (their target: the object "
+                        "in that cell) against the other context targets (see cell_weights)")
     p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
     p.add_argument("--lr", type=float, default=1e-3)

@@ -12,14 +12,14 @@ few. Here the information is spread out the way it is in photos:
 * Scenes are crowded: 20-28 objects, more than a 87.5% budget (18 of 144 tokens) can keep one patch
   of, fewer than the 50% budget (72) can: moderate pruning should be nearly free, hard pruning must lose facts.
 * Five question types, single-word answers, each about one object or a small set:
-  ``color`` (colour of the object in row r, column c), ``shape`` (shape in row r, column c), ``count``
+  ``color`` (colour of the object in a named cell), ``shape`` (shape in a named cell), ``count``
   (how many <colour> objects), ``exist`` (is there a <colour> <shape>, POPE-balanced yes/no) and
   ``spatial`` (which row is the <colour> <shape> in, for a colour-shape pair that occurs once).
-* A cell is named ``row <digit>, column <number word>`` ("row 3, column four", see ``cell_name``): rows and
-  columns are different tokens, so an LLM's query for a cell can be the sum of a row part and a column part.
-  With the digit shared by both ("row 3, column 4") a 6-layer LLM trained with shuffled visual tokens found
-  the named row by content but not the cell (docs/notes/proving-ground-v2.md, session 5).
-* One caption form per object, ``the <colour> <shape> is in row r, column c.``: the fact ACCM's caption must
+* A cell is named by one word, ``cell <column letter><row digit>`` ("cell c4": column 3, row 4; see
+  ``cell_name``), so an LLM's query for a cell is one token embedding. Named by two words ("row 3, column 4",
+  then "row 3, column four") a 6-layer LLM trained with shuffled visual tokens found the named row by content
+  but never the cell, the conjunction of the two words (docs/notes/proving-ground-v2.md, sessions 5 and 6).
+* One caption form per object, ``the <colour> <shape> is in cell c4.``: the fact ACCM's caption must
   put back, and the text the CLIP's text tower is trained on.
 * Deterministic and split-disjoint exactly like v1: item ``i`` of split ``s`` under seed ``S`` is drawn from
   ``numpy.random.default_rng([S, split_index, i])``; a scene belongs to the split its content hash selects.
@@ -146,9 +146,31 @@ def render_item(item: Item) -> Image.Image:
     return render(item.objects, item.background)
 
 
+COLUMN_LETTERS = "abcdef"  # a cell word is its column's letter and its row's digit, spreadsheet style
+CELL_WORDS = tuple(f"{COLUMN_LETTERS[c]}{r + 1}" for r in range(CELLS) for c in range(CELLS))
+
+
+def cell_word(row: int, col: int) -> str:
+    return f"{COLUMN_LETTERS[col]}{row + 1}"
+
+
 def cell_name(obj: SceneObject) -> str:
-    """How questions and captions name an object's cell: the row by a digit, the column by a number word."""
-    return f"row {obj.row + 1}, column {NUMBER_WORDS[obj.col + 1]}"
+    """How questions and captions name an object's cell: ``cell`` and one word, ``c4`` = column 3, row 4."""
+    return f"cell {cell_word(obj.row, obj.col)}"
+
+
+def cell_of(word: str) -> tuple[int, int] | None:
+    """(row, column) of a cell word, None for any other word."""
+    if len(word) == 2 and word[0] in COLUMN_LETTERS and word[1].isdigit() and 1 <= int(word[1]) <= CELLS:
+        return int(word[1]) - 1, COLUMN_LETTERS.index(word[0])
+    return None
+
+
+def cell_word_parts(word: str) -> tuple[str, ...]:
+    """The words an older vocabulary named this cell with (row digit, column digit, column number word): what a
+    grown embedding table starts a new cell word from (``actors.vocab_growth``)."""
+    row, col = cell_of(word)
+    return str(row + 1), str(col + 1), NUMBER_WORDS[col + 1]
 
 
 def caption(obj: SceneObject) -> str:
@@ -247,4 +269,5 @@ def vocabulary_words() -> list[str]:
              "a", "in", "row", "column", "no", "yes"]
     words += list(COLOR_NAMES) + list(SHAPES) + [plural(s) for s in SHAPES]
     words += list(NUMBER_WORDS) + [str(i) for i in range(MAX_OBJECTS + 1)]
+    words += ["cell", *CELL_WORDS]  # last: a vocabulary saved before them is a prefix of this one
     return list(dict.fromkeys(words))

@@ -28,8 +28,8 @@ def objects_of(row: dict) -> list[dict]:
 def solve(question: str, qtype: str, objects: list[dict]) -> str:
     """An independent reading of the scene graph: the answer each question template asks for."""
     if qtype in ("color", "shape"):
-        words = question.rstrip("?").replace(",", "").split()
-        r, c = int(words[words.index("row") + 1]) - 1, world.NUMBER_WORDS.index(words[words.index("column") + 1]) - 1
+        name = question.rstrip("?").split()[-1]  # "... in cell c4": column c (the third), row 4
+        r, c = int(name[1]) - 1, "abcdef".index(name[0])
         (hit,) = [o for o in objects if (o["row"], o["col"]) == (r, c)]
         return hit[qtype]
     if qtype == "count":
@@ -74,9 +74,9 @@ def test_facts_state_the_answer(rows):
             assert world.NUMBER_WORDS[n] in fact.split() and r["question"].split()[2] in fact
         elif r["question_type"] == "exist":
             color, shape = r["question"].rstrip("?").split()[-2:]
-            assert fact.startswith("there is no " if answer == "no" else f"the {color} {shape} is in row ")
+            assert fact.startswith("there is no " if answer == "no" else f"the {color} {shape} is in cell ")
         elif r["question_type"] == "spatial":
-            assert f"row {answer}," in fact
+            assert fact.rstrip(".").split()[-1][1:] == answer  # the cell word's digit is its row
         else:
             assert answer in fact.split() and fact.endswith(".")
 

@@ -84,9 +84,8 @@ def test_lvlm_v2_attention_targets_point_at_the_named_objects():
         item = world.make_item(8, "val", i)
         words = tok.convert_ids_to_tokens(tok(item.question, add_special_tokens=False)["input_ids"])
         own, in_context, decisive = V.attention_targets(item.question_type, words, item.objects)
-        expected = {"color": "column", "shape": "column"}.get(item.question_type)
-        if expected:  # the number word after "column"
-            assert words[decisive - 1] == "column" and words[decisive] in world.NUMBER_WORDS[1:]
+        if item.question_type in ("color", "shape"):  # the cell word after "cell"
+            assert words[decisive - 1] == "cell" and words[decisive] in world.CELL_WORDS
         elif item.question_type == "count":
             assert words[decisive] in world.COLORS
         else:
@@ -247,8 +246,8 @@ def test_token_order_augmentation_permutes_kept_tokens_and_targets_follow_them()
     assert torch.equal(feats[0, : len(order[0])], hidden[0, 1:][order[0]])
 
 
-def test_cell_weight_scales_only_the_column_numbers_context_targets():
-    """--cell-weight: the context targets whose query follows the word "column" (the named cell) weigh more;
+def test_cell_weight_scales_only_the_cell_words_context_targets():
+    """--cell-weight: the context targets whose query follows the word "cell" (the named cell) weigh more;
     the weighted loss equals the plain one at weight 1 and grows with the weight."""
     from actors import shapes_lvlm as L
     from jobs.train_lvlm_v2 import cell_weights
@@ -258,11 +257,11 @@ def test_cell_weight_scales_only_the_column_numbers_context_targets():
     scenes = [world.sample_scene(rng, "train") for _ in range(3)]
     pb = V.pack_batch(tok, [V.draw_branches(s, rng, n_image=6, n_fact=0, n_text=0, qtypes=("color", "exist"))
                             for s in scenes])
-    column = tok.convert_tokens_to_ids("column")
-    assert cell_weights(pb, column, 1.0) is None
-    w = cell_weights(pb, column, 4.0)
+    cell = tok.convert_tokens_to_ids("cell")
+    assert cell_weights(pb, cell, 1.0) is None
+    w = cell_weights(pb, cell, 4.0)
     words = [tok.convert_ids_to_tokens(int(pb.input_ids[r, q - 1])) for r, q, _ in pb.context_targets]
-    assert w.tolist() == [4.0 if word == "column" else 1.0 for word in words]
+    assert w.tolist() == [4.0 if word == "cell" else 1.0 for word in words]
     assert 4.0 in w.tolist() and 1.0 in w.tolist()  # colour questions name a cell, exist ones colour + shape
     rows = torch.rand(len(pb.context_targets), 2, pb.input_ids.shape[1]).softmax(-1)
     plain = L.target_nll(rows, pb.context_targets)
@@ -298,9 +297,9 @@ def test_captured_attention_rows_equal_eager_maps_under_sdpa():
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
-def test_lookup_diagnostic_measures_row_and_cell_attention(tmp_path, capsys):
-    """jobs/diagnose_lvlm_lookup.py on a fresh tiny v2 LVLM: near-uniform attention puts more mass on a row's
-    objects (several objects x 4 patches) than on one cell's 4 patches, with all tokens and with half kept."""
+def test_lookup_diagnostic_measures_cell_and_grid_line_attention(tmp_path, capsys):
+    """jobs/diagnose_lvlm_lookup.py on a fresh tiny v2 LVLM: near-uniform attention from the cell word puts less
+    mass on one cell's 4 patches than on the 24 patches of its grid row or column, with all tokens and half."""
     from jobs import diagnose_lvlm_lookup as D
 
     with pytest.raises(SystemExit):
@@ -313,10 +312,10 @@ def test_lookup_diagnostic_measures_row_and_cell_attention(tmp_path, capsys):
     assert [(r["keep"], r["shuffled"]) for r in rows] == [(1.0, False), (0.5, False), (1.0, True), (0.5, True)]
     assert json.loads((tmp_path / "d.json").read_text()) == rows
     for r in rows:
-        assert 0 < r["cell_mass"] < r["row_mass"] < 1 and 0 <= r["accuracy"] <= 1
+        assert 0 < r["cell_mass"] < 1 and 0 <= r["accuracy"] <= 1
         # the cell's patches lie on its grid row and on its grid column, which hold other tokens too
-        assert r["cell_mass"] < min(r["column_word_on_row_mass"], r["column_word_on_column_mass"])
-        assert max(r["column_word_on_row_mass"], r["column_word_on_column_mass"]) < 1
+        assert r["cell_mass"] < min(r["cell_word_on_row_mass"], r["cell_word_on_column_mass"])
+        assert max(r["cell_word_on_row_mass"], r["cell_word_on_column_mass"]) < 1
 
 
 def test_grid_line_mass_follows_the_kept_tokens_order():
