@@ -85,9 +85,10 @@ def attention_targets(
     """Which visual tokens each naming word of a v2 question selects, and which word decides the answer
     (the v2 counterpart of ``actors.shapes_lvlm._word_attention_targets``; same three kinds of target):
 
-    * own: a colour word selects the patches of the objects of that colour, a shape word those of that shape;
+    * own: a colour word selects the patches of the objects of that colour, a shape word those of that shape,
+      a cell word ("c4") the object in that cell (what it means by itself, so the word layer learns it too);
     * in context: in exist / spatial questions the shape word selects the objects of the named colour *and*
-      shape; a cell word ("c4") selects the object in that cell;
+      shape; a cell word, again, its object (the context layer's lookup, ``jobs/diagnose_lvlm_lookup.py``);
     * decisive: color / shape questions -> the cell word; count -> the colour word; exist / spatial -> the shape
       word.
     """
@@ -111,7 +112,8 @@ def attention_targets(
                 in_context.append((j, patches(o for o in objects if o.color == color and o.shape == w)))
                 decisive = j
         elif j > 0 and words[j - 1] == "cell" and (cell := world.cell_of(w)) is not None:
-            in_context.append((j, patches(o for o in objects if (o.row, o.col) == cell)))
+            own.append((j, patches(o for o in objects if (o.row, o.col) == cell)))
+            in_context.append(own[-1])
             decisive = j
     return own, in_context, decisive
 
