@@ -56,6 +56,12 @@ def grown_linear(head: nn.Linear, extra: torch.Tensor) -> nn.Linear:
     return out
 
 
+def grown_input_table(table: nn.Embedding, saved: dict[str, int], words: Sequence[str],
+                      parts: Callable[[str], Sequence[str]]) -> nn.Embedding:
+    """``table`` with one row per new word, each the mean of its parts' rows (``part_mean_rows``)."""
+    return grown_embedding(table, part_mean_rows(table.weight, saved, words, parts))
+
+
 def vocab_of(tokenizer) -> dict[str, int]:
     return dict(tokenizer.get_vocab())
 
@@ -64,7 +70,7 @@ def grow_clip(clip, saved: dict[str, int], current: dict[str, int], parts: Calla
     """Grow a ``CLIPModel``'s text token table in place; returns the new words."""
     words = appended_words(saved, current)
     table = clip.text_model.embeddings.token_embedding
-    clip.text_model.embeddings.token_embedding = grown_embedding(table, part_mean_rows(table.weight, saved, words, parts))
+    clip.text_model.embeddings.token_embedding = grown_input_table(table, saved, words, parts)
     clip.config.text_config.vocab_size = table.num_embeddings + len(words)
     return words
 
@@ -73,7 +79,7 @@ def grow_lvlm(lvlm, saved: dict[str, int], current: dict[str, int], parts: Calla
     """Grow a ``LlavaForConditionalGeneration``'s input table (parts' mean) and LM head (zero rows) in place."""
     words = appended_words(saved, current)
     table = lvlm.get_input_embeddings()
-    lvlm.set_input_embeddings(grown_embedding(table, part_mean_rows(table.weight, saved, words, parts)))
+    lvlm.set_input_embeddings(grown_input_table(table, saved, words, parts))
     head = lvlm.get_output_embeddings()
     lvlm.set_output_embeddings(grown_linear(head, head.weight.new_zeros((len(words), head.in_features))))
     lvlm.config.text_config.vocab_size = table.num_embeddings + len(words)
@@ -85,7 +91,7 @@ def grow_causal_lm(decoder, saved: dict[str, int], current: dict[str, int],
     """Grow a caption model's decoder (a tied ``GPT2LMHeadModel``) in place: input and output share the rows."""
     words = appended_words(saved, current)
     table = decoder.get_input_embeddings()
-    decoder.set_input_embeddings(grown_embedding(table, part_mean_rows(table.weight, saved, words, parts)))
+    decoder.set_input_embeddings(grown_input_table(table, saved, words, parts))
     decoder.config.vocab_size = table.num_embeddings + len(words)
     decoder.tie_weights()
     return words

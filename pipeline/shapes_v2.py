@@ -147,11 +147,13 @@ def render_item(item: Item) -> Image.Image:
 
 
 COLUMN_LETTERS = "abcdef"  # a cell word is its column's letter and its row's digit, spreadsheet style
-CELL_WORDS = tuple(f"{COLUMN_LETTERS[c]}{r + 1}" for r in range(CELLS) for c in range(CELLS))
 
 
 def cell_word(row: int, col: int) -> str:
     return f"{COLUMN_LETTERS[col]}{row + 1}"
+
+
+CELL_WORDS = tuple(cell_word(r, c) for r in range(CELLS) for c in range(CELLS))
 
 
 def cell_name(obj: SceneObject) -> str:
