@@ -109,16 +109,34 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     }
 
 
-def candidate_kl(engine, batch: dict, candidates: list[list[str]]) -> Tensor:
-    """[B, N]: KL(reference || with caption_i), averaged over the answer positions (SPEC §1.5)."""
+ACCM_REFERENCES = ("all_tokens", "answer")  # train_accm.py --accm-reference
+
+
+def candidate_kl(engine, batch: dict, candidates: list[list[str]], reference: str = "all_tokens") -> Tensor:
+    """[B, N]: KL(reference || with caption_i), averaged over the answer positions.
+
+    ``all_tokens`` (the paper, SPEC §1.5; ACCM's public code ships no training code): the reference is the
+    LVLM's own distribution with every visual token and no caption. ``answer`` (this project's option): the
+    reference is the ground-truth answer as a one-hot distribution, so KL = -log p(answer | caption_i). It is
+    for an LVLM that misreads its full image often: then a true caption moves the answer away from the
+    all-token distribution and the paper's best candidate is the one that says least."""
     from actors.accm import answer_log_probs
 
+    if reference not in ACCM_REFERENCES:
+        raise ValueError(f"reference must be one of {ACCM_REFERENCES}, got {reference!r}")
     b, n = len(candidates), len(candidates[0])
+    rep = [i for i in range(b) for _ in range(n)]
     with torch.no_grad():
-        ref = answer_log_probs(engine, batch["full"], batch["questions"], [None] * b, batch["answers"])
         flat = [c for cands in candidates for c in cands]
-        rep = [i for i in range(b) for _ in range(n)]
         cand = answer_log_probs(engine, [batch["retained"][i] for i in rep], [batch["questions"][i] for i in rep],
                                 flat, [batch["answers"][i] for i in rep])
+        if reference == "answer":
+            tok = engine.tokenizer
+            ids = [tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [engine.eos_token_id]
+                   for a in batch["answers"]]  # the tokens answer_log_probs teacher-forces
+            kl = torch.stack([-c.gather(-1, torch.tensor(ids[i], device=c.device)[:, None]).mean()
+                              for i, c in zip(rep, cand, strict=True)])
+            return kl.view(b, n)
+        ref = answer_log_probs(engine, batch["full"], batch["questions"], [None] * b, batch["answers"])
     kl = torch.stack([(ref[i].exp() * (ref[i] - c)).sum(-1).mean() for i, c in zip(rep, cand, strict=True)])
     return kl.view(b, n)

@@ -52,6 +52,7 @@ import torch  # noqa: E402
 # batches: actors.accm_batches (re-exported here for the jobs and tests that import them from this job)
 from actors.accm_batches import (  # noqa: E402, F401
     ABSTAIN_CAPTION,
+    ACCM_REFERENCES,
     candidate_kl,
     fact_objects,
     make_batch,
@@ -172,7 +173,7 @@ def train_loop(config: dict) -> None:
             ds.module.captioner.eval()
             beams = ds.module.captioner.beam_search(batch["discarded"], batch["questions"])
             ds.module.captioner.train()
-            kl = candidate_kl(engine, batch, beams.captions)
+            kl = candidate_kl(engine, batch, beams.captions, config.get("accm_reference", "all_tokens"))
             best = kl.argmin(1)
             margin = kl.mean(1) - kl.gather(1, best[:, None]).squeeze(1)
             weight = (config["weight_scale"] * margin.mean()).clamp(max=config["weight_max"])
@@ -276,6 +277,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "first-beam exact 0.61 -> 0.42, docs/notes/accm.md Session 5)")
     p.add_argument("--lr-selector", type=float, default=1e-3)
     p.add_argument("--weight-scale", type=float, default=1.0)
+    p.add_argument("--accm-reference", choices=ACCM_REFERENCES, default="all_tokens",
+                   help="ACCM stage: what each candidate's KL is taken against: all_tokens (the paper: the LVLM "
+                        "with every visual token and no caption) or answer (the ground-truth answer one-hot, "
+                        "i.e. -log p(answer | caption): for an LVLM that misreads its full image often)")
     p.add_argument("--weight-max", type=float, default=5.0)
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -385,7 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = dict(lvlm=args.lvlm, clip=args.clip, world=args.world, keep=args.keep, seed=args.seed,
                 threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
-                weight_scale=args.weight_scale, weight_max=args.weight_max, pretrain_targets=args.pretrain_targets,
+                weight_scale=args.weight_scale, weight_max=args.weight_max, accm_reference=args.accm_reference,
+                pretrain_targets=args.pretrain_targets,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
                 pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,

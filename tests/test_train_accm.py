@@ -327,6 +327,17 @@ def test_v2_training_steps_on_projected_patches_with_the_clip_text_selector(tmp_
         model.zero_grad()
         candidates = captioner.beam_search(batch["discarded"], batch["questions"]).captions
         kl = T.candidate_kl(engine, batch, candidates)
+        # --accm-reference answer: KL to the one-hot answer = minus the mean log-probability of its tokens
+        nll = T.candidate_kl(engine, batch, candidates, "answer")
+        assert nll.shape == kl.shape and bool((nll > 0).all())
+        from actors.accm import answer_log_probs
+        logp = answer_log_probs(engine, [batch["retained"][0]], [batch["questions"][0]], [candidates[0][1]],
+                                [batch["answers"][0]])[0]
+        ids = engine.tokenizer(" " + batch["answers"][0].strip(), add_special_tokens=False)["input_ids"]
+        picked = logp[torch.arange(len(ids) + 1), ids + [engine.eos_token_id]]
+        assert torch.allclose(nll[0, 1], -picked.mean(), atol=1e-5)
+        with pytest.raises(ValueError, match="reference"):
+            T.candidate_kl(engine, batch, candidates, "oracle")
         out = model("accm", batch, best_captions=[c[0] for c in candidates], candidates=candidates,
                     best=kl.argmin(1))
         (out["caption_ce"] + out["selector_kl"]).backward()
