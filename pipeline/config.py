@@ -1,7 +1,7 @@
 """The one job configuration: a dataclass, its argparse CLI and an optional YAML file (flags win).
 
-Precedence, lowest first: the dataclass defaults (the embedded default run: bundled Shapes-VQA test
-shards, shipped small models, ``accm`` at 87.5% pruning, local output), then ``--config FILE.yaml``
+Precedence, lowest first: the dataclass defaults (the embedded default run: bundled Shapes v2 demo
+shards, the shipped proving-ground models, ``accm`` at 87.5% pruning, local output), then ``--config FILE.yaml``
 (keys are the field names, dashes or underscores), then the flags actually given on the command line.
 """
 
@@ -29,6 +29,12 @@ DEFAULT_MAX_NEW_TOKENS = 8
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The embedded default run (`make demo`): the bundled Shapes v2 demo shards and the models trained for that
+# world (the proving ground, models/shapes_v2). The CLIP belongs to the bundle: it is the default --clip only
+# while --lvlm is the bundled LVLM (another LVLM gets no text guide unless --clip names one).
+DEFAULT_INPUT = "data/shapes_v2/test/"
+DEFAULT_MODELS = "models/shapes_v2"
+
 
 def _repo_path(relative: str) -> str:
     """A bundled path: relative to the working directory if it exists there (``ray job submit
@@ -54,7 +60,7 @@ def parse_pool(text: str | tuple[int, int] | list[int]) -> tuple[int, int]:
 class JobConfig:
     """Everything one run of ``jobs/caption_dataset.py`` needs (picklable: actors receive it)."""
 
-    input: str = field(default_factory=lambda: _repo_path("data/shapes_vqa/test/"))
+    input: str = field(default_factory=lambda: _repo_path(DEFAULT_INPUT))
     output: str = "out/caption_dataset"
     task: str | None = None  # a benchmark (pipeline.tasks): its prompt, answer length and official metric
     input_format: str | None = None  # pipeline.sources.FORMATS; None: detected from the file names
@@ -65,10 +71,12 @@ class JobConfig:
     keep_tokens: int | None = None
     prune_rate: float | None = 0.875
     fastv_layer: int = 2
-    lvlm: str = field(default_factory=lambda: _repo_path("models/shapes/lvlm"))
-    captioner: str | None = field(default_factory=lambda: _repo_path("models/shapes/captioner"))
-    selector: str | None = field(default_factory=lambda: _repo_path("models/shapes/selector"))
-    clip: str | None = None  # CLIPModel folder: PruMerge+'s text guide, projected patches (ACCM reference)
+    lvlm: str = field(default_factory=lambda: _repo_path(f"{DEFAULT_MODELS}/lvlm"))
+    captioner: str | None = field(default_factory=lambda: _repo_path(f"{DEFAULT_MODELS}/captioner"))
+    selector: str | None = field(default_factory=lambda: _repo_path(f"{DEFAULT_MODELS}/selector"))
+    # CLIPModel folder: PruMerge+'s text guide, projected patches (ACCM reference); None: the bundled CLIP when
+    # lvlm is the bundled LVLM, else none; "none": none
+    clip: str | None = None
     text_pick: str = "nearest"  # PruMerge+ text-guided picks: nearest (the paper) or farthest (ACCM's code)
     accm_base: str = "prumerge_plus"  # the pre-LLM pruner ACCM's caption model works behind (the paper's)
     cdpruner_sign: str = "code"  # CDPruner's relevance sign: code (negated, as its public code) or paper
@@ -160,6 +168,10 @@ class JobConfig:
                 raise ValueError(f"--lvlm-tp {self.lvlm_tp}: each LVLM replica takes {self.lvlm_tp} GPUs (one "
                                  f"per rank); leave --lvlm-gpus out or set it to {self.lvlm_tp}, got "
                                  f"{self.lvlm_gpus:g}")
+        if self.clip is None and self.lvlm == _repo_path(f"{DEFAULT_MODELS}/lvlm"):
+            self.clip = _repo_path(f"{DEFAULT_MODELS}/clip")  # the bundled LVLM's tower is this CLIP's
+        elif self.clip is not None and self.clip.lower() == "none":
+            self.clip = None
         self.captioner_actors = parse_pool(self.captioner_actors)
         self.lvlm_actors = parse_pool(self.lvlm_actors)
         return self
@@ -184,7 +196,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
 # (flag, field, type, help); type "bool" = store_true.
 _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--input", "input", str, "Input Parquet shards: a directory or file, local path, file:// or s3:// "
-     "(default: the bundled Shapes-VQA test shards)."),
+     "(default: the bundled Shapes v2 demo shards, data/shapes_v2/test)."),
     ("--task", "task", str, "Benchmark task (pipeline/tasks): vqav2, textvqa, gqa, pope, mme, mmbench, seed, "
      "scienceqa, mmvp, flickr30k. It fixes the prompt, --max-new-tokens and the official metric, and reads "
      "the benchmark's own files (see README, Benchmarks). Default: none (the project's Parquet, VQA accuracy)."),
@@ -203,13 +215,15 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
     ("--keep-tokens", "keep_tokens", int, "Visual tokens kept per image (overrides --prune-rate)."),
     ("--prune-rate", "prune_rate", float, "Fraction of visual tokens pruned, in [0, 1) (default: 0.875)."),
     ("--fastv-layer", "fastv_layer", int, "FastV: prune inside the LLM after this layer (default: 2)."),
-    ("--lvlm", "lvlm", str, "LLaVA model directory: local, file:// or s3:// (default: models/shapes/lvlm)."),
-    ("--captioner", "captioner", str, "ACCM caption model directory (accm only)."),
-    ("--selector", "selector", str, "ACCM selector directory (accm only)."),
+    ("--lvlm", "lvlm", str, "LLaVA model directory: local, file:// or s3:// (default: models/shapes_v2/lvlm)."),
+    ("--captioner", "captioner", str, "ACCM caption model directory (accm only; default: "
+     "models/shapes_v2/captioner)."),
+    ("--selector", "selector", str, "ACCM selector directory (accm only; default: models/shapes_v2/selector)."),
     ("--clip", "clip", str, "A CLIPModel folder (e.g. openai/clip-vit-large-patch14-336; local, file:// or "
      "s3://), loaded once per captioner actor: the text guide of prumerge_plus/accm (question vs projected "
      "patch embeddings) and the projected patch embeddings ACCM's reference caption model reads. Without it "
-     "the text-guided picks are skipped (default: none)."),
+     "the text-guided picks are skipped. Default: models/shapes_v2/clip while --lvlm is the bundled "
+     "models/shapes_v2/lvlm (whose tower it is), else none; 'none' turns it off."),
     ("--accm-base", "accm_base", str, f"The pre-LLM pruner ACCM works behind: its caption model reads what this "
      f"base discards. One of {', '.join(ACCM_BASES)} (default: prumerge_plus, the paper's)."),
     ("--cdpruner-sign", "cdpruner_sign", str, "CDPruner's instruction relevance: 'code' (default: negated before "
@@ -277,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="caption_dataset.py",
         description="Batch VQA over Parquet shards on Ray Data: decode -> captioner tier (vision tower, pruner, "
         "ACCM captions) -> LVLM tier (projector + pruned LLM) -> scoring -> Parquet + summary.json. "
-        "With no arguments: the bundled Shapes-VQA test shards, shipped small models, accm at 87.5% "
-        "pruning, local output.",
+        "With no arguments: the bundled Shapes v2 demo shards, the shipped proving-ground models "
+        "(models/shapes_v2), accm at 87.5% pruning, local output.",
     )
     parser.add_argument("--config", help="YAML file with any of these options (keys: option names); "
                         "flags given on the command line win.")

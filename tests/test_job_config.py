@@ -16,8 +16,16 @@ from pipeline.schema import SchemaError
 def test_defaults_are_the_embedded_demo() -> None:
     cfg = parse_args([])
     assert cfg.method == "accm" and cfg.prune_rate == 0.875 and cfg.accm_fallback
-    assert cfg.input.rstrip("/").endswith("data/shapes_vqa/test")
-    assert cfg.lvlm.endswith("models/shapes/lvlm") and not cfg.resume
+    assert cfg.input.rstrip("/").endswith("data/shapes_v2/test")
+    assert cfg.lvlm.endswith("models/shapes_v2/lvlm") and not cfg.resume
+    assert cfg.captioner.endswith("models/shapes_v2/captioner") and cfg.selector.endswith("models/shapes_v2/selector")
+    # the bundled CLIP goes with the bundled LVLM (its tower), and only with it
+    assert cfg.clip.endswith("models/shapes_v2/clip") and os.path.isdir(cfg.clip)
+    assert parse_args(["--clip", "none"]).clip is None
+    assert parse_args(["--lvlm", "/models/llava-1.5-7b-hf"]).clip is None
+    assert parse_args(["--lvlm", "/models/llava-1.5-7b-hf", "--clip", "/models/clip"]).clip == "/models/clip"
+    for folder in (cfg.input, cfg.lvlm, cfg.captioner, cfg.selector):
+        assert os.path.isdir(folder), folder  # the embedded default is shipped in the repo
 
 
 def test_help_documents_every_option() -> None:
@@ -131,7 +139,8 @@ def test_prompt_and_pruner_choices_are_checked_and_recorded() -> None:
     const = output_constants(cfg)
     assert const["conv"] == "vicuna_v1" and const["text_pick"] == "farthest" and const["clip_model"] == "/models/clip"
     assert const["answer_suffix"] == "Answer the question using a single word or phrase."
-    assert output_constants(parse_args(["--method", "prumerge_plus"]))["text_pick"] is None  # no --clip: no picks
+    # no CLIP: no picks
+    assert output_constants(parse_args(["--method", "prumerge_plus", "--clip", "none"]))["text_pick"] is None
     assert output_constants(parse_args(["--method", "random", "--clip", "c"]))["text_pick"] is None
     for argv, message in ((["--conv", "chatml"], "--conv must be one of"),
                           (["--text-pick", "middle"], "--text-pick must be one of"),

@@ -95,12 +95,14 @@ def test_rejects_bad_arguments(bad, tmp_path):
         job.parse_args([x for kv in args.items() for x in kv])
 
 
-def test_bundled_demo_data_is_current(tmp_path):
-    """data/shapes_vqa/test must equal what its README command produces (content, not bytes: pyarrow may differ)."""
-    bundled = sorted((ROOT / "data" / "shapes_vqa" / "test").glob("*.parquet"))
+@pytest.mark.parametrize("folder, world", [("shapes_vqa", "v1"), ("shapes_v2", "v2")])
+def test_bundled_demo_data_is_current(tmp_path, folder, world):
+    """data/<folder>/test must equal what its README command produces (content, not bytes: pyarrow may differ);
+    data/shapes_v2/test is the embedded default's input."""
+    bundled = sorted((ROOT / "data" / folder / "test").glob("*.parquet"))
     assert [p.name for p in bundled] == ["test-00000.parquet", "test-00001.parquet"]
-    assert sum(p.stat().st_size for p in bundled) < 300_000
-    fresh = job.write_shards(str(tmp_path), "test", 200, seed=1234, rows_per_shard=100)
+    assert sum(p.stat().st_size for p in bundled) < 500_000
+    fresh = job.write_shards(str(tmp_path), "test", 200, seed=1234, rows_per_shard=100, world=world)
     for path, url in zip(bundled, fresh, strict=True):
         assert pq.read_table(path).equals(pq.read_table(url)), path.name
 

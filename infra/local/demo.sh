@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: start the local cluster, submit the main job with no arguments (the embedded default:
-# bundled Shapes-VQA test shards, shipped small models, accm at 87.5% pruning), print the summary, stop.
+# the bundled Shapes v2 demo shards, the shipped models/shapes_v2, accm at 87.5% pruning), print the summary, stop.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
