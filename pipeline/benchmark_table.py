@@ -123,7 +123,7 @@ def _num(x: Any, digits: int = 1) -> str:
 
 def plot_benchmarks_vs_flops(table: pd.DataFrame, path: Path) -> Path:
     """One panel per benchmark: its headline against TFLOPs per item, a line per method."""
-    from pipeline.plots import _methods, _plt, _save
+    from pipeline.plots import _methods, _plt, _save, method_colour
 
     plt = _plt()
     names = benchmark_names(table)
@@ -131,7 +131,8 @@ def plot_benchmarks_vs_flops(table: pd.DataFrame, path: Path) -> Path:
     for ax, task in zip(axes[0], names, strict=True):
         for method in _methods(table):
             rows = table[table["method"] == method].sort_values("flops_total")
-            ax.plot(rows["flops_total"] / 1e12, rows[PREFIX + task], marker="o", label=method)
+            ax.plot(rows["flops_total"] / 1e12, rows[PREFIX + task], marker="o", label=method,
+                    color=method_colour(method))
         ax.set_title(task)
         ax.set_xlabel("TFLOPs per item")
         ax.set_ylabel(tasks.get(task).HEADLINE_UNIT)

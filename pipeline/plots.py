@@ -37,18 +37,26 @@ def _methods(table: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys(table["method"]))
 
 
+def method_colour(method: str) -> str:
+    """One colour per method in every plot (tab10 by its place in the one list of methods)."""
+    from pipeline.config import METHODS
+
+    i = METHODS.index(method) if method in METHODS else len(METHODS) + sum(map(ord, method))
+    return f"C{i % 10}"
+
+
 def plot_accuracy_vs_flops(table: pd.DataFrame, path: Path) -> Path:
     """The paper's trade-off curve: accuracy against total FLOPs per item, one line per method."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in _methods(table):
         t = table[table["method"] == m].sort_values("flops_total")
-        ax.plot(t["flops_total"] / 1e9, 100 * t["accuracy"], marker="o", label=m)
+        ax.plot(t["flops_total"] / 1e9, 100 * t["accuracy"], marker="o", label=m, color=method_colour(m))
     ax.set_xlabel("GFLOPs per item (total)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs compute")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -61,14 +69,14 @@ def plot_accuracy_vs_rate(table: pd.DataFrame, path: Path) -> Path:
         if m == BASELINE_METHOD:
             continue
         t = table[table["method"] == m].sort_values("prune_rate")
-        ax.plot(100 * t["prune_rate"], 100 * t["accuracy"], marker="o", label=m)
+        ax.plot(100 * t["prune_rate"], 100 * t["accuracy"], marker="o", label=m, color=method_colour(m))
     if len(base):
         ax.axhline(100 * base["accuracy"].max(), color="k", ls="--", lw=1, label="none (all tokens)")
     ax.set_xlabel("visual tokens pruned (%)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy vs pruning rate")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -96,7 +104,7 @@ def plot_flops_components(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("GFLOPs per item")
     ax.set_title("FLOPs per item by component")
     ax.tick_params(axis="x", labelrotation=60)
-    ax.legend(fontsize=8)
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -124,12 +132,12 @@ def plot_cost(table: pd.DataFrame, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for m in _methods(table):
         t = table[table["method"] == m].sort_values("prune_rate")
-        ax.plot(100 * t["prune_rate"], t["usd_per_1m_rightsized"], marker="o", label=m)
+        ax.plot(100 * t["prune_rate"], t["usd_per_1m_rightsized"], marker="o", label=m, color=method_colour(m))
     ax.set_xlabel("visual tokens pruned (%)")
     ax.set_ylabel("$ per 1M items (right-sized tiers)")
     ax.set_title("Cost vs pruning rate")
     ax.grid(alpha=0.3)
-    ax.legend()
+    _legend(ax)
     return _save(fig, path)
 
 
@@ -141,9 +149,14 @@ def _label(row: Mapping[str, Any]) -> str:
     return f"{row['method']} {100 * row['prune_rate']:.1f}%{suffix}"
 
 
+def _legend(ax: Any) -> None:
+    """Beside the axes, not on them: a curve that ends in a corner (ACCM's at high pruning) stays visible."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
+
+
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

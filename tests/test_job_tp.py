@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shapes, shapes_v2
+from pipeline import shapes
 from pipeline.schema import INPUT_SCHEMA
 from tests.jobs import load_job
 
@@ -96,13 +96,16 @@ def test_lvlm_tp1_and_tp2_give_the_plain_models_answers(ray_session, tmp_path, h
 def test_accm_through_tp2_gives_the_plain_models_captions_and_answers(ray_session, tmp_path) -> None:
     """ACCM (shipped caption model + selector) with the caption spliced into the sharded LLM: same captions,
     answers and FLOPs as without --lvlm-tp, row by row."""
-    rows = [shapes_v2.item_row(shapes_v2.make_item(5, "test", i)) for i in range(8)]
+    rows = [shapes.item_row(shapes.make_item(5, "test", i)) for i in range(8)]
     src = tmp_path / "in"
     src.mkdir()
     pq.write_table(pa.Table.from_pylist(rows, schema=INPUT_SCHEMA), src / "a.parquet")
     job = _main_job()
     common = ["--input", str(src), "--method", "accm", "--prune-rate", "0.875", "--batch-size", "4",
-              "--model-cache", str(tmp_path / "cache")]  # the embedded default models: models/shapes_v2/*
+              "--model-cache", str(tmp_path / "cache"),
+              # the first world's trained models (greedy answers far from ties that an all-reduce order could flip)
+              "--lvlm", str(ROOT / "models/shapes/lvlm"), "--captioner", str(ROOT / "models/shapes/captioner"),
+              "--selector", str(ROOT / "models/shapes/selector")]
     assert job.main([*common, "--output", str(tmp_path / "plain")]) == 0
     assert job.main([*common, "--output", str(tmp_path / "tp2"), "--lvlm-tp", "2"]) == 0
     columns = ["id", "caption", "prediction", "error", "score", "flops_total", "flops_llm_prefill"]

@@ -251,3 +251,13 @@ def test_recommendation_per_benchmark_on_its_relative_score():
     # pope: accm keeps 98.75% (within 2 points), prumerge_plus 87.5%; mme: prumerge_plus keeps 99.3% and is cheaper
     assert lines[0].startswith("- **pope**") and "`accm` at 87.50%" in lines[0]
     assert lines[1].startswith("- **mme**") and "`prumerge_plus` at 87.50%" in lines[1]
+
+
+def test_a_method_has_one_colour_in_every_plot() -> None:
+    """Colours follow the method, not its place in a sweep's table, so plots of different sweeps agree."""
+    from pipeline.config import METHODS
+    from pipeline.plots import method_colour
+
+    colours = [method_colour(m) for m in METHODS]
+    assert len(set(colours)) == len(METHODS)  # nine methods, ten tab10 colours: no two alike
+    assert method_colour("accm") == method_colour("accm") and method_colour("new_method").startswith("C")
