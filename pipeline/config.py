@@ -168,7 +168,8 @@ class JobConfig:
                 raise ValueError(f"--lvlm-tp {self.lvlm_tp}: each LVLM replica takes {self.lvlm_tp} GPUs (one "
                                  f"per rank); leave --lvlm-gpus out or set it to {self.lvlm_tp}, got "
                                  f"{self.lvlm_gpus:g}")
-        if self.clip is None and self.lvlm == _repo_path(f"{DEFAULT_MODELS}/lvlm"):
+        bundled_lvlm = _repo_path(f"{DEFAULT_MODELS}/lvlm")
+        if self.clip is None and os.path.realpath(self.lvlm) == os.path.realpath(bundled_lvlm):
             self.clip = _repo_path(f"{DEFAULT_MODELS}/clip")  # the bundled LVLM's tower is this CLIP's
         elif self.clip is not None and self.clip.lower() == "none":
             self.clip = None

@@ -22,6 +22,7 @@ def test_defaults_are_the_embedded_demo() -> None:
     # the bundled CLIP goes with the bundled LVLM (its tower), and only with it
     assert cfg.clip.endswith("models/shapes_v2/clip") and os.path.isdir(cfg.clip)
     assert parse_args(["--clip", "none"]).clip is None
+    assert parse_args(["--lvlm", os.path.abspath(cfg.lvlm)]).clip == cfg.clip  # the bundled LVLM, however named
     assert parse_args(["--lvlm", "/models/llava-1.5-7b-hf"]).clip is None
     assert parse_args(["--lvlm", "/models/llava-1.5-7b-hf", "--clip", "/models/clip"]).clip == "/models/clip"
     for folder in (cfg.input, cfg.lvlm, cfg.captioner, cfg.selector):
