@@ -184,6 +184,12 @@ class ACCMCaptioner:
         )
 
 
+def answer_token_ids(engine, answer: str) -> list[int]:
+    """The tokens ``answer_log_probs`` teacher-forces for one answer: the LVLM's training format
+    ``ASSISTANT: {answer}</s>`` (a space, the answer, EOS)."""
+    return engine.tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"] + [engine.eos_token_id]
+
+
 def answer_log_probs(
     engine, visual: list[Tensor], questions: list[str], captions: list[str | None], answers: list[str]
 ) -> list[Tensor]:
@@ -201,7 +207,7 @@ def answer_log_probs(
     for feats, q, c, a in zip(visual, questions, captions, answers, strict=True):
         ids = tok(build_prompt(q, c, IMAGE_TOKEN))["input_ids"]
         j = ids.index(engine.image_token_id)
-        ans = tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [engine.eos_token_id]
+        ans = answer_token_ids(engine, a)
         text = embed(torch.tensor(ids[:j] + ids[j + 1 :] + ans[:-1], device=engine.device))
         seqs.append(torch.cat([text[:j], engine.project(feats), text[j:]]))
         n_answer.append(len(ans))

@@ -120,7 +120,7 @@ def candidate_kl(engine, batch: dict, candidates: list[list[str]], reference: st
     reference is the ground-truth answer as a one-hot distribution, so KL = -log p(answer | caption_i). It is
     for an LVLM that misreads its full image often: then a true caption moves the answer away from the
     all-token distribution and the paper's best candidate is the one that says least."""
-    from actors.accm import answer_log_probs
+    from actors.accm import answer_log_probs, answer_token_ids
 
     if reference not in ACCM_REFERENCES:
         raise ValueError(f"reference must be one of {ACCM_REFERENCES}, got {reference!r}")
@@ -131,9 +131,7 @@ def candidate_kl(engine, batch: dict, candidates: list[list[str]], reference: st
         cand = answer_log_probs(engine, [batch["retained"][i] for i in rep], [batch["questions"][i] for i in rep],
                                 flat, [batch["answers"][i] for i in rep])
         if reference == "answer":
-            tok = engine.tokenizer
-            ids = [tok(" " + a.strip(), add_special_tokens=False)["input_ids"] + [engine.eos_token_id]
-                   for a in batch["answers"]]  # the tokens answer_log_probs teacher-forces
+            ids = [answer_token_ids(engine, a) for a in batch["answers"]]
             kl = torch.stack([-c.gather(-1, torch.tensor(ids[i], device=c.device)[:, None]).mean()
                               for i, c in zip(rep, cand, strict=True)])
             return kl.view(b, n)
