@@ -23,6 +23,7 @@ import pytest
 
 from pipeline import tasks
 from pipeline.config import parse_args
+from tests.jobs import V1_LVLM
 
 pytestmark = pytest.mark.slow
 SHORT = "Answer the question using a single word or phrase."
@@ -80,13 +81,9 @@ def _jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-# The first world's shipped LVLM (64 visual tokens): the formats, readers and metrics are under test here, not the
-# model, and the bundled benchmark demo (data/shapes_vqa/benchmarks) is of that world.
-V1_LVLM = str(Path(__file__).resolve().parents[1] / "models" / "shapes" / "lvlm")
-
-
 def _run(out: Path | str, *args: str) -> tuple[dict, list[dict]]:
-    """Run the job in-process (``--method none``, batch 8); the summary and every output row."""
+    """Run the job in-process (``--method none``, batch 8) with the first world's LVLM (the formats, readers
+    and metrics are under test, not the model); the summary and every output row."""
     from pipeline.graph import run_job
 
     cfg = parse_args(["--lvlm", V1_LVLM, *args, "--output", str(out), "--method", "none", "--batch-size", "8"])

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.jobs import load_job
+from tests.jobs import V1_MODEL_ARGS, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -28,8 +28,7 @@ def test_new_methods_and_accm_over_divprune_in_one_sweep(tmp_path, monkeypatch):
         ["--output", str(out), "--methods", "none,cdpruner,divprune,dart,accm", "--prune-rates", "0.875",
          "--limit", "16", "--batch-size", "8", "--accm-base", "divprune", "--max-new-tokens", "4",
          # the first world's demo rows and shipped models (64 visual tokens: 8 kept at 87.5%)
-         "--input", str(ROOT / "data/shapes_vqa/test"), "--lvlm", str(ROOT / "models/shapes/lvlm"),
-         "--captioner", str(ROOT / "models/shapes/captioner"), "--selector", str(ROOT / "models/shapes/selector")]
+         "--input", str(ROOT / "data/shapes_vqa/test"), *V1_MODEL_ARGS]
     )  # fmt: skip
     assert rc == 0
     rows = {m: [r for f in sorted((out / m / ("0" if m == "none" else "0.875")).glob("*.parquet"))

@@ -19,7 +19,7 @@ import pytest
 
 from pipeline import shapes
 from pipeline.schema import INPUT_SCHEMA
-from tests.jobs import load_job
+from tests.jobs import V1_MODEL_ARGS, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -104,8 +104,7 @@ def test_accm_through_tp2_gives_the_plain_models_captions_and_answers(ray_sessio
     common = ["--input", str(src), "--method", "accm", "--prune-rate", "0.875", "--batch-size", "4",
               "--model-cache", str(tmp_path / "cache"),
               # the first world's trained models (greedy answers far from ties that an all-reduce order could flip)
-              "--lvlm", str(ROOT / "models/shapes/lvlm"), "--captioner", str(ROOT / "models/shapes/captioner"),
-              "--selector", str(ROOT / "models/shapes/selector")]
+              *V1_MODEL_ARGS]
     assert job.main([*common, "--output", str(tmp_path / "plain")]) == 0
     assert job.main([*common, "--output", str(tmp_path / "tp2"), "--lvlm-tp", "2"]) == 0
     columns = ["id", "caption", "prediction", "error", "score", "flops_total", "flops_llm_prefill"]

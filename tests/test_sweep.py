@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.jobs import load_job
+from tests.jobs import V1_MODEL_ARGS, load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,8 +242,7 @@ def test_sweep_over_two_benchmark_tasks_in_one_graph(tmp_path, monkeypatch):
         ["--tasks", "pope,mmbench", "--output", str(out), "--methods", "none,accm", "--prune-rates", "0.875",
          "--limit", "12", "--answer-suffix", "none", "--max-new-tokens", "4", "--batch-size", "6",
          # the bundled benchmark demo is of the first world: its shipped models
-         "--lvlm", str(ROOT / "models/shapes/lvlm"), "--captioner", str(ROOT / "models/shapes/captioner"),
-         "--selector", str(ROOT / "models/shapes/selector")]
+         *V1_MODEL_ARGS]
     )  # fmt: skip
     assert rc == 0
     for setting in ("none/0", "accm/0.875"):
