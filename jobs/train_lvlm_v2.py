@@ -123,6 +123,27 @@ def cell_weights(pb: L.PackedBatch, cell_id: int, cell_weight: float) -> torch.T
     return torch.tensor([cell_weight if c else 1.0 for c in is_cell])
 
 
+def patch_cells() -> torch.Tensor:
+    """[144]: the index in ``world.CELL_WORDS`` of the cell each visual token's patch lies in (2x2 patches a cell)."""
+    per_cell = world.GRID // world.CELLS
+    rows, cols = np.divmod(np.arange(V.N_VISUAL), world.GRID)
+    return torch.as_tensor((rows // per_cell) * world.CELLS + cols // per_cell)
+
+
+def cell_grounding_loss(model, patch_features: torch.Tensor, cell_word_ids: torch.Tensor,
+                        scale: float = 10.0) -> torch.Tensor:
+    """``--cell-grounding``: every projected visual token is classified into its cell by cosine similarity with
+    the LLM's input embeddings of the 36 cell words. Why: the session-6 lookup diagnostic found the cell word's
+    heads on its grid row (0.69 of the mass) and hardly on its column (0.24); the tower carries row and column
+    linearly (probes 100%), and the projector's hidden layer can make their conjunction, so a visual token whose
+    embedding points like its cell word's gives the cell word a key to match by content, wherever it sits."""
+    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
+    table = model.model.language_model.get_input_embeddings().weight[cell_word_ids]  # [36, D]
+    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
+    labels = patch_cells().to(logits.device).expand(logits.shape[:2])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
     """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""
@@ -162,6 +183,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
     heads = args.attn_sup_heads
     cell_id = tok.convert_tokens_to_ids("cell")
+    cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
@@ -186,15 +208,17 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
                                       ("hop", args.hop_layer, pb.hop_targets))}
         word, hop = sup["word"] + sup["context"], sup["hop"]
         loss = F.cross_entropy(logits, labels)
+        grounding = (cell_grounding_loss(model, hidden[:, 1:], cell_word_ids) if args.cell_grounding
+                     else logits.new_zeros(()))
         opt.zero_grad(set_to_none=True)
-        (loss + args.attn_sup * (word + hop)).backward()
+        (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
             img = pb.first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
             log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
-                f"{hop.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -252,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-weight", type=float, default=1.0,
                    help="weight of the context-layer attention loss of cell words (their target: the object "
                         "in that cell) against the other context targets (see cell_weights)")
+    p.add_argument("--cell-grounding", type=float, default=0.0,
+                   help="weight of the loss that points each projected visual token at its cell word's input "
+                        "embedding (see cell_grounding_loss); 0 = off")
     p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
     p.add_argument("--lr", type=float, default=1e-3)
