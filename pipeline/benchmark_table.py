@@ -93,7 +93,7 @@ def per_task_recommendations(table: pd.DataFrame, *, tolerance_points: float, ta
 def paper_table_markdown(table: pd.DataFrame) -> str:
     """Rows method x kept tokens (the unpruned row first), columns the benchmarks in their units, TFLOPs/item,
     relative score and $ per 1M items (right-sized)."""
-    from pipeline.report import fmt_usd, markdown_table
+    from pipeline.report_tables import fmt_usd, markdown_table
 
     names = benchmark_names(table)
     header = ["method", "kept tokens", *(f"{t} ({tasks.get(t).HEADLINE_UNIT})" for t in names),
