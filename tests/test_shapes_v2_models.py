@@ -280,7 +280,7 @@ def test_cell_grounding_maps_patches_to_their_cells_and_trains_the_projector():
     cells = patch_cells()
     assert cells.shape == (V.N_VISUAL,) and cells.unique().numel() == len(world.CELL_WORDS)
     for obj in [world.sample_scene(np.random.default_rng(s), "train")[0] for s in range(5)]:
-        assert {int(cells[p]) for p in world.patch_indices(obj)} == {world.CELL_WORDS.index(world.cell_name(obj).split()[-1])}
+        assert {int(cells[p]) for p in world.patch_indices(obj)} == {world.CELL_WORDS.index(world.cell_word(obj.row, obj.col))}
     tok = V.build_tokenizer()
     torch.manual_seed(0)
     model = V.build_model("tiny", tokenizer=tok)
