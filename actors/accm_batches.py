@@ -100,6 +100,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         # facts: always stated
         "target_discarded": [it.question_type in ("count", "exist") or s > 0 for it, s in zip(items, seen, strict=True)],
         "target_slots": slots,
+        "discarded_indices": dropped,  # per item, the patches the base pruner discarded (slot order)
         # does the mapper see every object the fact is about? (exist-no facts are about none: always)
         "fact_visible": [s == len(fact_objects(it)) for it, s in zip(items, seen, strict=True)],
         "slot_labels": slot_labels(items, pruned.discarded_indices, world),

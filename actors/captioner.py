@@ -21,7 +21,6 @@ Attention is written out (no SDPA) in the mapper and the decoder is loaded with 
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,52 +31,13 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from actors.encoder_blocks import Encoder
+
 CONFIG_NAME = "accm_captioner.json"
 MAPPER_WEIGHTS = "mapper.safetensors"
 DECODER_DIR = "decoder"
 INPUT_FEATURES = ("feature_layer", "projected")
 MAPPER_ARCHS = ("encoder", "clipcap")
-
-
-# --------------------------------------------------------------------------------------------------------
-# A small pre-norm transformer encoder (shared with the selector's classifier)
-# --------------------------------------------------------------------------------------------------------
-
-
-class EncoderBlock(nn.Module):
-    """Pre-norm bidirectional block; attention spelled out so FLOP counters see it."""
-
-    def __init__(self, d: int, heads: int, intermediate: int) -> None:
-        super().__init__()
-        assert d % heads == 0, "hidden size must divide by heads"
-        self.heads = heads
-        self.ln_1 = nn.LayerNorm(d)
-        self.qkv = nn.Linear(d, 3 * d)
-        self.proj = nn.Linear(d, d)
-        self.ln_2 = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, intermediate)
-        self.out = nn.Linear(intermediate, d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.ln_1(x)).split(d, dim=-1)
-        q, k, v = (t.view(b, n, self.heads, d // self.heads).transpose(1, 2) for t in (q, k, v))
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d // self.heads))
-        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln_2(x))))
-
-
-class Encoder(nn.Module):
-    def __init__(self, d: int, layers: int, heads: int, intermediate: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(EncoderBlock(d, heads, intermediate) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-
-    def forward(self, x: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return self.ln_f(x)
 
 
 def detokenize(text: str) -> str:
@@ -309,7 +269,7 @@ class CaptionModel(nn.Module):
         ``target_slots`` (pre-training only, ``patch_prefix`` models): per item, the discarded-patch slots of
         the objects its caption is about (``[]``: none seen, no supervision). The first ``attention_heads``
         heads (0: half) of decoder layer ``attention_layer``, at every position that predicts a caption token,
-        should spread their attention over those slots (``actors.shapes_lvlm.attention_target_loss``, the
+        should spread their attention over those slots (``actors.attention_rows.attention_target_loss``, the
         LVLM's lesson: without it a small model does not learn to pick the object a question names).
         ``slot_hidden`` is what those heads read from: a training job can ask it to keep each patch's
         attributes (measured: without that, the earlier layer mixes them away, docs/notes/accm.md Session 5).
@@ -330,7 +290,7 @@ class CaptionModel(nn.Module):
             layer = attention_layer % self.decoder.config.num_hidden_layers
             result["slot_hidden"] = tf.out.hidden_states[layer][:, tf.first_slot : tf.first_slot + m]
         if supervise:
-            from actors.shapes_lvlm import attention_target_loss
+            from actors.attention_rows import attention_target_loss
 
             lengths = tf.caption_mask.sum(1).tolist()
             targets = [(r, tf.prompt_len - 1 + t, [tf.first_slot + s for s in slots])

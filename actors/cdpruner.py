@@ -44,7 +44,7 @@ import torch
 
 from actors.pruners import trivial_selection
 from kernels.dpp_greedy import DEFAULT_EPS, dpp_greedy_map
-from pipeline.flops import cdpruner_selection_flops as cdpruner_flops  # noqa: F401 - the one FLOPs model
+from pipeline.flops_pruners import cdpruner_selection_flops as cdpruner_flops  # noqa: F401 - the one FLOPs model
 
 
 def _l2_normalise(x: torch.Tensor) -> torch.Tensor:

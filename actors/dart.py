@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.flops import dart_selection_flops as dart_flops  # noqa: F401 - the one FLOPs model
+from pipeline.flops_pruners import dart_selection_flops as dart_flops  # noqa: F401 - the one FLOPs model
 
 COUNTS = ("code", "budget")
 DEFAULT_LAYER = 2  # [S] --pruned_layer / K = 2

@@ -26,7 +26,7 @@ import torch
 
 from actors.pruners import trivial_selection
 from kernels.maxmin_greedy import maxmin_greedy
-from pipeline.flops import divprune_selection_flops as divprune_flops  # noqa: F401 - the one FLOPs model
+from pipeline.flops_pruners import divprune_selection_flops as divprune_flops  # noqa: F401 - the one FLOPs model
 
 
 def divprune_distance(features: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, PreTrainedTokenizerBase
 
-from actors.captioner import Encoder
+from actors.encoder_blocks import Encoder
 
 CONFIG_NAME = "accm_selector.json"
 CLASSIFIER_WEIGHTS = "classifier.safetensors"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from actors.attention_rows import target_nll  # noqa: F401 - re-exported: the supervision loss's core
+from actors.attention_rows import attention_target_loss, target_nll  # noqa: F401 - re-exported: the supervision losses
 from actors.prompt import IMAGE_TOKEN, build_prompt
 from pipeline import shapes
 
@@ -500,21 +500,3 @@ def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: 
     sel = batch.labels != -100
     logits, labels = model.lm_head(out.last_hidden_state[sel]), batch.labels[sel]
     return (logits, labels, out.attentions) if output_attentions else (logits, labels)
-
-
-def attention_target_loss(attention: torch.Tensor, targets: list[tuple[int, int, list[int]]], heads: int) -> torch.Tensor:
-    """Auxiliary training loss that teaches the LLM to *select*: the first ``heads`` heads of one layer
-    should spread their attention at each query position uniformly over its target keys
-    (``PackedBatch.word_targets``, ``context_targets`` or ``hop_targets``): cross-entropy against that uniform distribution,
-    averaged over heads and queries. ``attention`` is the layer's softmaxed map ``[B, H, L, L]``.
-
-    Why: without it the LLM sat at chance on multi-object scenes for thousands of steps, even with ideal
-    visual tokens (embeddings of colour + shape + cell) -- the answer loss alone gives the question-to-object
-    match almost no gradient while attention is uniform over ~80 tokens. It exists only in training; the
-    model stays a plain LLaVA.
-    """
-    if not targets:
-        return attention.new_zeros(())
-    rows = torch.tensor([t[0] for t in targets], device=attention.device)
-    queries = torch.tensor([t[1] for t in targets], device=attention.device)
-    return target_nll(attention[rows, :heads, queries], targets)  # one gather for all targets
