@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,10 +51,11 @@ def scene_range(stage: int, progress: float, ramp: float) -> tuple[int, int]:
 
 
 def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], stage: int,
-              drop_rng: np.random.Generator | None = None, order_rng: np.random.Generator | None = None):
+              drop_rng: np.random.Generator | None = None, order_rng: np.random.Generator | None = None,
+              list_rng: np.random.Generator | None = None):
     """One step's images and packed branches, and the visual tokens each image keeps in the order they enter
-    (``visual_keep``, ``shuffled_order``; their own generators ``drop_rng`` and ``order_rng``, so that runs
-    without the augmentations draw the batches they always drew)."""
+    (``visual_keep``, ``shuffled_order``, ``count_list_facts``; their own generators ``drop_rng``, ``order_rng``
+    and ``list_rng``, so that runs without the augmentations draw the batches they always drew)."""
     n_image, n_fact, n_text = (args.n_image, args.n_fact, args.n_text) if stage == 2 else (args.stage1_n_image, 0, 0)
     images, branches = [], []
     for _ in range(args.batch):
@@ -62,8 +64,11 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
         if n_fact and rng.random() < args.hide_fact_objects:
             # the fact questions are about objects the image does not show: the fact is the only source
             facts = V.draw_branches(objs, rng, n_image=0, n_fact=n_fact, n_text=n_text)
+            if list_rng is not None and getattr(args, "count_list", 0) > 0:
+                facts = count_list_facts(objs, facts, list_rng, args.count_list)
             hidden = {i for br in facts if br.use_image for i in br.target}
             shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
+            facts = [recount(br, objs, hidden) for br in facts]
             # the subset is a scene of its own: it must hash into the train split too (a small one could be a
             # val or test scene), else the full scene is used
             if shown and world.scene_hash(shown) % 10 in world._SPLIT_BUCKETS["train"]:
@@ -75,6 +80,33 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     keep = visual_keep(branches, drop_rng, args) if drop_rng is not None else None
     keep = shuffled_order(keep, len(images), order_rng, args) if order_rng is not None else keep
     return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep
+
+
+def count_list_facts(objs, facts: list[L.Branch], rng: np.random.Generator, share: float) -> list[L.Branch]:
+    """``--count-list``: a share of the image + fact count branches hide only some (1..all) of the counted objects
+    and state those, one caption each (``world.caption``, in scene order), instead of the total; the answer is
+    then what the image shows plus what the text lists (``recount``). Why: that is the count caption ACCM can
+    give (the caption model lists the objects wholly among the discarded patches, the LVLM counts the ones its
+    kept tokens show). Measured before it (``jobs/diagnose_count.py lvlm-text``): the LVLM reads a total-count
+    fact 100% and such a list 7-16%."""
+    out = []
+    for br in facts:
+        if br.use_image and br.qtype == "count" and br.target and rng.random() < share:
+            k = int(rng.integers(1, len(br.target) + 1))
+            listed = tuple(sorted(int(i) for i in rng.choice(br.target, size=k, replace=False)))
+            br = replace(br, caption=" ".join(world.caption(objs[i]) for i in listed), target=listed)
+        out.append(br)
+    return out
+
+
+def recount(br: L.Branch, objs, hidden: set[int]) -> L.Branch:
+    """A listed-count branch's answer once the image's hidden objects are known: the counted objects the image
+    still shows plus those the list names (other branches may hide more of them; those are gone)."""
+    if br.qtype != "count" or not br.use_image or br.caption is None or br.caption.startswith("there "):
+        return br
+    colour = br.question.split("How many ", 1)[1].split(" ", 1)[0]
+    shown = sum(1 for i, o in enumerate(objs) if o.color == colour and i not in hidden)
+    return replace(br, answer=str(shown + len(br.target)))
 
 
 def visual_keep(branches: list[list[L.Branch]], rng: np.random.Generator, args) -> list[list[int]] | None:
@@ -189,7 +221,8 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         n_range = scene_range(stage, step / steps, args.ramp)
         px, pb, keep = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
                                  np.random.default_rng([args.seed, stage, step, 1]),
-                                 np.random.default_rng([args.seed, stage, step, 2]))
+                                 np.random.default_rng([args.seed, stage, step, 2]),
+                                 np.random.default_rng([args.seed, stage, step, 3]))
         floor = 1.0 if stage == 1 else 0.1
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor) * min(1.0, (step - start + 1) / max(1, rewarm))
@@ -279,6 +312,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-grounding", type=float, default=0.0,
                    help="weight of the loss that points each projected visual token at its cell word's input "
                         "embedding (see cell_grounding_loss); 0 = off")
+    p.add_argument("--count-list", type=float, default=0.0,
+                   help="share of the image + fact count questions whose fact lists some hidden counted objects "
+                        "instead of stating the total (see count_list_facts); 0 = off")
     p.add_argument("--ramp", type=float, default=0.3, help="share of stage 2 by which scenes reach 20-28 objects")
     p.add_argument("--batch", type=int, default=16, help="images per step (each carries several questions)")
     p.add_argument("--lr", type=float, default=1e-3)

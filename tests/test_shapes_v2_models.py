@@ -130,6 +130,7 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "3", "--batch", "2", "--val-items", "10", "--eval-every", "3",
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--resume",
+        "--count-list", "1.0", "--hide-fact-objects", "1.0",
     ])
     assert again["stage2_step"] == 3 and [e["step"] for e in again["evals"]] == [1, 2, 3]
     with pytest.raises(SystemExit):  # nothing to resume from
@@ -246,6 +247,31 @@ def test_token_order_augmentation_permutes_kept_tokens_and_targets_follow_them()
     hidden, _ = L.vision_features(model, C.pixel_values([V.render(o, world.sample_background(rng)) for o in scenes]))
     feats = L.kept_features(hidden[:, 1:], order)
     assert torch.equal(feats[0, : len(order[0])], hidden[0, 1:][order[0]])
+
+
+def test_count_list_facts_list_hidden_objects_and_count_what_the_image_shows_plus_the_list():
+    """--count-list: a listed count fact names some counted objects, one caption each; the image hides them (and
+    whatever other fact branches hide), and the answer is the counted objects still shown plus those listed."""
+    from jobs.train_lvlm_v2 import count_list_facts, recount
+
+    rng = np.random.default_rng(3)
+    checked = 0
+    for _ in range(20):
+        objs = world.sample_scene(rng, "train", (20, 28))
+        facts = V.draw_branches(objs, rng, n_image=0, n_fact=3, n_text=1, qtypes=("count", "color"))
+        listed = count_list_facts(objs, facts, rng, share=1.0)
+        hidden = {i for br in listed if br.use_image for i in br.target}
+        for before, br in zip(facts, (recount(b, objs, hidden) for b in listed), strict=True):
+            if br.qtype != "count" or not br.use_image or not before.target:
+                assert br == before  # colour facts, text-only count facts and counts of zero are untouched
+                continue
+            colour = br.question.split("How many ", 1)[1].split(" ", 1)[0]
+            assert set(br.target) <= set(before.target) and br.target  # 1..all of the counted objects
+            assert br.caption == " ".join(world.caption(objs[i]) for i in br.target)
+            shown = [o for i, o in enumerate(objs) if i not in hidden and o.color == colour]
+            assert int(br.answer) == len(shown) + len(br.target) <= int(before.answer)
+            checked += 1
+    assert checked > 10
 
 
 def test_cell_weight_scales_only_the_cell_words_context_targets():
