@@ -11,7 +11,11 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
 * stage 1: plain image questions on scenes of every size (1-28 objects); stage 2: instruction tuning with the
   answer's fact beside the image ("additional information") and text-only questions, scenes narrowing to the
   benchmark's 20-28 objects; a share of the fact questions' objects are left out of the image, so the fact is
-  the only source (the LVLM must read supplemental text; it never sees ACCM captions or evaluation items).
+  the only source (the LVLM must read supplemental text; it never sees ACCM captions or evaluation items);
+* optional augmentations, each with its own random generator: token drops (``--drop-visual``), shuffled token
+  order (``--shuffle-visual``), a cell-word weight on the context targets (``--cell-weight``), a projector loss
+  that points each visual token at its cell word (``--cell-grounding``), and count facts that list some hidden
+  counted objects instead of the total (``--count-list``).
 
 Usage::
 
