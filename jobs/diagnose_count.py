@@ -42,7 +42,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from actors.accm_batches import make_batch, slot_attributes  # noqa: E402
+from actors.accm_batches import ABSTAIN_CAPTION, make_batch, slot_attributes  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 COUNT_INDEX = world.QUESTION_TYPES.index("count")  # item i asks QUESTION_TYPES[i % 5]
@@ -126,15 +126,17 @@ def seen_colour_counts(batch: dict, colours: int) -> Tensor:
 
 def caption_exact(captioner, engine, args) -> dict:
     captioner.eval()
-    seen = hits = 0
+    seen = hits = abstained = 0
     for batch in count_batches(engine, "val", 0, args.n, args.keep, args.batch_size, args.seed):
         with torch.no_grad():
             beams = captioner.beam_search(batch["discarded"], batch["questions"])
         for cands, fact, visible in zip(beams.captions, batch["facts"], batch["fact_visible"], strict=True):
             seen += visible
             hits += visible and cands[0] == fact
+            abstained += cands[0] == ABSTAIN_CAPTION
     captioner.train()
-    return {"items_seen": seen, "exact_where_seen": round(hits / max(1, seen), 3)}
+    return {"items_seen": seen, "exact_where_seen": round(hits / max(1, seen), 3),
+            "abstained": round(abstained / args.n, 3)}
 
 
 def caption_finetune(args) -> dict:
