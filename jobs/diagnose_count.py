@@ -12,7 +12,8 @@ from the caption model, on val count items at one budget of PruMerge+ (the base 
   Says which caption form the LVLM can use.
 * ``caption-finetune`` -- fine-tunes a caption model on count items only (plain PyTorch, no Ray; budgets drawn
   from ``--keep-range``, facts only where every counted object is seen, the pre-training's attention and slot
-  read-out losses) and reports its first-beam exact match on the val items whose counted objects it all sees.
+  read-out losses) and reports its first-beam exact match on the val items whose counted objects it all sees
+  and how often it abstains.
   ``--count-token``: the mapper also sums a per-slot MLP over the patch slots (a sum, not an attention average,
   so a count can be linear in it) into its last constant slot, with an auxiliary per-colour count read-out of
   that sum. Says whether the caption model can learn to count at all, with and without that help. The
