@@ -45,6 +45,23 @@ def objects_seen(item, discarded_indices: list[int], world: ModuleType = shapes)
     return sum(any(p in dropped for p in world.patch_indices(item.objects[o])) for o in fact_objects(item))
 
 
+COUNT_FACTS = ("total", "list")  # train_accm.py --count-facts
+
+
+def wholly_discarded(item, discarded_indices: list[int], world: ModuleType = shapes) -> tuple[int, ...]:
+    """The counted objects every patch of which the base pruner discarded: the ones the LVLM cannot see."""
+    dropped = set(discarded_indices)
+    return tuple(o for o in item.target if all(p in dropped for p in world.patch_indices(item.objects[o])))
+
+
+def listed_count_fact(item, discarded_indices: list[int], world: ModuleType = shapes) -> tuple[str, tuple[int, ...]]:
+    """``--count-facts list``: a count question's caption names the counted objects the LVLM cannot see, one
+    caption each (``world.caption``, scene order), and the LVLM adds those it sees (``jobs/train_lvlm_v2.py
+    --count-list``); nothing to add -> the abstention. Returns (fact, the listed objects)."""
+    listed = wholly_discarded(item, discarded_indices, world)
+    return " ".join(world.caption(item.objects[o]) for o in listed) or ABSTAIN_CAPTION, listed
+
+
 def slot_labels(items, discarded_indices: Tensor, world: ModuleType = shapes) -> Tensor:
     """[B, M, 4] (colour, shape, row, column) classes of the object on each discarded patch; -100 where no
     object is. What a fact can ask about a patch: its attributes, and where it is (spatial questions)."""
@@ -61,14 +78,17 @@ def slot_labels(items, discarded_indices: Tensor, world: ModuleType = shapes) ->
 
 def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
                n_objects: tuple[int, int] | None = None, *, world: ModuleType = shapes,
-               features: str = "feature_layer") -> dict:
+               features: str = "feature_layer", count_facts: str = "total") -> dict:
     """Items of ``world`` -> frozen tower -> base pruner: everything a training/eval step needs.
 
     ``n_objects``: scene sizes other than the benchmark's (pre-training's curriculum). ``features``: what the
     caption model reads ("feature_layer", or "projected" = the CLIP's projected patch embeddings, the ACCM
-    reference input; needs an engine built with ``clip_text_url``)."""
+    reference input; needs an engine built with ``clip_text_url``). ``count_facts``: what a count question's
+    fact says, the total ("total") or the objects the LVLM cannot see ("list", ``listed_count_fact``)."""
     if features not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {FEATURE_KINDS}, not {features!r}")
+    if count_facts not in COUNT_FACTS:
+        raise ValueError(f"count_facts must be one of {COUNT_FACTS}, not {count_facts!r}")
     sizes = n_objects or (world.MIN_OBJECTS, world.MAX_OBJECTS)
     items = [world.make_item(seed, split, i, n_objects=sizes) for i in indices]
     questions = [it.question for it in items]
@@ -86,13 +106,22 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     dropped = pruned.discarded_indices.tolist()
     slots = [target_slots(it, d, world) for it, d in zip(items, dropped, strict=True)]
     seen = [objects_seen(it, d, world) for it, d in zip(items, dropped, strict=True)]
+    facts = [world.fact(it.objects, it.question_type, it.question, it.target) for it in items]
+    visible = [s == len(fact_objects(it)) for it, s in zip(items, seen, strict=True)]
+    if count_facts == "list":  # the caption names what the LVLM cannot see: always sayable, slots of those only
+        for i, (it, d) in enumerate(zip(items, dropped, strict=True)):
+            if it.question_type == "count":
+                facts[i], listed = listed_count_fact(it, d, world)
+                slot_of = {patch: slot for slot, patch in enumerate(d)}
+                slots[i] = [slot_of[p] for o in listed for p in world.patch_indices(it.objects[o])]
+                visible[i] = True
     return {
         "ids": ids,
         "items": items,
         "questions": questions,
         "answers": [it.answer for it in items],
         "qtypes": [it.question_type for it in items],
-        "facts": [world.fact(it.objects, it.question_type, it.question, it.target) for it in items],
+        "facts": facts,
         "discarded": pruned.discarded_projected if projected else pruned.discarded,
         # every patch in the caption model's feature kind (pre-training's reading warm-up)
         "mapper_full": vision.projected if projected else vision.patch_features,
@@ -102,7 +131,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "target_slots": slots,
         "discarded_indices": dropped,  # per item, the patches the base pruner discarded (slot order)
         # does the mapper see every object the fact is about? (exist-no facts are about none: always)
-        "fact_visible": [s == len(fact_objects(it)) for it, s in zip(items, seen, strict=True)],
+        "fact_visible": visible,
         "slot_labels": slot_labels(items, pruned.discarded_indices, world),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),

@@ -111,7 +111,8 @@ def batches(config: dict, engine, features: str):
     world = WORLDS[config.get("world", "v1")]
 
     def batch(seed: int, split: str, indices: list[int], keep: int, n_objects=None) -> dict:
-        return make_batch(engine, seed, split, indices, keep, n_objects, world=world, features=features)
+        return make_batch(engine, seed, split, indices, keep, n_objects, world=world, features=features,
+                          count_facts=config.get("count_facts", "total"))
 
     return batch
 
@@ -123,6 +124,8 @@ def build_or_load(config: dict, engine):
     init_c, init_s = config.get("init_captioner"), config.get("init_selector")
     if init_c and (Path(init_c) / "accm_captioner.json").exists():
         captioner = CaptionModel.from_pretrained(init_c)
+        if config.get("max_caption_tokens"):  # longer captions (--count-facts list) from a trained model
+            captioner.config.max_caption_tokens = config["max_caption_tokens"]
     else:
         arch = config["captioner_arch"]
         projected = arch.get("input_features") == "projected"

@@ -23,12 +23,13 @@ def rate_label(keep: int, n_patches: int) -> str:
 def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: int,
              rates: tuple[float, ...] = (0.875, 0.9375), batch_size: int = 64, split: str = "test",
              world: str = "v1", clip: str | None = None,
-             reference_methods: tuple[str, ...] = REFERENCE_METHODS) -> dict:
+             reference_methods: tuple[str, ...] = REFERENCE_METHODS, count_facts: str = "total") -> dict:
     """The ablation rows, each {accuracy, se, mflops_per_item, n, accuracy_by_type, ...}.
 
     ``rates``: pruning rates of the base pruner + ACCM rows (keep = round((1 - rate) * patches));
     ``clip``: the CLIP folder (text-guided PruMerge+ picks, and the projected features a reference caption
-    model reads)."""
+    model reads); ``count_facts``: the count facts the caption model was trained on (the oracle rows say the
+    same; ``actors.accm_batches.make_batch``)."""
     from actors.accm import ACCMCaptioner
     from actors.accm_batches import make_batch
     from actors.engine import LlavaEngine
@@ -60,7 +61,8 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
 
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        batch = make_batch(engine, seed, split, idx, keeps[0], world=gen, features=accm.input_features)
+        batch = make_batch(engine, seed, split, idx, keeps[0], world=gen, features=accm.input_features,
+                           count_facts=count_facts)
         batch_keep = keeps[0]
         qs, ans = batch["questions"], batch["answers"]
         types[:] = batch["qtypes"]
@@ -74,7 +76,8 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
                                                  fastv_layer=fastv_layer), ans)
         for keep in keeps:
             if keep != batch_keep:
-                batch = make_batch(engine, seed, split, idx, keep, world=gen, features=accm.input_features)
+                batch = make_batch(engine, seed, split, idx, keep, world=gen, features=accm.input_features,
+                                   count_facts=count_facts)
                 batch_keep = keep
             rate = rate_label(keep, patches)
             add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",

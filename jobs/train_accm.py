@@ -53,6 +53,7 @@ import torch  # noqa: E402
 from actors.accm_batches import (  # noqa: E402, F401
     ABSTAIN_CAPTION,
     ACCM_REFERENCES,
+    COUNT_FACTS,
     candidate_kl,
     fact_objects,
     make_batch,
@@ -317,6 +318,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slot-read", type=float, default=1.0,
                    help="pre-training: weight of a linear read-out of each patch slot's colour, shape, row and "
                         "column from the hidden state the supervised heads read (patch_prefix only; not shipped)")
+    p.add_argument("--count-facts", choices=COUNT_FACTS, default="total",
+                   help="what a count question's caption target says: the total, or one caption per counted object "
+                        "wholly among the discarded patches, which the LVLM adds to those it sees "
+                        "(actors.accm_batches.listed_count_fact; an LVLM trained with train_lvlm_v2.py --count-list)")
+    p.add_argument("--max-caption-tokens", type=int, default=None,
+                   help="raise a loaded caption model's caption length (list captions are longer)")
     p.add_argument("--captioner-arch", default=None,
                    help="JSON overrides of the caption model's arch (fresh builds; build_caption_model kwargs), e.g. "
                         "the ACCM reference mapper: '{\"mapper_arch\": \"clipcap\", \"patch_prefix\": false}' "
@@ -391,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict:
                 threads=args.threads, ckpt_every=args.ckpt_every,
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, accm_reference=args.accm_reference,
-                pretrain_targets=args.pretrain_targets,
+                pretrain_targets=args.pretrain_targets, count_facts=args.count_facts,
+                max_caption_tokens=args.max_caption_tokens,
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
                 pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             table = evaluate(args.lvlm, args.captioner, args.selector, n=args.eval_n, seed=args.eval_seed,
                              rates=tuple(float(r) for r in args.eval_rates.split(",")),
                              batch_size=min(64, args.eval_n), split=args.eval_split, world=args.world,
-                             clip=args.clip)
+                             clip=args.clip, count_facts=args.count_facts)
             print(markdown(table))
             summary["eval"] = table
             if args.eval_out:

@@ -351,6 +351,18 @@ def test_v2_training_steps_on_projected_patches_with_the_clip_text_selector(tmp_
         assert v["n"] == 4 and abs(v["se"] - (v["accuracy"] * (1 - v["accuracy"]) / 4) ** 0.5) < 1e-9
     # 87.5% of 144 patches keeps 18: the base pruner's row prices fewer LLM FLOPs than all tokens
     assert table["87.5% prumerge_plus"]["mflops_per_item"] < table["all tokens"]["mflops_per_item"]
+    # --count-facts list: count items' facts name objects (or abstain), in training batches and the oracle rows
+    counts = T.batches({**config, "count_facts": "list"}, engine, "projected")(0, "train", [2, 7, 12], 18)
+    assert counts["qtypes"] == ["count"] * 3 and all(counts["fact_visible"])
+    assert all(f == T.ABSTAIN_CAPTION or f.startswith("the ") for f in counts["facts"])
+    listed = evaluate(lvlm, str(tmp_path / "captioner"), str(tmp_path / "selector"), n=4, seed=1, batch_size=4,
+                      split="val", world="v2", clip=clip, rates=(0.875,), reference_methods=("random",),
+                      count_facts="list")
+    assert listed["87.5% + oracle caption"]["n"] == 4
+    # a trained caption model loaded with a longer caption budget (list captions)
+    longer, _ = T.build_or_load({**config, "init_captioner": str(tmp_path / "captioner"), "max_caption_tokens": 33},
+                                engine)
+    assert longer.config.max_caption_tokens == 33 != captioner.config.max_caption_tokens
     with pytest.raises(ValueError, match="patches"):  # a v1-sized LVLM is refused on the v2 world
         from actors.tiny import build_tiny_llava
 
