@@ -72,11 +72,13 @@ def captioner_flops_slot(config, decoder_config, *, discarded_tokens: int, quest
                 caption_tokens=caption_tokens, feature_dim=config.feature_dim, patch_prefix=config.patch_prefix)
 
 
-def selector_flops_slot(config, text_config, *, candidates: int, tokens_per_candidate: int) -> dict:
-    """kwargs of ``pipeline.flops.selector_flops`` for one item."""
+def selector_flops_slot(config, text_config, *, candidates: int, tokens_per_candidate: int,
+                        shared_prefix_tokens: int = 0) -> dict:
+    """kwargs of ``pipeline.flops.selector_flops`` for one item (``shared_prefix_tokens``: see there)."""
     text, classifier = selector_config_dims(config, text_config)
     return dict(text_dims=text, classifier_dims=classifier, candidates=candidates,
-                tokens_per_candidate=tokens_per_candidate, projection_dim=getattr(text_config, "projection_dim", None))
+                tokens_per_candidate=tokens_per_candidate, projection_dim=getattr(text_config, "projection_dim", None),
+                shared_prefix_tokens=shared_prefix_tokens)
 
 
 def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens: int, question_tokens: int,
@@ -106,7 +108,10 @@ def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens:
     text_config = getattr(text_config, "text_config", text_config)  # a full CLIPConfig folder works too
     tokens = selector_tokens if selector_tokens is not None else selector_real_tokens(question_tokens,
                                                                                         caption_tokens)
-    selector = selector_flops_slot(sel_cfg, text_config, candidates=cap_cfg.beams, tokens_per_candidate=tokens)
+    # share_prefix: the start token and the question run once (an estimate from the template "{q} {c}")
+    shared = min(tokens - 1, question_tokens + 1) if sel_cfg.share_prefix else 0
+    selector = selector_flops_slot(sel_cfg, text_config, candidates=cap_cfg.beams, tokens_per_candidate=tokens - shared,
+                                   shared_prefix_tokens=shared)
     return captioner, selector
 
 
@@ -145,17 +150,30 @@ class ACCMCaptioner:
             self.captioner.config, self.captioner.decoder.config, discarded_tokens=discarded_tokens,
             question_tokens=question_tokens, caption_tokens=caption_tokens, beams=beams)))
 
-    def selector_flops(self, candidates: int, tokens_per_candidate: int) -> float:
+    def selector_flops(self, candidates: int, tokens_per_candidate: int, shared_prefix_tokens: int = 0) -> float:
         from pipeline.flops import selector_flops
 
         return float(selector_flops(**selector_flops_slot(self.selector.config, self.selector.text_encoder.config,
                                                           candidates=candidates,
-                                                          tokens_per_candidate=tokens_per_candidate)))
+                                                          tokens_per_candidate=tokens_per_candidate,
+                                                          shared_prefix_tokens=shared_prefix_tokens)))
 
     def selector_tokens(self, question: str, candidates: list[str]) -> int:
         """Padded token length of one item's selector batch (what a per-item forward computes on)."""
         lengths = self.selector.text_lengths([self.selector.text(question, c) for c in candidates])
         return min(max(lengths), self.selector.config.max_text_tokens)
+
+    def selector_shape(self, question: str, candidates: list[str]) -> tuple[int, int]:
+        """(padded tokens per candidate, shared prefix tokens) one item's selector forward computes on: with
+        ``share_prefix`` the candidates' common token prefix and their padded suffixes, else (padded length, 0)."""
+        if not self.selector.config.share_prefix:
+            return self.selector_tokens(question, candidates), 0
+        from actors.shared_prefix import common_prefix
+
+        rows = self.selector.tokenizer([self.selector.text(question, c) for c in candidates], truncation=True,
+                                       max_length=self.selector.config.max_text_tokens)["input_ids"]
+        p = common_prefix(rows)
+        return max(len(r) for r in rows) - p, p
 
     @torch.no_grad()
     def caption(self, discarded: Tensor, questions: list[str], *, beams: int | None = None) -> CaptionResult:
@@ -173,7 +191,7 @@ class ACCMCaptioner:
         m = discarded.shape[1]
         flops_cap = [self.captioner_flops(m, q, s + 1, beams=k) for q, s in zip(out.question_tokens, out.steps,
                                                                                     strict=True)]
-        flops_sel = [self.selector_flops(len(c), self.selector_tokens(q, c))
+        flops_sel = [self.selector_flops(len(c), *self.selector_shape(q, c))
                      for q, c in zip(questions, out.captions, strict=True)]
         return CaptionResult(
             selected=[c[i] for c, i in zip(out.captions, picks, strict=True)],

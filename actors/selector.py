@@ -81,6 +81,9 @@ class SelectorConfig:
     template: str = TEMPLATE
     strip_caption: bool = True
     remove_suffixes: list[str] = field(default_factory=list)
+    # Encode the token prefix an item's candidates share (the question, with "{q} {c}") once, the candidates'
+    # suffixes against its cached keys/values (actors.shared_prefix): the same EOS features, fewer FLOPs.
+    share_prefix: bool = False
 
     def __post_init__(self) -> None:
         if not self.intermediate:
@@ -210,13 +213,22 @@ class CaptionSelector(nn.Module):
             feats = self.text_encoder(**enc).text_embeds
         return feats, int(enc["input_ids"].shape[1])
 
+    def encode_shared(self, texts: list[str], group: int) -> tuple[Tensor, list[int], int]:
+        """``encode_texts`` with each group of ``group`` texts' common token prefix encoded once
+        (``actors.shared_prefix``): features, per group the prefix length, and the padded suffix length."""
+        from actors.shared_prefix import shared_prefix_features
+
+        budget = self.config.max_text_tokens
+        rows = self.tokenizer(texts, truncation=True, max_length=budget)["input_ids"]
+        return shared_prefix_features(self.text_encoder, rows, group)
+
     def forward(self, questions: list[str], candidates: list[list[str]]) -> Tensor:
         """Logits [B, N] over each item's N candidates (softmax over dim -1 gives the selection probs)."""
         n = len(candidates[0])
         if any(len(c) != n for c in candidates):
             raise ValueError("every item needs the same number of candidates")
         texts = [self.text(q, c) for q, cands in zip(questions, candidates, strict=True) for c in cands]
-        feats, _ = self.encode_texts(texts)
+        feats = self.encode_shared(texts, n)[0] if self.config.share_prefix else self.encode_texts(texts)[0]
         x = feats.view(len(questions), n, -1)
         if self.rank is not None:
             if n > self.config.max_candidates:
@@ -278,12 +290,13 @@ def build_selector(
     remove_suffixes: list[str] | tuple[str, ...] = (),
     max_text_tokens: int | None = None,
     text_encoder_dir: str | None = None,
+    share_prefix: bool = False,
 ) -> CaptionSelector:
     """A small random-init CLIP text encoder (frozen) + a fresh classifier.
 
     ``max_positions``: the text encoder's position table; ``max_text_tokens`` (default: all of it) the token
-    budget of a candidate. ``arch``, ``dropout``, ``template``, ``strip_caption``, ``remove_suffixes``: see
-    ``SelectorConfig``. ``text_encoder_dir``: a trained CLIPModel folder whose text tower (with its projection and
+    budget of a candidate. ``arch``, ``dropout``, ``template``, ``strip_caption``, ``remove_suffixes``,
+    ``share_prefix``: see ``SelectorConfig``. ``text_encoder_dir``: a trained CLIPModel folder whose text tower (with its projection and
     tokenizer) is the frozen encoder instead of a random one -- LongCLIP's role in the reference; the
     ``text_*``, ``projection_dim``, ``max_positions`` and ``tokenizer`` arguments are then the folder's."""
     from transformers import CLIPTextConfig
@@ -314,6 +327,7 @@ def build_selector(
         config = SelectorConfig(hidden=text_encoder.config.projection_dim, layers=layers, heads=heads,
                                 intermediate=intermediate, rank_embedding=rank_embedding, arch=arch, dropout=dropout,
                                 template=template, strip_caption=strip_caption,
-                                remove_suffixes=list(remove_suffixes), max_text_tokens=max_text_tokens)
+                                remove_suffixes=list(remove_suffixes), max_text_tokens=max_text_tokens,
+                                share_prefix=share_prefix)
         model = CaptionSelector(config, text_encoder, tokenizer)
     return model.eval()

@@ -323,14 +323,22 @@ def selector_flops(
     candidates: int,
     tokens_per_candidate: int,
     projection_dim: int | None = None,
+    shared_prefix_tokens: int = 0,
 ) -> float:
     """ACCM selector: CLIP text encoder per candidate (+ text_projection on the EOS feature), then a small
-    encoder over the candidate vectors and a Linear(d -> 1) per candidate."""
-    text = encoder_flops(text_dims, tokens_per_candidate)
+    encoder over the candidate vectors and a Linear(d -> 1) per candidate.
+
+    ``shared_prefix_tokens`` P > 0 (``SelectorConfig.share_prefix``, actors/shared_prefix.py): the candidates'
+    common prefix runs once (a full forward of P tokens) and each candidate's ``tokens_per_candidate`` suffix
+    tokens attend to P + suffix positions."""
+    p, s = shared_prefix_tokens, tokens_per_candidate
+    text = (sum(layer_flops(text_dims, s, p + s) for _ in range(text_dims.layers)) if p
+            else encoder_flops(text_dims, s))
     if projection_dim:
         text += 2.0 * text_dims.hidden * projection_dim
     classifier = encoder_flops(classifier_dims, candidates) + 2.0 * candidates * classifier_dims.hidden
-    return candidates * text + classifier
+    prefix = encoder_flops(text_dims, p) if p else 0.0
+    return prefix + candidates * text + classifier
 
 
 def _slot(spec: dict | None, fn: Any, defaults: dict) -> float:

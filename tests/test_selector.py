@@ -128,6 +128,47 @@ def test_selector_flops_match_flop_counter(selector):
     assert analytic == pytest.approx(measured, rel=0.02)
 
 
+def test_shared_prefix_gives_the_plain_features_at_fewer_flops(selector):
+    """share_prefix: each item's common token prefix (here the template's start and the question) runs once and
+    the candidates' suffixes attend to its cached keys/values: same EOS features and logits; FlopCounterMode
+    agrees with pipeline.flops.selector_flops(shared_prefix_tokens=...), which is below the plain count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from actors.accm import selector_dims
+    from pipeline.flops import selector_flops
+
+    texts = [selector.text(q, c) for q, cands in zip(QS, CANDS, strict=True) for c in cands]
+    plain, width = selector.encode_texts(texts)
+    shared, prefixes, suffix = selector.encode_shared(texts, 3)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    q_ids = selector.tokenizer(QS[0])["input_ids"]
+    assert prefixes[0] >= len(q_ids) - 1 and suffix < width  # the question (and the template's start) is shared
+    selector.config.share_prefix = True
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            logits_shared = selector(QS[:1], CANDS[:1])
+        _, p1, s1 = selector.encode_shared(texts[:3], 3)
+    finally:
+        selector.config.share_prefix = False
+    torch.testing.assert_close(logits_shared, selector(QS[:1], CANDS[:1]), atol=1e-5, rtol=1e-5)
+    text, classifier = selector_dims(selector)
+    proj = selector.text_encoder.config.projection_dim
+    analytic = selector_flops(text, classifier, candidates=3, tokens_per_candidate=s1, projection_dim=proj,
+                              shared_prefix_tokens=p1[0])
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=0.02)
+    _, full_tokens = selector.encode_texts(texts[:3])
+    assert analytic < selector_flops(text, classifier, candidates=3, tokens_per_candidate=full_tokens,
+                                     projection_dim=proj)
+
+
+def test_common_prefix_leaves_every_row_its_last_token():
+    from actors.shared_prefix import common_prefix
+
+    assert common_prefix([[1, 2, 3, 9], [1, 2, 4, 9], [1, 2, 3, 5, 9]]) == 2
+    assert common_prefix([[1, 2, 9], [1, 2, 9]]) == 2  # identical rows: the EOS stays a suffix
+    assert common_prefix([[1, 9], [1, 2, 9]]) == 1
+
+
 def test_accm_captioner_end_to_end(selector, tmp_path):
     """ACCMCaptioner.from_pretrained(file:// urls).caption(discarded, questions) -> CaptionResult."""
     from actors.accm import ACCMCaptioner
@@ -145,6 +186,13 @@ def test_accm_captioner_end_to_end(selector, tmp_path):
         assert len(cands) == 3 and sel_cap == cands[max(range(3), key=probs.__getitem__)]
         assert sum(probs) == pytest.approx(1.0, abs=1e-5)
     assert all(f > 0 for f in res.flops_captioner + res.flops_selector)
+    accm.selector.config.share_prefix = True  # the same picks, priced at the shared-prefix forward's FLOPs
+    torch.manual_seed(0)
+    again = accm.caption(discarded := torch.randn(2, 56, 16), QS)
+    accm.selector.config.share_prefix = False
+    plain = accm.caption(discarded, QS)
+    assert again.selected == plain.selected and again.candidates == plain.candidates
+    assert all(a < b for a, b in zip(again.flops_selector, plain.flops_selector, strict=True))
 
 
 def test_shipped_selector_folder_unchanged():
