@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,6 +47,21 @@ def objects_seen(item, discarded_indices: list[int], world: ModuleType = shapes)
 
 
 COUNT_FACTS = ("total", "list")  # train_accm.py --count-facts
+
+
+def weighted_indices(first: int, n: int, weights: dict[str, float], seed: int,
+                     world: ModuleType = shapes) -> list[int]:
+    """``n`` item indices whose question types follow ``weights`` (type -> weight, unnamed types 1): item ``i``
+    of a world asks ``QUESTION_TYPES[i % T]``, so base ``b`` and a drawn type ``t`` give index ``T * b + t``,
+    distinct for distinct bases (``train_accm.py --pretrain-question-weights``)."""
+    types = world.QUESTION_TYPES
+    unknown = set(weights) - set(types)
+    if unknown:
+        raise ValueError(f"unknown question types {sorted(unknown)}; the world asks {types}")
+    p = np.array([float(weights.get(t, 1.0)) for t in types])
+    rng = np.random.default_rng([seed, first])
+    drawn = rng.choice(len(types), size=n, p=p / p.sum())
+    return [len(types) * (first + j) + int(t) for j, t in enumerate(drawn)]
 
 
 def wholly_discarded(item, discarded_indices: list[int], world: ModuleType = shapes) -> tuple[int, ...]:

@@ -60,6 +60,7 @@ from actors.accm_batches import (  # noqa: E402, F401
     slot_attributes,
     slot_labels,
     target_slots,
+    weighted_indices,
 )
 from actors.accm_trainable import (  # noqa: E402, F401
     SLOT_ATTRIBUTES,
@@ -155,8 +156,11 @@ def train_loop(config: dict) -> None:
             rng = np.random.default_rng([config["seed"], step])
             lo, hi = config.get("pretrain_keep") or (keep, keep)
             step_keep, sizes = int(rng.integers(lo, hi + 1)), config.get("pretrain_objects")
-        batch = batch_of(config["seed"], "train", list(range(offset + step * bsz, offset + (step + 1) * bsz)),
-                         step_keep, sizes)
+        indices = list(range(offset + step * bsz, offset + (step + 1) * bsz))
+        if stage == "pretrain" and config.get("question_weights") and not reading:
+            indices = weighted_indices(offset + step * bsz, bsz, config["question_weights"], config["seed"],
+                                       WORLDS[config.get("world", "v1")])
+        batch = batch_of(config["seed"], "train", indices, step_keep, sizes)
         if stage == "pretrain":
             if reading:  # warm-up: every patch to the mapper, every fact a target -- learn to read before finding
                 batch["discarded"] = batch["mapper_full"]
@@ -322,6 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what a count question's caption target says: the total, or one caption per counted object "
                         "wholly among the discarded patches, which the LVLM adds to those it sees "
                         "(actors.accm_batches.listed_count_fact; an LVLM trained with train_lvlm_v2.py --count-list)")
+    p.add_argument("--pretrain-question-weights", default="", metavar="TYPE=W,...",
+                   help="pre-training: draw question types by these weights (unnamed types 1), e.g. count=3")
     p.add_argument("--max-caption-tokens", type=int, default=None,
                    help="raise a loaded caption model's caption length (list captions are longer)")
     p.add_argument("--captioner-arch", default=None,
@@ -400,6 +406,8 @@ def main(argv: list[str] | None = None) -> dict:
                 weight_scale=args.weight_scale, weight_max=args.weight_max, accm_reference=args.accm_reference,
                 pretrain_targets=args.pretrain_targets, count_facts=args.count_facts,
                 max_caption_tokens=args.max_caption_tokens,
+                question_weights={k: float(v) for k, v in (kv.split("=") for kv in
+                                                          args.pretrain_question_weights.split(",") if kv)},
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
                 pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,

@@ -45,3 +45,15 @@ def test_list_count_facts_name_the_wholly_discarded_counted_objects(engine):
 def test_count_facts_must_be_known(engine):
     with pytest.raises(ValueError, match="count_facts"):
         B.make_batch(engine, 0, "val", COUNT_ITEMS[:1], 9, world=world, features="projected", count_facts="some")
+
+
+def test_weighted_indices_draw_question_types_by_weight():
+    idx = B.weighted_indices(1000, 700, {"count": 3}, seed=0, world=world)
+    assert len(set(idx)) == 700
+    types = [world.make_item(0, "train", i).question_type for i in idx[:40]]
+    assert types == [world.QUESTION_TYPES[i % 5] for i in idx[:40]]
+    share = sum(world.QUESTION_TYPES[i % 5] == "count" for i in idx) / len(idx)
+    assert abs(share - 3 / 7) < 0.05  # count weighted 3 against 1 for each of the other four
+    assert B.weighted_indices(1000, 700, {"count": 3}, seed=0, world=world) == idx  # a function of (seed, first)
+    with pytest.raises(ValueError, match="unknown"):
+        B.weighted_indices(0, 4, {"colour": 2}, seed=0, world=world)
