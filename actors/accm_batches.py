@@ -32,12 +32,17 @@ def fact_objects(item) -> tuple[int, ...]:
     return item.target if item.question_type == "count" else item.target[:1]
 
 
-def target_slots(item, discarded_indices: list[int], world: ModuleType = shapes) -> list[int]:
-    """Slots (positions in the discarded-patch list) of every patch of the objects an item's fact is about;
-    patches the base pruner kept are not there."""
+def object_slots(item, objects, discarded_indices: list[int], world: ModuleType = shapes) -> list[int]:
+    """Slots (positions in the discarded-patch list) of every patch of ``objects`` (indices into the item's
+    scene); patches the base pruner kept are not there."""
     slot_of = {patch: slot for slot, patch in enumerate(discarded_indices)}
-    patches = (p for o in fact_objects(item) for p in world.patch_indices(item.objects[o]))
+    patches = (p for o in objects for p in world.patch_indices(item.objects[o]))
     return [slot_of[p] for p in patches if p in slot_of]
+
+
+def target_slots(item, discarded_indices: list[int], world: ModuleType = shapes) -> list[int]:
+    """``object_slots`` of the objects an item's fact is about."""
+    return object_slots(item, fact_objects(item), discarded_indices, world)
 
 
 def objects_seen(item, discarded_indices: list[int], world: ModuleType = shapes) -> int:
@@ -128,8 +133,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         for i, (it, d) in enumerate(zip(items, dropped, strict=True)):
             if it.question_type == "count":
                 facts[i], listed = listed_count_fact(it, d, world)
-                slot_of = {patch: slot for slot, patch in enumerate(d)}
-                slots[i] = [slot_of[p] for o in listed for p in world.patch_indices(it.objects[o])]
+                slots[i] = object_slots(it, listed, d, world)
                 visible[i] = True
     return {
         "ids": ids,

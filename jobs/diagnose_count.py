@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from actors.accm_batches import ABSTAIN_CAPTION, make_batch, slot_attributes  # noqa: E402
+from actors.accm_batches import ABSTAIN_CAPTION, make_batch, slot_attributes, wholly_discarded  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 COUNT_INDEX = world.QUESTION_TYPES.index("count")  # item i asks QUESTION_TYPES[i % 5]
@@ -66,9 +66,9 @@ def list_captions(batch: dict, wholly: bool) -> list[str | None]:
     out = []
     for item, dropped in zip(batch["items"], batch["discarded_indices"], strict=True):
         gone = set(dropped)
-        objs = [item.objects[o] for o in item.target]
-        hit = [o for o in objs if (all if wholly else any)(p in gone for p in world.patch_indices(o))]
-        out.append(" ".join(world.caption(o) for o in hit) or None)
+        hit = (wholly_discarded(item, dropped, world) if wholly else
+               [o for o in item.target if any(p in gone for p in world.patch_indices(item.objects[o]))])
+        out.append(" ".join(world.caption(item.objects[o]) for o in hit) or None)
     return out
 
 
@@ -184,7 +184,13 @@ def caption_finetune(args) -> dict:
         if wrapped is not None:
             raise SystemExit("--out: a --count-token model has no saved form (the mapper wrapper is a probe)")
         captioner.save_pretrained(args.out)
-    return {"captioner": args.captioner, "count_token": args.count_token, "lr": args.lr, "curve": curve}
+    return {"captioner": shown_path(args.captioner), "count_token": args.count_token, "lr": args.lr, "curve": curve}
+
+
+def shown_path(path: str) -> str:
+    """A model folder as a report names it: relative to the repository when inside it (no machine paths)."""
+    p = Path(path).resolve()
+    return str(p.relative_to(REPO.resolve())) if p.is_relative_to(REPO.resolve()) else path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

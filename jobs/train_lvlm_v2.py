@@ -68,11 +68,12 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
         if n_fact and rng.random() < args.hide_fact_objects:
             # the fact questions are about objects the image does not show: the fact is the only source
             facts = V.draw_branches(objs, rng, n_image=0, n_fact=n_fact, n_text=n_text)
-            if list_rng is not None and getattr(args, "count_list", 0) > 0:
-                facts = count_list_facts(objs, facts, list_rng, args.count_list)
+            listed: set[int] = set()
+            if list_rng is not None and args.count_list > 0:
+                facts, listed = count_list_facts(objs, facts, list_rng, args.count_list)
             hidden = {i for br in facts if br.use_image for i in br.target}
             shown = tuple(o for i, o in enumerate(objs) if i not in hidden)
-            facts = [recount(br, objs, hidden) for br in facts]
+            facts = [recount(br, objs, hidden) if j in listed else br for j, br in enumerate(facts)]
             # the subset is a scene of its own: it must hash into the train split too (a small one could be a
             # val or test scene), else the full scene is used
             if shown and world.scene_hash(shown) % 10 in world._SPLIT_BUCKETS["train"]:
@@ -86,29 +87,29 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep
 
 
-def count_list_facts(objs, facts: list[L.Branch], rng: np.random.Generator, share: float) -> list[L.Branch]:
+def count_list_facts(objs, facts: list[L.Branch], rng: np.random.Generator,
+                     share: float) -> tuple[list[L.Branch], set[int]]:
     """``--count-list``: a share of the image + fact count branches hide only some (1..all) of the counted objects
     and state those, one caption each (``world.caption``, in scene order), instead of the total; the answer is
     then what the image shows plus what the text lists (``recount``). Why: that is the count caption ACCM can
     give (the caption model lists the objects wholly among the discarded patches, the LVLM counts the ones its
     kept tokens show). Measured before it (``jobs/diagnose_count.py lvlm-text``): the LVLM reads a total-count
-    fact 100% and such a list 7-16%."""
-    out = []
-    for br in facts:
+    fact 100% and such a list 7-16%. Returns the branches and the positions of the listed ones."""
+    out, positions = [], set()
+    for j, br in enumerate(facts):
         if br.use_image and br.qtype == "count" and br.target and rng.random() < share:
             k = int(rng.integers(1, len(br.target) + 1))
             listed = tuple(sorted(int(i) for i in rng.choice(br.target, size=k, replace=False)))
             br = replace(br, caption=" ".join(world.caption(objs[i]) for i in listed), target=listed)
+            positions.add(j)
         out.append(br)
-    return out
+    return out, positions
 
 
 def recount(br: L.Branch, objs, hidden: set[int]) -> L.Branch:
     """A listed-count branch's answer once the image's hidden objects are known: the counted objects the image
     still shows plus those the list names (other branches may hide more of them; those are gone)."""
-    if br.qtype != "count" or not br.use_image or br.caption is None or br.caption.startswith("there "):
-        return br
-    colour = br.question.split("How many ", 1)[1].split(" ", 1)[0]
+    colour = objs[br.target[0]].color  # the listed objects are of the counted colour
     shown = sum(1 for i, o in enumerate(objs) if o.color == colour and i not in hidden)
     return replace(br, answer=str(shown + len(br.target)))
 

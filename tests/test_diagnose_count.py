@@ -51,6 +51,7 @@ def test_count_token_starts_as_the_identity():
                     "--count-token"])
     assert plain["result"]["curve"][0] == token["result"]["curve"][0]
     assert [c["step"] for c in token["result"]["curve"]] == [0, 1]
+    assert plain["result"]["captioner"] == "models/shapes_v2/captioner"  # no machine path in a report
     assert 0.0 <= plain["result"]["curve"][0]["abstained"] <= 1.0
 
 

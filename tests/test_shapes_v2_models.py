@@ -259,9 +259,10 @@ def test_count_list_facts_list_hidden_objects_and_count_what_the_image_shows_plu
     for _ in range(20):
         objs = world.sample_scene(rng, "train", (20, 28))
         facts = V.draw_branches(objs, rng, n_image=0, n_fact=3, n_text=1, qtypes=("count", "color"))
-        listed = count_list_facts(objs, facts, rng, share=1.0)
+        listed, positions = count_list_facts(objs, facts, rng, share=1.0)
         hidden = {i for br in listed if br.use_image for i in br.target}
-        for before, br in zip(facts, (recount(b, objs, hidden) for b in listed), strict=True):
+        answered = [recount(b, objs, hidden) if j in positions else b for j, b in enumerate(listed)]
+        for before, br in zip(facts, answered, strict=True):
             if br.qtype != "count" or not br.use_image or not before.target:
                 assert br == before  # colour facts, text-only count facts and counts of zero are untouched
                 continue
