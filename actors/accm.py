@@ -69,7 +69,8 @@ def captioner_flops_slot(config, decoder_config, *, discarded_tokens: int, quest
     mapper, decoder = caption_config_dims(config, decoder_config)
     return dict(mapper_dims=mapper, decoder_dims=decoder, discarded_tokens=discarded_tokens,
                 prefix_len=config.prefix_len, question_tokens=question_tokens, beams=beams or config.beams,
-                caption_tokens=caption_tokens, feature_dim=config.feature_dim, patch_prefix=config.patch_prefix)
+                caption_tokens=caption_tokens, feature_dim=config.feature_dim + int(config.kept_context),
+                patch_prefix=config.patch_prefix)
 
 
 def selector_flops_slot(config, text_config, *, candidates: int, tokens_per_candidate: int,
@@ -82,12 +83,14 @@ def selector_flops_slot(config, text_config, *, candidates: int, tokens_per_cand
 
 
 def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens: int, question_tokens: int,
-                     caption_tokens: int, selector_tokens: int | None = None) -> tuple[dict, dict]:
+                     caption_tokens: int, selector_tokens: int | None = None,
+                     kept_tokens: int = 0) -> tuple[dict, dict]:
     """``captioner`` / ``selector`` slots of ``pipeline.flops.llava_item_flops`` for two shipped folders, read
     from their configs alone (no weights, so a real GPT-2 / LongCLIP folder prices instantly).
 
     ``caption_tokens`` = tokens generated per beam; ``selector_tokens`` = tokens per candidate (default: the
-    real-length estimate of ``pipeline.flops.selector_real_tokens``)."""
+    real-length estimate of ``pipeline.flops.selector_real_tokens``); ``kept_tokens``: the patches the pruner
+    kept, which a ``kept_context`` caption model reads too."""
     import json
     from pathlib import Path
 
@@ -101,8 +104,8 @@ def accm_flops_slots(captioner_dir: str, selector_dir: str, *, discarded_tokens:
 
     cap_cfg = CaptionConfig(**json.loads((Path(captioner_dir) / CAPTION_CONFIG).read_text()))
     captioner = captioner_flops_slot(cap_cfg, AutoConfig.from_pretrained(Path(captioner_dir) / DECODER_DIR),
-                                     discarded_tokens=discarded_tokens, question_tokens=question_tokens,
-                                     caption_tokens=caption_tokens)
+                                     discarded_tokens=discarded_tokens + (kept_tokens if cap_cfg.kept_context else 0),
+                                     question_tokens=question_tokens, caption_tokens=caption_tokens)
     sel_cfg = SelectorConfig(**json.loads((Path(selector_dir) / SELECTOR_CONFIG).read_text()))
     text_config = AutoConfig.from_pretrained(Path(selector_dir) / TEXT_ENCODER_DIR)
     text_config = getattr(text_config, "text_config", text_config)  # a full CLIPConfig folder works too

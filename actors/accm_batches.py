@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from actors.kept_context import flag_all_discarded, kept_order, with_kept_context
+from actors.pruners import gather_rows
 from pipeline import shapes
 
 # What the caption model is taught to say when the mapper does not see what the fact is about
@@ -99,13 +101,15 @@ def slot_labels(items, discarded_indices: Tensor, world: ModuleType = shapes) ->
 
 def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
                n_objects: tuple[int, int] | None = None, *, world: ModuleType = shapes,
-               features: str = "feature_layer", count_facts: str = "total") -> dict:
+               features: str = "feature_layer", count_facts: str = "total", kept_context: bool = False) -> dict:
     """Items of ``world`` -> frozen tower -> base pruner: everything a training/eval step needs.
 
     ``n_objects``: scene sizes other than the benchmark's (pre-training's curriculum). ``features``: what the
     caption model reads ("feature_layer", or "projected" = the CLIP's projected patch embeddings, the ACCM
     reference input; needs an engine built with ``clip_text_url``). ``count_facts``: what a count question's
-    fact says, the total ("total") or the objects the LVLM cannot see ("list", ``listed_count_fact``)."""
+    fact says, the total ("total") or the objects the LVLM cannot see ("list", ``listed_count_fact``).
+    ``kept_context``: the caption model reads the kept patches too (``actors.kept_context``); its slots are the
+    discarded patches then the kept ones, and a count fact is always sayable."""
     if features not in FEATURE_KINDS:
         raise ValueError(f"features must be one of {FEATURE_KINDS}, not {features!r}")
     if count_facts not in COUNT_FACTS:
@@ -125,10 +129,20 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     if projected and pruned.discarded_projected is None:
         raise ValueError("projected features: the engine computed none (build it with clip_text_url)")
     dropped = pruned.discarded_indices.tolist()
-    slots = [target_slots(it, d, world) for it, d in zip(items, dropped, strict=True)]
+    full = vision.projected if projected else vision.patch_features
+    discarded = pruned.discarded_projected if projected else pruned.discarded
+    slot_patches = dropped  # the patch behind each mapper slot
+    if kept_context:
+        slot_patches = [kept_order(d, full.shape[1]) for d in dropped]
+        kept = torch.tensor([p[len(d):] for p, d in zip(slot_patches, dropped, strict=True)], device=full.device)
+        discarded = with_kept_context(discarded, gather_rows(full, kept))
+        full = flag_all_discarded(full)
+    slots = [target_slots(it, p, world) for it, p in zip(items, slot_patches, strict=True)]
     seen = [objects_seen(it, d, world) for it, d in zip(items, dropped, strict=True)]
     facts = [world.fact(it.objects, it.question_type, it.question, it.target) for it in items]
-    visible = [s == len(fact_objects(it)) for it, s in zip(items, seen, strict=True)]
+    # does the mapper see every object the fact is about? (with the kept context a count always is)
+    visible = [s == len(fact_objects(it)) or (kept_context and it.question_type == "count")
+               for it, s in zip(items, seen, strict=True)]
     if count_facts == "list":  # the caption names what the LVLM cannot see: always sayable, slots of those only
         for i, (it, d) in enumerate(zip(items, dropped, strict=True)):
             if it.question_type == "count":
@@ -142,9 +156,9 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "answers": [it.answer for it in items],
         "qtypes": [it.question_type for it in items],
         "facts": facts,
-        "discarded": pruned.discarded_projected if projected else pruned.discarded,
+        "discarded": discarded,  # the mapper's input
         # every patch in the caption model's feature kind (pre-training's reading warm-up)
-        "mapper_full": vision.projected if projected else vision.patch_features,
+        "mapper_full": full,
         # can the caption model see the object the question names (a patch of it is discarded)? count/exist
         # facts: always stated
         "target_discarded": [it.question_type in ("count", "exist") or s > 0 for it, s in zip(items, seen, strict=True)],
@@ -152,7 +166,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
         "discarded_indices": dropped,  # per item, the patches the base pruner discarded (slot order)
         # does the mapper see every object the fact is about? (exist-no facts are about none: always)
         "fact_visible": visible,
-        "slot_labels": slot_labels(items, pruned.discarded_indices, world),
+        "slot_labels": slot_labels(items, torch.tensor(slot_patches), world),
         "retained": list(pruned.retained.unbind(0)),
         "full": list(vision.patch_features.unbind(0)),
         "vision": vision,  # the tower's output, for other pruners on the same images

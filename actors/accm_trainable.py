@@ -106,13 +106,13 @@ def init_from(source: str, target: str, arch: dict) -> None:
     print(json.dumps({"init_captioner": source, "mapper_layers": model.config.mapper_layers}), flush=True)
 
 
-def batches(config: dict, engine, features: str):
-    """``make_batch`` for this run's world and the caption model's feature kind."""
+def batches(config: dict, engine, features: str, kept_context: bool = False):
+    """``make_batch`` for this run's world and the caption model's feature kind (and kept context)."""
     world = WORLDS[config.get("world", "v1")]
 
     def batch(seed: int, split: str, indices: list[int], keep: int, n_objects=None) -> dict:
         return make_batch(engine, seed, split, indices, keep, n_objects, world=world, features=features,
-                          count_facts=config.get("count_facts", "total"))
+                          count_facts=config.get("count_facts", "total"), kept_context=kept_context)
 
     return batch
 
@@ -126,6 +126,10 @@ def build_or_load(config: dict, engine):
         captioner = CaptionModel.from_pretrained(init_c)
         if config.get("max_caption_tokens"):  # longer captions (--count-facts list) from a trained model
             captioner.config.max_caption_tokens = config["max_caption_tokens"]
+        if config.get("kept_context"):  # --kept-context: read the kept patches too, from a trained model
+            from actors.kept_context import enable_kept_context
+
+            enable_kept_context(captioner)
     else:
         arch = config["captioner_arch"]
         projected = arch.get("input_features") == "projected"
@@ -136,7 +140,7 @@ def build_or_load(config: dict, engine):
                        else engine.config.vision_config.hidden_size)
         captioner = build_caption_model(engine.tokenizer, feature_dim=feature_dim, **arch)
         # fold feature standardisation into the mapper's Linear (items disjoint from every training batch)
-        stats = batches(config, engine, captioner.config.input_features)(
+        stats = batches(config, engine, captioner.config.input_features, captioner.config.kept_context)(
             config["seed"], "train", list(range(STATS_OFFSET, STATS_OFFSET + 256)), config["keep"])["discarded"]
         print(json.dumps({"mapper_input_standardized": captioner.mapper.standardize_input(stats)}), flush=True)
     if init_s and (Path(init_s) / "accm_selector.json").exists():

@@ -81,6 +81,10 @@ class CaptionConfig:
     beam_rank: str = "sum"  # candidates ranked at every step by their summed ("sum") or mean ("mean") log-prob
     stop_on_eos: bool = True  # a beam also ends at the tokenizer's EOS (generate_beam stops only at stop_texts)
     decode: str = "detokenize"  # "raw": tokenizer.decode(ids) as is, stop token included, specials kept
+    # The project's option (ACCM reads the discarded patches only, clip_encoder.py lines 268-275): the mapper
+    # also reads the kept patches, after the discarded ones, with a 1 in an extra flag channel
+    # (``actors.kept_context``), so a caption can state what needs the whole scene (a count).
+    kept_context: bool = False
 
     def __post_init__(self) -> None:
         if not self.mapper_intermediate:
@@ -120,7 +124,7 @@ class Mapper(nn.Module):
         super().__init__()
         self.prefix_len = config.prefix_len
         self.patch_prefix = config.patch_prefix
-        self.linear = nn.Linear(config.feature_dim, config.hidden)
+        self.linear = nn.Linear(config.feature_dim + int(config.kept_context), config.hidden)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_len, config.hidden) * 0.02)
         self.encoder = Encoder(config.hidden, config.mapper_layers, config.mapper_heads, config.mapper_intermediate)
 
@@ -443,11 +447,12 @@ def build_caption_model(
     stop_on_eos: bool = True,
     decode: str = "detokenize",
     length_penalty: float = 1.0,
+    kept_context: bool = False,
 ) -> CaptionModel:
     """A random-init caption model with a small ``GPT2LMHeadModel`` decoder over ``tokenizer``'s vocabulary.
 
     ``n_positions``: the decoder's position table (question + prefix + caption must fit). ``mapper_arch``,
-    ``input_features``, ``beam_rank``, ``stop_on_eos``, ``decode``: see ``CaptionConfig``."""
+    ``input_features``, ``beam_rank``, ``stop_on_eos``, ``decode``, ``kept_context``: see ``CaptionConfig``."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     dec_config = GPT2Config(
@@ -470,7 +475,7 @@ def build_caption_model(
                            mapper_intermediate=mapper_intermediate, beams=beams,
                            max_caption_tokens=max_caption_tokens, mapper_arch=mapper_arch,
                            input_features=input_features, beam_rank=beam_rank, stop_on_eos=stop_on_eos,
-                           decode=decode, length_penalty=length_penalty)
+                           decode=decode, length_penalty=length_penalty, kept_context=kept_context)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         decoder = GPT2LMHeadModel(dec_config)

@@ -99,7 +99,7 @@ class ClipCapMapper(nn.Module):
             raise ValueError("mapper_arch 'clipcap' has a P-slot prefix only (patch_prefix must be false)")
         self.prefix_len = config.prefix_len
         self.patch_prefix = False
-        self.linear = nn.Linear(config.feature_dim, config.hidden)  # line 163 ("modified": a per-token Linear)
+        self.linear = nn.Linear(config.feature_dim + int(config.kept_context), config.hidden)  # line 163 ("modified": a per-token Linear)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_len, config.hidden))  # line 164
         self.transformer = ClipCapTransformer(config.hidden, config.mapper_heads, config.mapper_layers,
                                               config.mapper_intermediate)

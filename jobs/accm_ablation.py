@@ -59,10 +59,11 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         if spliced is not None:  # an abstention splices nothing and costs no LLM tokens
             r["spoke"] += sum(has_words(c) for c in spliced)
 
+    kept_context = accm.captioner.config.kept_context
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
         batch = make_batch(engine, seed, split, idx, keeps[0], world=gen, features=accm.input_features,
-                           count_facts=count_facts)
+                           count_facts=count_facts, kept_context=kept_context)
         batch_keep = keeps[0]
         qs, ans = batch["questions"], batch["answers"]
         types[:] = batch["qtypes"]
@@ -77,7 +78,7 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         for keep in keeps:
             if keep != batch_keep:
                 batch = make_batch(engine, seed, split, idx, keep, world=gen, features=accm.input_features,
-                                   count_facts=count_facts)
+                                   count_facts=count_facts, kept_context=kept_context)
                 batch_keep = keep
             rate = rate_label(keep, patches)
             add(f"{rate} prumerge_plus", engine.generate(batch["retained"], qs, method="prumerge_plus",

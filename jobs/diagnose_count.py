@@ -54,10 +54,11 @@ def count_indices(start: int, n: int) -> list[int]:
     return [len(world.QUESTION_TYPES) * (start + i) + COUNT_INDEX for i in range(n)]
 
 
-def count_batches(engine, split: str, start: int, n: int, keep: int, batch_size: int, seed: int):
+def count_batches(engine, split: str, start: int, n: int, keep: int, batch_size: int, seed: int,
+                  kept_context: bool = False):
     for s in range(0, n, batch_size):
         yield make_batch(engine, seed, split, count_indices(start + s, min(batch_size, n - s)), keep, world=world,
-                         features="projected")
+                         features="projected", kept_context=kept_context)
 
 
 def list_captions(batch: dict, wholly: bool) -> list[str | None]:
@@ -128,7 +129,8 @@ def seen_colour_counts(batch: dict, colours: int) -> Tensor:
 def caption_exact(captioner, engine, args) -> dict:
     captioner.eval()
     seen = hits = abstained = 0
-    for batch in count_batches(engine, "val", 0, args.n, args.keep, args.batch_size, args.seed):
+    for batch in count_batches(engine, "val", 0, args.n, args.keep, args.batch_size, args.seed,
+                               captioner.config.kept_context):
         with torch.no_grad():
             beams = captioner.beam_search(batch["discarded"], batch["questions"])
         for cands, fact, visible in zip(beams.captions, batch["facts"], batch["fact_visible"], strict=True):
@@ -151,6 +153,10 @@ def caption_finetune(args) -> dict:
     captioner = CaptionModel.from_pretrained(args.captioner)
     if captioner.config.input_features != "projected" or not captioner.config.patch_prefix:
         raise SystemExit("caption-finetune: a v2 caption model reading projected features with a patch prefix")
+    if args.kept_context:
+        from actors.kept_context import enable_kept_context
+
+        enable_kept_context(captioner)
     wrapped = CountTokenMapper(captioner.mapper, captioner.config.hidden) if args.count_token else None
     if wrapped is not None:
         captioner.mapper = wrapped
@@ -166,7 +172,7 @@ def caption_finetune(args) -> dict:
         keep = int(np.random.default_rng([args.seed, step]).integers(lo, hi + 1))
         batch = make_batch(engine, args.seed, "train", count_indices(1_000_000 + step * args.batch_size,
                                                                       args.batch_size), keep, world=world,
-                           features="projected")
+                           features="projected", kept_context=args.kept_context)
         batch["train_rows"] = rows = [i for i, v in enumerate(batch["fact_visible"]) if v]
         out = module("pretrain", batch, attention_weight=1.0, read_weight=1.0)
         loss = out["loss"]
@@ -184,7 +190,8 @@ def caption_finetune(args) -> dict:
         if wrapped is not None:
             raise SystemExit("--out: a --count-token model has no saved form (the mapper wrapper is a probe)")
         captioner.save_pretrained(args.out)
-    return {"captioner": shown_path(args.captioner), "count_token": args.count_token, "lr": args.lr, "curve": curve}
+    return {"captioner": shown_path(args.captioner), "count_token": args.count_token,
+            "kept_context": args.kept_context, "lr": args.lr, "curve": curve}
 
 
 def shown_path(path: str) -> str:
@@ -208,6 +215,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-range", default="9-72", metavar="LO-HI", help="caption-finetune: training budgets")
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--count-token", action="store_true", help="caption-finetune: add the summed count token")
+    p.add_argument("--kept-context", action="store_true",
+                   help="caption-finetune: the caption model reads the kept patches too (actors.kept_context)")
     p.add_argument("--out", default=None, help="caption-finetune: write the fine-tuned caption model here")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None)

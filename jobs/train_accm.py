@@ -95,7 +95,7 @@ def train_loop(config: dict) -> None:
     engine = LlavaEngine.from_pretrained(config["lvlm"], clip_text_url=config.get("clip"))
     engine.model.requires_grad_(False)
     captioner, selector = build_or_load(config, engine)
-    batch_of = batches(config, engine, captioner.config.input_features)
+    batch_of = batches(config, engine, captioner.config.input_features, captioner.config.kept_context)
     if stage == "pretrain" and not captioner.config.patch_prefix and (config.get("attn_sup") or config.get("slot_read")):
         raise ValueError("--attn-sup / --slot-read supervise patch slots: they need a patch_prefix caption model "
                          "(or pass --attn-sup 0 --slot-read 0)")
@@ -328,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(actors.accm_batches.listed_count_fact; an LVLM trained with train_lvlm_v2.py --count-list)")
     p.add_argument("--pretrain-question-weights", default="", metavar="TYPE=W,...",
                    help="pre-training: draw question types by these weights (unnamed types 1), e.g. count=3")
+    p.add_argument("--kept-context", action="store_true",
+                   help="a loaded caption model reads the kept patches too, flagged (the project's option, "
+                        "actors.kept_context; ACCM reads the discarded ones only); a count fact is then always a target")
     p.add_argument("--max-caption-tokens", type=int, default=None,
                    help="raise a loaded caption model's caption length (list captions are longer)")
     p.add_argument("--captioner-arch", default=None,
@@ -407,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
                 captioner_arch=arch_c, selector_arch=arch_s, lr_mapper=args.lr_mapper,
                 weight_scale=args.weight_scale, weight_max=args.weight_max, accm_reference=args.accm_reference,
                 pretrain_targets=args.pretrain_targets, count_facts=args.count_facts,
-                max_caption_tokens=args.max_caption_tokens,
+                max_caption_tokens=args.max_caption_tokens, kept_context=args.kept_context,
                 question_weights={k: float(v) for k, v in (kv.split("=") for kv in
                                                           args.pretrain_question_weights.split(",") if kv)},
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,

@@ -215,6 +215,7 @@ def cli_item(
                 question_tokens=q,
                 caption_tokens=cap,
                 selector_tokens=selector_tokens,
+                kept_tokens=keep,
             )
         else:
             captioner, selector = reference_accm_slots(

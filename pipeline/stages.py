@@ -247,7 +247,7 @@ def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: 
     if method in CAPTION_METHODS:
         if accm is None:
             raise RuntimeError("accm unavailable")
-        caps = accm.caption(discarded_features(accm, pruned), questions, beams=cfg.num_candidates)
+        caps = accm.caption(discarded_features(accm, pruned, vision), questions, beams=cfg.num_candidates)
     front = engine.front_flops(cfg.accm_base if method == "accm" else method, int(retained.shape[1]), questions,
                                projected=vision.projected is not None)
     retained = retained.detach().to("cpu", torch.float32).numpy()
@@ -268,16 +268,28 @@ def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: 
     return out
 
 
-def discarded_features(accm, pruned):
+def discarded_features(accm, pruned, vision):
     """The discarded patches in the form the caption model reads (its config names it): the feature layer's
-    (the project's models) or the projected last-layer embeddings (ACCM's reference, needs ``--clip``)."""
+    (the project's models) or the projected last-layer embeddings (ACCM's reference, needs ``--clip``); with
+    ``kept_context`` the kept patches follow, flagged (``actors.kept_context``)."""
+    full, discarded = vision.patch_features, pruned.discarded
     if accm.input_features == "projected":
         if pruned.discarded_projected is None:
             raise RuntimeError("this caption model reads CLIP's projected patch embeddings: pass --clip DIR (a "
                                "CLIPModel folder with the tower's visual_projection, e.g. "
                                "openai/clip-vit-large-patch14-336)")
-        return pruned.discarded_projected
-    return pruned.discarded
+        full, discarded = vision.projected, pruned.discarded_projected
+    if not accm.captioner.config.kept_context:
+        return discarded
+    import torch
+
+    from actors.kept_context import kept_order, with_kept_context
+    from actors.pruners import gather_rows
+
+    m = discarded.shape[1]
+    kept = torch.tensor([kept_order(d, full.shape[1])[m:] for d in pruned.discarded_indices.tolist()],
+                        device=full.device)
+    return with_kept_context(discarded, gather_rows(full, kept))
 
 
 def _load_accm(cfg: JobConfig, engine) -> tuple[Any, str | None]:
