@@ -55,6 +55,17 @@ def test_count_token_starts_as_the_identity():
     assert 0.0 <= plain["result"]["curve"][0]["abstained"] <= 1.0
 
 
+def test_kept_context_sees_every_count_item_and_saves_the_option(tmp_path):
+    """With the kept patches read too, every count item's counted objects are in view: all are targets."""
+    import json
+
+    out = D.main(["caption-finetune", "--steps", "1", "--n", "8", "--batch-size", "4", "--threads", "1",
+                  "--kept-context", "--out", str(tmp_path / "c")])
+    assert [c["items_seen"] for c in out["result"]["curve"]] == [8, 8]
+    assert out["result"]["kept_context"] is True
+    assert json.loads((tmp_path / "c" / "accm_captioner.json").read_text())["kept_context"] is True
+
+
 def test_out_refuses_a_shipped_folder():
     with pytest.raises(SystemExit, match="runs/"):
         D.main(["caption-finetune", "--out", str(D.REPO / "models/shapes_v2/captioner_probe")])
