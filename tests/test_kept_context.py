@@ -113,3 +113,21 @@ def test_training_batches_and_the_captioner_tier_build_the_same_input(engine):
     assert torch.allclose(discarded_features(accm, pruned, vision), x)
     out = accm.caption(x[:2], ctx["questions"][:2])
     assert out.flops_captioner[0] > accm.captioner_flops(n - keep, 8, 1)  # priced on all n mapper slots
+
+
+def test_shipped_pair_states_the_count_the_default_abstains_on(engine):
+    """models/shapes_v2/captioner_kept_context says how many objects of a colour there are, where the
+    discarded-only default abstains (its card: 84% vs 2% of val count items at 18 kept tokens)."""
+    from actors import accm_batches as B
+    from pipeline import shapes_v2 as world
+
+    count = [5 * i + world.QUESTION_TYPES.index("count") for i in range(24)]
+    hits = {}
+    for name, kept in (("captioner", False), ("captioner_kept_context", True)):
+        model = CaptionModel.from_pretrained(f"{REPO}/models/shapes_v2/{name}")
+        assert model.config.kept_context is kept
+        batch = B.make_batch(engine, 0, "val", count, 18, world=world, features="projected", kept_context=kept)
+        with torch.no_grad():
+            first = [c[0] for c in model.beam_search(batch["discarded"], batch["questions"]).captions]
+        hits[name] = sum(f == fact for f, fact in zip(first, batch["facts"], strict=True)) / len(count)
+    assert hits["captioner_kept_context"] >= 0.5 > 0.2 >= hits["captioner"]
