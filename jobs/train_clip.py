@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from actors import shapes_clip as C  # noqa: E402
-from jobs.train_lvlm import log, lr_at  # noqa: E402 - the trainers' one log line and LR schedule
+from jobs.train_utils import log, lr_at  # noqa: E402 - the trainers' one log line and LR schedule
 from pipeline import shapes_v2 as world  # noqa: E402
 
 COUNT_CLASSES = 10  # 0..9 objects of one colour or shape (more are counted as 9)

@@ -42,7 +42,8 @@ from actors import shapes_clip as C  # noqa: E402
 from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
 from actors.attention_rows import AttentionCapture  # noqa: E402
-from jobs.train_lvlm import answer_accuracy, log, lr_at  # noqa: E402
+from jobs.train_lvlm import answer_accuracy  # noqa: E402
+from jobs.train_utils import log, lr_at  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 
