@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actors.kept_context import flag_all_discarded, kept_order, with_kept_context
-from actors.pruners import gather_rows
+from actors.kept_context import append_kept, flag_all_discarded, kept_order
 from pipeline import shapes
 
 # What the caption model is taught to say when the mapper does not see what the fact is about
@@ -134,8 +133,7 @@ def make_batch(engine, seed: int, split: str, indices: list[int], keep: int,
     slot_patches = dropped  # the patch behind each mapper slot
     if kept_context:
         slot_patches = [kept_order(d, full.shape[1]) for d in dropped]
-        kept = torch.tensor([p[len(d):] for p, d in zip(slot_patches, dropped, strict=True)], device=full.device)
-        discarded = with_kept_context(discarded, gather_rows(full, kept))
+        discarded = append_kept(discarded, full, dropped)
         full = flag_all_discarded(full)
     slots = [target_slots(it, p, world) for it, p in zip(items, slot_patches, strict=True)]
     seen = [objects_seen(it, d, world) for it, d in zip(items, dropped, strict=True)]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from actors.pruners import gather_rows
+
 
 def with_kept_context(discarded: Tensor, kept: Tensor) -> Tensor:
     """[B, M, D] discarded + [B, K, D] kept -> [B, M + K, D + 1]: the flag channel 0 / 1, discarded first."""
@@ -29,11 +31,23 @@ def flag_all_discarded(features: Tensor) -> Tensor:
     return torch.cat([features, features.new_zeros(*features.shape[:-1], 1)], dim=-1)
 
 
+def kept_indices(discarded_indices: list[int], n_patches: int) -> list[int]:
+    """The patches not among ``discarded_indices``, ascending: the kept slots' patches."""
+    dropped = set(discarded_indices)
+    return [p for p in range(n_patches) if p not in dropped]
+
+
 def kept_order(discarded_indices: list[int], n_patches: int) -> list[int]:
     """The patch of each mapper slot under ``kept_context``: the discarded ones in their order, then the rest
     ascending."""
-    dropped = set(discarded_indices)
-    return list(discarded_indices) + [p for p in range(n_patches) if p not in dropped]
+    return list(discarded_indices) + kept_indices(discarded_indices, n_patches)
+
+
+def append_kept(discarded: Tensor, full: Tensor, discarded_indices: list[list[int]]) -> Tensor:
+    """The mapper input under ``kept_context``: ``discarded`` [B, M, D] (rows of ``full`` [B, N, D] at
+    ``discarded_indices``), then the rest of ``full``'s rows ascending, flagged (``with_kept_context``)."""
+    kept = torch.tensor([kept_indices(d, full.shape[1]) for d in discarded_indices], device=full.device)
+    return with_kept_context(discarded, gather_rows(full, kept))
 
 
 @torch.no_grad()

@@ -281,15 +281,9 @@ def discarded_features(accm, pruned, vision):
         full, discarded = vision.projected, pruned.discarded_projected
     if not accm.captioner.config.kept_context:
         return discarded
-    import torch
+    from actors.kept_context import append_kept
 
-    from actors.kept_context import kept_order, with_kept_context
-    from actors.pruners import gather_rows
-
-    m = discarded.shape[1]
-    kept = torch.tensor([kept_order(d, full.shape[1])[m:] for d in pruned.discarded_indices.tolist()],
-                        device=full.device)
-    return with_kept_context(discarded, gather_rows(full, kept))
+    return append_kept(discarded, full, pruned.discarded_indices.tolist())
 
 
 def _load_accm(cfg: JobConfig, engine) -> tuple[Any, str | None]:
