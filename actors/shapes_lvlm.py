@@ -291,13 +291,20 @@ class Branch:
 
 
 def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,
-                  qtypes: tuple[str, ...] = shapes.QUESTION_TYPES, world=shapes) -> list[Branch]:
+                  qtypes: tuple[str, ...] = shapes.QUESTION_TYPES, world=shapes,
+                  image_weights: tuple[float, ...] | None = None) -> list[Branch]:
     """Questions about one scene: plain image questions, image + fact, and text-only (fact, no image).
-    ``world``: the module that asks and states facts (``pipeline.shapes`` or ``pipeline.shapes_v2``)."""
+    ``world``: the module that asks and states facts (``pipeline.shapes`` or ``pipeline.shapes_v2``).
+    ``image_weights``: sampling weights over ``qtypes`` for the plain image questions (None: uniform, drawn as
+    always, so runs without it see the batches they always saw)."""
     out: list[Branch] = []
+    probs = None if image_weights is None else np.asarray(image_weights, float) / float(sum(image_weights))
     for kind, n in (("image", n_image), ("fact", n_fact), ("text", n_text)):
         while n > 0:
-            qtype = qtypes[int(rng.integers(len(qtypes)))]
+            if kind == "image" and probs is not None:
+                qtype = qtypes[int(rng.choice(len(qtypes), p=probs))]
+            else:
+                qtype = qtypes[int(rng.integers(len(qtypes)))]
             asked = world.ask(objects, qtype, rng)
             if asked is None:
                 continue

@@ -125,5 +125,7 @@ def pack_batch(tokenizer, branches_per_image: list[list[L.Branch]],
 
 
 def draw_branches(objects, rng: np.random.Generator, *, n_image: int, n_fact: int, n_text: int,
-                  qtypes: tuple[str, ...] = world.QUESTION_TYPES) -> list[L.Branch]:
-    return L.draw_branches(objects, rng, n_image=n_image, n_fact=n_fact, n_text=n_text, qtypes=qtypes, world=world)
+                  qtypes: tuple[str, ...] = world.QUESTION_TYPES,
+                  image_weights: tuple[float, ...] | None = None) -> list[L.Branch]:
+    return L.draw_branches(objects, rng, n_image=n_image, n_fact=n_fact, n_text=n_text, qtypes=qtypes, world=world,
+                           image_weights=image_weights)

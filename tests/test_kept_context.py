@@ -65,7 +65,8 @@ def test_enabling_starts_from_the_trained_model_and_survives_a_round_trip(tmp_pa
     slot = captioner_flops_slot(back.config, back.decoder.config, discarded_tokens=9,
                                 question_tokens=out.question_tokens[0], caption_tokens=out.steps[0] + 1)
     assert slot["feature_dim"] == DV + 1
-    assert caption_model_dims(back) is not None
+    mapper_dims, decoder_dims = caption_model_dims(back)  # the reloaded model is priced with the built sizes
+    assert (mapper_dims.hidden, mapper_dims.layers, decoder_dims.layers) == (32, 1, 2)
     assert caption_model_flops(**slot) == pytest.approx(counter.get_total_flops(), rel=0.02)
 
 
