@@ -72,6 +72,7 @@ from actors.accm_trainable import (  # noqa: E402, F401
     init_from,
 )
 from jobs.accm_ablation import evaluate, markdown  # noqa: E402, F401
+from jobs.train_utils import parse_type_weights  # noqa: E402
 from pipeline import shapes  # noqa: E402
 from pipeline.worlds import WORLDS  # noqa: E402
 
@@ -411,8 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
                 weight_scale=args.weight_scale, weight_max=args.weight_max, accm_reference=args.accm_reference,
                 pretrain_targets=args.pretrain_targets, count_facts=args.count_facts,
                 max_caption_tokens=args.max_caption_tokens, kept_context=args.kept_context,
-                question_weights={k: float(v) for k, v in (kv.split("=") for kv in
-                                                          args.pretrain_question_weights.split(",") if kv)},
+                question_weights=parse_type_weights(args.pretrain_question_weights),
                 pretrain_objects=shapes.parse_lo_hi(args.pretrain_objects) if args.pretrain_objects else None,
                 pretrain_keep=shapes.parse_lo_hi(args.pretrain_keep) if args.pretrain_keep else None,
                 pretrain_read_steps=args.pretrain_read_steps, attn_sup=args.attn_sup,

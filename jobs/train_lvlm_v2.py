@@ -43,7 +43,7 @@ from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
 from actors.attention_rows import AttentionCapture  # noqa: E402
 from jobs.train_lvlm import answer_accuracy  # noqa: E402
-from jobs.train_utils import log, lr_at  # noqa: E402
+from jobs.train_utils import log, lr_at, parse_type_weights  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 
@@ -62,7 +62,6 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
     (``visual_keep``, ``shuffled_order``, ``count_list_facts``; their own generators ``drop_rng``, ``order_rng``
     and ``list_rng``, so that runs without the augmentations draw the batches they always drew)."""
     n_image, n_fact, n_text = (args.n_image, args.n_fact, args.n_text) if stage == 2 else (args.stage1_n_image, 0, 0)
-    weights = image_question_weights(args.question_weights)
     images, branches = [], []
     for _ in range(args.batch):
         objs = world.sample_scene(rng, "train", n_range)
@@ -81,11 +80,11 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
             if shown and world.scene_hash(shown) % 10 in world._SPLIT_BUCKETS["train"]:
                 images.append(V.render(shown, background))
                 branches.append(V.draw_branches(shown, rng, n_image=n_image, n_fact=0, n_text=0,
-                                                image_weights=weights) + facts)
+                                                image_weights=args.image_weights) + facts)
                 continue
         images.append(V.render(objs, background))
         branches.append(V.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text,
-                                        image_weights=weights))
+                                        image_weights=args.image_weights))
     keep = visual_keep(branches, drop_rng, args) if drop_rng is not None else None
     keep = shuffled_order(keep, len(images), order_rng, args) if order_rng is not None else keep
     return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep
@@ -97,7 +96,7 @@ def image_question_weights(spec: str) -> tuple[float, ...] | None:
     shipped LVLM's weakest types with all tokens are count and shape (test 74 / 86%, colour 93%)."""
     if not spec:
         return None
-    named = {k.strip(): float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv.strip())}
+    named = parse_type_weights(spec)
     unknown = set(named) - set(world.QUESTION_TYPES)
     if unknown or any(w < 0 for w in named.values()):
         raise ValueError(f"--question-weights: unknown types {sorted(unknown)} or a negative weight in {spec!r}")
@@ -355,6 +354,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     preset = V.PRESETS[args.preset]
     args.attn_sup_heads = args.attn_sup_heads or max(1, preset["heads"] // 2)
+    try:  # parsed once here, not in every step's batch
+        args.image_weights = image_question_weights(args.question_weights)
+    except ValueError as err:
+        p.error(str(err))
     if max(args.word_layer, args.context_layer, args.hop_layer) >= preset["layers"]:
         p.error(f"--word-layer/--context-layer/--hop-layer must be < {preset['layers']} for preset {args.preset!r}")
     return args
