@@ -41,10 +41,12 @@ def render(item):
     return world.render_item(item)
 
 
-def test_items(seed: int, per_type: int) -> list:
+def test_items(seed: int, per_type: int, split: str = "test") -> list:
+    """``per_type`` items of each question type from ``split`` (the table's test items; val to choose among
+    checkpoints)."""
     items = []
     for qtype in world.QUESTION_TYPES:
-        items += [world.make_item(seed, "test", i, qtype) for i in range(per_type)]
+        items += [world.make_item(seed, split, i, qtype) for i in range(per_type)]
     return items
 
 
@@ -183,11 +185,11 @@ def run_setting(engine, items, *, method: str, rate: float | None, captions: boo
 
 
 def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RATES, methods=METHODS,
-             clip: str | None = None) -> list[dict]:
+             clip: str | None = None, split: str = "test") -> list[dict]:
     from actors.engine import LlavaEngine
 
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
-    items = test_items(seed, per_type)
+    items = test_items(seed, per_type, split)
     settings = [("none", None, False)] + [(m, r, False) for m in methods for r in rates] + [("prumerge_plus", 0.875, True)]
     rows: list[dict] = []
     full: list[float] = []
@@ -223,10 +225,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--world", default="v1", choices=sorted(WORLDS), help="Shapes-VQA v1 or v2")
     p.add_argument("--model", default="models/shapes/lvlm")
     p.add_argument("--clip", default=None, help="CLIPModel folder: the text guide of the text-guided pruners")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated pruning methods")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated pruning methods (\"\": full tokens and the oracle-caption row only)")
     p.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated pruning rates")
-    p.add_argument("--seed", type=int, default=4242, help="test-split seed")
-    p.add_argument("--per-type", type=int, default=100, help="test items per question type")
+    p.add_argument("--split", default="test", choices=("test", "val"),
+                   help="the table's items: test, or val to choose among checkpoints without touching test")
+    p.add_argument("--seed", type=int, default=4242, help="the split's seed")
+    p.add_argument("--per-type", type=int, default=100, help="items per question type")
     p.add_argument("--batch", type=int, default=50)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="", help="write rows here")
@@ -263,11 +268,12 @@ def _run(args: argparse.Namespace) -> list[dict]:
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             Path(args.markdown).write_text(by_objects_markdown(rows) + "\n")
         return rows
-    rows = evaluate(args.model, args.seed, args.per_type, args.batch, methods=tuple(args.methods.split(",")),
-                    rates=tuple(float(r) for r in args.rates.split(",")), clip=args.clip)
+    rows = evaluate(args.model, args.seed, args.per_type, args.batch,
+                    methods=tuple(m for m in args.methods.split(",") if m),
+                    rates=tuple(float(r) for r in args.rates.split(",")), clip=args.clip, split=args.split)
     table = markdown(rows)
     print(table)
-    print(f"({time.time() - t0:.0f}s, {args.per_type * len(world.QUESTION_TYPES)} test items, seed {args.seed})")
+    print(f"({time.time() - t0:.0f}s, {args.per_type * len(world.QUESTION_TYPES)} {args.split} items, seed {args.seed})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))
