@@ -59,13 +59,14 @@ def score(pred: str, answer: str) -> float:
         return float(pred.strip().lower() == answer)
 
 
-def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int]) -> list:
-    """Test-split items whose scenes hold ``n_range`` objects (the benchmark's own: v1 10-16, v2 20-28)."""
-    return [world.make_item(seed, "test", i, qtype, n_objects=n_range)
+def items_with_objects(seed: int, per_type: int, n_range: tuple[int, int], split: str = "test") -> list:
+    """``split`` items whose scenes hold ``n_range`` objects (the benchmark's own: v1 10-16, v2 20-28)."""
+    return [world.make_item(seed, split, i, qtype, n_objects=n_range)
             for qtype in world.QUESTION_TYPES for i in range(per_type)]
 
 
-def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int, int]], batch: int = 50) -> list[dict]:
+def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int, int]], batch: int = 50,
+               split: str = "test") -> list[dict]:
     """Full-token accuracy per question type against the number of objects in the scene.
 
     The diagnostic that located the proving-ground LVLM's failure: a model that reads the one object of a
@@ -77,7 +78,7 @@ def by_objects(model_dir: str, seed: int, per_type: int, ranges: list[tuple[int,
     engine = LlavaEngine.from_pretrained(model_dir)
     rows = []
     for lo, hi in ranges:
-        row = run_setting(engine, items_with_objects(seed, per_type, (lo, hi)), method="none", rate=None,
+        row = run_setting(engine, items_with_objects(seed, per_type, (lo, hi), split), method="none", rate=None,
                           captions=False, batch=batch)
         row.pop("_scores")
         rows.append({"objects": f"{lo}" if lo == hi else f"{lo}-{hi}", **row})
@@ -105,7 +106,8 @@ def needed_objects(item) -> tuple[tuple[int, ...], bool]:
     return item.target, True
 
 
-def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str | None, batch: int = 50) -> list[dict]:
+def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str | None, batch: int = 50,
+             split: str = "test") -> list[dict]:
     """Diagnostic: how often a pre-LLM pruner keeps at least one patch of every object the answer rests on
     (no LLM run; VisionZip's merged tokens are not counted). It bounds what a perfect reader of the kept
     patches could answer, which is why the accuracy curve has the shape it has."""
@@ -116,7 +118,7 @@ def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str
         raise ValueError(f"--coverage measures pre-LLM pruners; {sorted(set(methods) & set(IN_LLM_METHODS))} prune "
                          "inside the LLM")
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
-    items = [it for it in test_items(seed, per_type) if needed_objects(it)[0]]
+    items = [it for it in test_items(seed, per_type, split) if needed_objects(it)[0]]
     rows = []
     for method in methods:
         for rate in rates:
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="comma-separated pruning methods (\"\": full tokens and the oracle-caption row only)")
     p.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated pruning rates")
     p.add_argument("--split", default="test", choices=("test", "val"),
-                   help="the table's items: test, or val to choose among checkpoints without touching test")
+                   help="the items (of the table and of both diagnostics): test, or val to choose among checkpoints "
+                        "without touching test")
     p.add_argument("--seed", type=int, default=4242, help="the split's seed")
     p.add_argument("--per-type", type=int, default=100, help="items per question type")
     p.add_argument("--batch", type=int, default=50)
@@ -256,13 +259,13 @@ def _run(args: argparse.Namespace) -> list[dict]:
     t0 = time.time()
     if args.coverage:
         rows = coverage(args.model, args.seed, args.per_type, args.methods.split(","),
-                        [float(r) for r in args.rates.split(",")], args.clip, args.batch)
+                        [float(r) for r in args.rates.split(",")], args.clip, args.batch, args.split)
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return rows
     if args.by_objects:
-        rows = by_objects(args.model, args.seed, args.per_type, _ranges(args.by_objects), args.batch)
+        rows = by_objects(args.model, args.seed, args.per_type, _ranges(args.by_objects), args.batch, args.split)
         print(by_objects_markdown(rows))
         if args.markdown:
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)

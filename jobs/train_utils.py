@@ -19,5 +19,5 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -
 
 def parse_type_weights(spec: str) -> dict[str, float]:
     """A ``TYPE=W,...`` option (``train_accm.py --pretrain-question-weights``, ``train_lvlm_v2.py
-    --question-weights``) -> {type: weight}; "" -> {}."""
-    return {k: float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv)}
+    --question-weights``) -> {type: weight}; "" -> {}. Spaces around a part are allowed (``count=2, shape=1.5``)."""
+    return {k.strip(): float(v) for k, v in (kv.split("=") for kv in spec.split(",") if kv.strip())}

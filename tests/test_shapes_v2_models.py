@@ -288,6 +288,7 @@ def test_question_weights_shift_only_the_plain_image_questions_mix():
     assert image_question_weights("") is None
     weights = image_question_weights("count=3")
     assert weights == tuple(3.0 if q == "count" else 1.0 for q in world.QUESTION_TYPES)
+    assert image_question_weights("count=3, shape=1") == weights  # spaces around a part are allowed
     with pytest.raises(ValueError):
         image_question_weights("colour=2")  # not a question type
     scene = world.sample_scene(np.random.default_rng(0), "train", (20, 28))

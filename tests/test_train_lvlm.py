@@ -107,6 +107,8 @@ def test_diagnostic_items_have_the_requested_object_counts():
         assert shapes.scene_hash(it.objects) % 10 == 9  # test split
         assert it.answer in {a for a in [o.color for o in it.objects] + [o.shape for o in it.objects]} | {
             "yes", "no"} | {str(i) for i in range(4)}
+    val = items_with_objects(7, 2, (2, 3), "val")  # eval_lvlm --split val --by-objects
+    assert all(shapes.scene_hash(it.objects) % 10 == 8 and 2 <= len(it.objects) <= 3 for it in val)
 
 
 def test_stage1_question_types_must_include_an_always_askable_type():
