@@ -31,7 +31,7 @@ from actors.loading import local_model_dir
 from actors.prompt import PromptFormat
 from actors.pruners import PrunedBatch, TextGuide, prune, resolve_keep_tokens, visionzip_split
 from actors.vision import VisionBatch, encode_images, feature_layer_count, next_layer_cls_score
-from pipeline.config import IN_LLM_METHODS, METHODS  # the one list (fastv and dart prune inside the LLM)
+from pipeline.config import IN_LLM_METHODS, METHODS, TEXT_GUIDED_METHODS  # the one list of each
 
 __all__ = [
     "METHODS",
@@ -76,7 +76,7 @@ class LlavaEngine:
         self.num_patches = (vc.image_size // vc.patch_size) ** 2
         self.runner = LlamaDecoderRunner(model.model.language_model, model.lm_head, attention=attention)
         self.attention = attention
-        # layers run up to LLaVA's feature layer (see the vision_layers_run property)
+        # layers run up to LLaVA's feature layer (see vision_layers_for)
         self._feature_layers = feature_layer_count(vc.num_hidden_layers, self.config.vision_feature_layer)
 
     @classmethod
@@ -133,12 +133,17 @@ class LlavaEngine:
         images = [im.convert("RGB") for im in images]
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
 
-    @property
-    def vision_layers_run(self) -> int:
-        """Full encoder layers ``encode_images`` runs by default: up to the feature layer, or every layer when
-        it computes projected patches (``text_guide`` set). PruMerge+'s single-head score adds a partial next
-        layer (LN1, k over all tokens, q of CLS), priced as the pruner's (pipeline.flops.cls_score_flops)."""
-        if self.text_guide is not None:
+    def uses_projection(self, method: str) -> bool:
+        """Whether ``method`` reads the last layer's projected patches here: a text-guided pruner
+        (``TEXT_GUIDED_METHODS``) with a text guide loaded. The others stop at LLaVA's feature layer, as they
+        would in a job that runs them alone, and are priced so (a shared sweep encoding is the sweep's saving)."""
+        return self.text_guide is not None and method in TEXT_GUIDED_METHODS
+
+    def vision_layers_for(self, method: str) -> int:
+        """Full encoder layers ``method`` needs: up to the feature layer, or every layer when it reads projected
+        patches (``uses_projection``). PruMerge+'s single-head score adds a partial next layer (LN1, k over all
+        tokens, q of CLS), priced as the pruner's (pipeline.flops.cls_score_flops)."""
+        if self.uses_projection(method):
             return self.config.vision_config.num_hidden_layers
         return self._feature_layers
 
@@ -215,7 +220,8 @@ class LlavaEngine:
         k over all tokens and q of CLS, when that layer did not run in full) and, with projected patches,
         text tower + text_projection on the question's real tokens, patch projection and distances.
         CDPruner/DivPrune: the projector on every patch and their selection (+ CDPruner's text relevance).
-        Projected patches computed for another method are priced in vision (they ran, nothing used them).
+        ``projected`` for a method that does not pick by text (ACCM over another base whose caption model reads
+        projected patches): the patch projection is priced in vision.
         fastv/dart/none/random: 0 (the in-LLM ones price their scoring in the LVLM tier).
         """
         from pipeline.flops import patch_projection_flops, pruner_flops, vision_tower_flops
@@ -398,7 +404,7 @@ class LlavaEngine:
                 selector=selector[i] if selector else None,
                 visionzip_contextual=visionzip_split(n_vis[i])[1] if method == "visionzip" else None,
                 text_guide=text_guide[i] if text_guide else None,
-                vision_layers=self.vision_layers_run,
+                vision_layers=self.vision_layers_for(method),
             )
             for i in range(b)
         ]
@@ -437,7 +443,8 @@ class LlavaEngine:
         """Images (or pixel_values) -> answers: encode once, prune, generate (single-process convenience)."""
         pixels = images if isinstance(images, Tensor) else self.preprocess(images)
         keep = resolve_keep_tokens(self.num_patches, keep_tokens, prune_rate)
-        pruned = self.prune(self.encode_images(pixels), method, keep, item_ids, questions)
+        pruned = self.prune(self.encode_images(pixels, projected=self.uses_projection(method)), method, keep, item_ids,
+                           questions)
         result = self.generate(
             pruned.retained,
             questions,

@@ -240,9 +240,10 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
+        augment = stage >= args.augment_from_stage
         px, pb, keep = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
-                                 np.random.default_rng([args.seed, stage, step, 1]),
-                                 np.random.default_rng([args.seed, stage, step, 2]),
+                                 np.random.default_rng([args.seed, stage, step, 1]) if augment else None,
+                                 np.random.default_rng([args.seed, stage, step, 2]) if augment else None,
                                  np.random.default_rng([args.seed, stage, step, 3]))
         floor = 1.0 if stage == 1 else 0.1
         for g in opt.param_groups:
@@ -327,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-max", type=float, default=0.9375, help="largest drop rate of --drop-visual")
     p.add_argument("--shuffle-visual", type=float, default=0.0,
                    help="share of training images whose visual tokens enter in a random order (see shuffled_order)")
+    p.add_argument("--augment-from-stage", type=int, default=1, choices=(1, 2),
+                   help="first stage whose images get --drop-visual and --shuffle-visual (2: stage 1 sees every "
+                        "token in order, so the LLM can learn a positional lookup before it must look up by content)")
     p.add_argument("--cell-weight", type=float, default=1.0,
                    help="weight of the context-layer attention loss of cell words (their target: the object "
                         "in that cell) against the other context targets (see cell_weights)")

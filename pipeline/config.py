@@ -19,6 +19,9 @@ METHODS = ("none", "random", "fastv", "dart", "visionzip", "prumerge_plus", "cdp
 IN_LLM_METHODS = ("fastv", "dart")  # prune inside the LLM (before the projector they keep every patch)
 ACCM_BASES = ("prumerge_plus", "cdpruner", "divprune", "visionzip", "random")  # --accm-base: pre-LLM pruners
 CAPTION_METHODS = ("accm",)
+# read CLIP's projected last-layer patches and the question through CLIP's text tower when a text guide (--clip) is
+# loaded; the others need the tower only up to LLaVA's feature layer (actors.engine.LlavaEngine.uses_projection)
+TEXT_GUIDED_METHODS = ("prumerge_plus", "accm", "cdpruner")
 TEXT_PICK_METHODS = ("prumerge_plus", "accm")  # the methods whose pruner has text-guided picks
 CDPRUNER_SIGNS = ("code", "paper")
 DTYPES = ("bf16", "fp16", "fp32")  # --dtype

@@ -217,9 +217,22 @@ def load_engine(cfg: JobConfig, num_gpus: float, what: str, *, tp: int | None = 
 # captioner tier: vision tower once -> pruner -> (accm) caption model + selector
 
 
-def encode_rows(engine, rows: list[dict[str, Any]]):
-    """The vision tower once over decoded rows -> ``VisionBatch`` (features, CLS attention, keys)."""
-    return engine.encode_images(engine.preprocess([_image(r) for r in rows]))
+def encode_rows(engine, rows: list[dict[str, Any]], *, projected: bool | None = None):
+    """The vision tower once over decoded rows -> ``VisionBatch`` (features, CLS attention, keys; with
+    ``projected`` also the last layer's projected patches: ``needs_projection``)."""
+    return engine.encode_images(engine.preprocess([_image(r) for r in rows]), projected=projected)
+
+
+def needs_projection(engine, accm, method: str, cfg: JobConfig) -> bool:
+    """Whether one setting reads CLIP's projected last-layer patches: its pruner (ACCM: its ``--accm-base``) is
+    text-guided with ``--clip`` loaded, or its caption model reads them (the ACCM reference's input). What a
+    setting does not read is neither run (one-setting jobs) nor priced (a sweep runs it once for all)."""
+    from pipeline.config import CAPTION_METHODS
+
+    if engine.uses_projection(cfg.accm_base if method == "accm" else method):
+        return True
+    return (method in CAPTION_METHODS and engine.text_guide is not None and accm is not None
+            and accm.input_features == "projected")
 
 
 def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: str, keep_tokens: int | None,
@@ -249,7 +262,7 @@ def prune_and_caption(engine, accm, vision, rows: list[dict[str, Any]], method: 
             raise RuntimeError("accm unavailable")
         caps = accm.caption(discarded_features(accm, pruned, vision), questions, beams=cfg.num_candidates)
     front = engine.front_flops(cfg.accm_base if method == "accm" else method, int(retained.shape[1]), questions,
-                               projected=vision.projected is not None)
+                               projected=vision.projected is not None and needs_projection(engine, accm, method, cfg))
     retained = retained.detach().to("cpu", torch.float32).numpy()
     out = []
     for i in range(len(rows)):
@@ -317,7 +330,7 @@ class CaptionerTier:
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
         cfg = self.cfg
-        vision = encode_rows(self.engine, rows)
+        vision = encode_rows(self.engine, rows, projected=needs_projection(self.engine, self.accm, cfg.method, cfg))
         outs = prune_and_caption(self.engine, self.accm, vision, rows, cfg.method, cfg.keep_tokens, cfg.prune_rate,
                                  cfg)
         for r, o in zip(rows, outs, strict=True):
@@ -369,7 +382,8 @@ class SweepCaptionerTier:
         if not rows:
             return None, []
         parts: list[tuple[Any, list[dict[str, Any]]]] = []
-        run_rows(lambda rs: parts.append((encode_rows(self.engine, rs), rs)), rows, "captioner")
+        projected = any(needs_projection(self.engine, self.accm, method, self.cfg) for _, method, _ in self.settings)
+        run_rows(lambda rs: parts.append((encode_rows(self.engine, rs, projected=projected), rs)), rows, "captioner")
         if not parts:
             return None, []
         vision = parts[0][0] if len(parts) == 1 else VisionBatch.concat([v for v, _ in parts])

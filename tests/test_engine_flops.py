@@ -107,3 +107,57 @@ def test_front_flops_match_the_vision_stage_and_pruner(
     assert total == pytest.approx(counter.get_total_flops(), rel=1e-3), (method, projected, front)
     if method in ("prumerge_plus", "accm"):
         assert front[0]["pruner"] > 2 * 65 * 64 * 64  # at least the next layer's k_proj or the text tower
+
+
+@pytest.mark.parametrize("method", ["none", "random", "divprune", "prumerge_plus"])
+def test_clip_is_run_and_priced_only_where_read(engine: LlavaEngine, image, method: str):
+    """With a text guide loaded, full tokens and the plain pruners run and cost exactly what they do without one
+    (the tower up to the feature layer): the last layer, its projection and the text tower are the text-guided
+    pruners' cost alone, so the cost report compares each method as it would run by itself."""
+    question = "How many squares are there?"
+
+    def run(guide) -> tuple[float, float]:
+        engine.text_guide = guide
+        try:
+            pixels = engine.preprocess([image])
+            with FlopCounterMode(display=False) as counter:
+                result, _ = engine.answer(pixels, [question], ["item-0"], [None], method=method,
+                                          keep_tokens=None if method == "none" else 16, max_new_tokens=3)
+        finally:
+            engine.text_guide = None
+        return counter.get_total_flops(), result.flops[0]["total"]
+
+    measured_plain, priced_plain = run(None)
+    measured_clip, priced_clip = run(small_text_guide(engine))
+    assert priced_clip == pytest.approx(measured_clip, rel=0.02)
+    if method == "prumerge_plus":
+        assert measured_clip > measured_plain and priced_clip > priced_plain
+    else:
+        assert measured_clip == measured_plain and priced_clip == pytest.approx(priced_plain, rel=1e-9)
+
+
+def test_captioner_tier_encodes_and_prices_per_setting(engine: LlavaEngine, image):
+    """The captioner tier's view of the same rule: ``needs_projection`` per setting (ACCM by its base pruner),
+    a one-setting batch encoded without the projection when nothing reads it, and a plain pruner's front cost
+    the same whether or not the shared encoding ran it (a sweep with a text-guided setting in it)."""
+    from pipeline.config import JobConfig
+    from pipeline.stages import encode_rows, needs_projection, prune_and_caption
+
+    arr = np.asarray(image.convert("RGB"))
+    rows = [{"id": "item-0", "question": "How many squares are there?", "_image": arr.tobytes(),
+             "_image_shape": list(arr.shape)}]
+    cfg = JobConfig(method="random", prune_rate=0.75)
+    engine.text_guide = small_text_guide(engine)
+    try:
+        assert [needs_projection(engine, None, m, cfg) for m in ("none", "random", "divprune", "prumerge_plus",
+                                                                   "cdpruner", "accm")] == [False] * 3 + [True] * 3
+        assert not needs_projection(engine, None, "accm", JobConfig(accm_base="divprune"))
+        alone = encode_rows(engine, rows, projected=needs_projection(engine, None, "random", cfg))
+        shared = encode_rows(engine, rows, projected=True)
+        assert alone.projected is None and shared.projected is not None
+        cost = [prune_and_caption(engine, None, v, rows, "random", None, 0.75, cfg)[0] for v in (alone, shared)]
+        guided = prune_and_caption(engine, None, shared, rows, "prumerge_plus", None, 0.75, cfg)[0]
+    finally:
+        engine.text_guide = None
+    assert cost[0]["flops_vision"] == cost[1]["flops_vision"] and cost[0]["flops_pruner"] == cost[1]["flops_pruner"]
+    assert guided["flops_vision"] > cost[0]["flops_vision"]

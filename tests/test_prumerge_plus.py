@@ -347,7 +347,7 @@ def test_engine_prune_fills_in_the_score_and_accepts_text_pick():
         assert with_text.projected.shape == (3, 64, P) and with_text.cls_attention_next is not None
         out = engine.prune(with_text, "prumerge_plus", 8, ids, qs)
         assert out.notes == [] and out.discarded_projected.shape == (3, 56, P)
-        assert engine.vision_layers_run == 3
+        assert engine.vision_layers_for("prumerge_plus") == 3 and engine.vision_layers_for("random") == 2
     finally:
         engine.text_guide = None
-    assert engine.vision_layers_run == 2
+    assert engine.vision_layers_for("prumerge_plus") == 2
