@@ -41,7 +41,7 @@ def render(item):
     return world.render_item(item)
 
 
-def test_items(seed: int, per_type: int, split: str = "test") -> list:
+def eval_items(seed: int, per_type: int, split: str = "test") -> list:
     """``per_type`` items of each question type from ``split`` (the table's test items; val to choose among
     checkpoints)."""
     items = []
@@ -118,7 +118,7 @@ def coverage(model_dir: str, seed: int, per_type: int, methods, rates, clip: str
         raise ValueError(f"--coverage measures pre-LLM pruners; {sorted(set(methods) & set(IN_LLM_METHODS))} prune "
                          "inside the LLM")
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
-    items = [it for it in test_items(seed, per_type, split) if needed_objects(it)[0]]
+    items = [it for it in eval_items(seed, per_type, split) if needed_objects(it)[0]]
     rows = []
     for method in methods:
         for rate in rates:
@@ -191,7 +191,7 @@ def evaluate(model_dir: str, seed: int, per_type: int, batch: int = 50, rates=RA
     from actors.engine import LlavaEngine
 
     engine = LlavaEngine.from_pretrained(model_dir, clip_text_url=clip)
-    items = test_items(seed, per_type, split)
+    items = eval_items(seed, per_type, split)
     settings = [("none", None, False)] + [(m, r, False) for m in methods for r in rates] + [("prumerge_plus", 0.875, True)]
     rows: list[dict] = []
     full: list[float] = []

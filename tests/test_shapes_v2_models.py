@@ -155,7 +155,7 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
     val_rows = eval_lvlm.main(["--world", "v2", "--model", str(tmp_path / "lvlm"), "--split", "val", "--methods", "",
                                "--per-type", "1", "--threads", "1"])
     assert [(r["method"], r["caption"]) for r in val_rows] == [("none", False), ("prumerge_plus", True)]
-    assert {it.id.split("-")[0] for it in eval_lvlm.test_items(7, 2, "val")} == {"val"}
+    assert {it.id.split("-")[0] for it in eval_lvlm.eval_items(7, 2, "val")} == {"val"}
     covered = eval_lvlm.main(["--world", "v2", "--model", str(tmp_path / "lvlm"), "--clip", clip_dir, "--coverage",
                               "--per-type", "2", "--methods", "random,divprune", "--rates", "0.5,0.9375", "--threads", "1"])
     assert [(r["method"], r["kept"]) for r in covered] == [("random", 72), ("random", 9), ("divprune", 72), ("divprune", 9)]
