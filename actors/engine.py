@@ -237,7 +237,7 @@ class LlavaEngine:
         if method in ("prumerge_plus", "accm", "cdpruner", "divprune") and keep >= n:
             method = "none"  # prune() keeps every patch: no scoring ran
         text_specs: list[dict | None] = [None] * len(questions)
-        if method in ("prumerge_plus", "accm", "cdpruner") and projected:  # the text-guided ones
+        if method in TEXT_GUIDED_METHODS and projected:
             text_specs = self.text_guide.flops_spec(questions)
         elif projected:
             vision += patch_projection_flops(vc, proj_dim)
@@ -388,7 +388,7 @@ class LlavaEngine:
             tokens = tokens.masked_fill(done.to(tokens.device), self.pad_token_id)
 
         text_guide = None
-        if method in ("prumerge_plus", "accm", "cdpruner") and self.text_guide is not None:
+        if self.uses_projection(method):
             text_guide = self.text_guide.flops_spec(questions)
         flops = [
             llava_item_flops(

@@ -8,7 +8,7 @@ import json
 import sys
 from typing import Any
 
-from pipeline.config import IN_LLM_METHODS, METHODS
+from pipeline.config import IN_LLM_METHODS, METHODS, TEXT_GUIDED_METHODS
 from pipeline.flops import (
     CAPTION_SPLICE_TOKENS,
     COMPONENTS,
@@ -194,7 +194,7 @@ def cli_item(
         }
     q = question_tokens if question_tokens is not None else min(prompt_tokens, 77)
     text_guide = None
-    if method in ("prumerge_plus", "accm", "cdpruner") and text_guide_dims is not None:
+    if method in TEXT_GUIDED_METHODS and text_guide_dims is not None:
         text_guide = {
             "text_dims": text_guide_dims,
             "question_tokens": q,

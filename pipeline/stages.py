@@ -327,10 +327,11 @@ class CaptionerTier:
         self.engine = load_engine(cfg, num_gpus, "captioner tier", vision_only=True)
         actor_threads("captioner tier")
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if cfg.uses_captions else (None, None)
+        self.projected = needs_projection(self.engine, self.accm, cfg.method, cfg)
 
     def _run(self, rows: list[dict[str, Any]]) -> None:
         cfg = self.cfg
-        vision = encode_rows(self.engine, rows, projected=needs_projection(self.engine, self.accm, cfg.method, cfg))
+        vision = encode_rows(self.engine, rows, projected=self.projected)
         outs = prune_and_caption(self.engine, self.accm, vision, rows, cfg.method, cfg.keep_tokens, cfg.prune_rate,
                                  cfg)
         for r, o in zip(rows, outs, strict=True):
@@ -374,6 +375,8 @@ class SweepCaptionerTier:
         self.engine = load_engine(cfg, num_gpus, "captioner tier (sweep)", vision_only=True)
         needs_accm = any(method in CAPTION_METHODS for _, method, _ in self.settings)
         self.accm, self.accm_error = _load_accm(cfg, self.engine) if needs_accm else (None, None)
+        # the shared encoding computes the projected patches once if any setting reads them
+        self.projected = any(needs_projection(self.engine, self.accm, method, cfg) for _, method, _ in self.settings)
 
     def _encode(self, rows: list[dict[str, Any]]):
         """(VisionBatch, the rows it holds in order); a failing batch is retried row by row (``run_rows``)."""
@@ -382,8 +385,8 @@ class SweepCaptionerTier:
         if not rows:
             return None, []
         parts: list[tuple[Any, list[dict[str, Any]]]] = []
-        projected = any(needs_projection(self.engine, self.accm, method, self.cfg) for _, method, _ in self.settings)
-        run_rows(lambda rs: parts.append((encode_rows(self.engine, rs, projected=projected), rs)), rows, "captioner")
+        run_rows(lambda rs: parts.append((encode_rows(self.engine, rs, projected=self.projected), rs)), rows,
+                 "captioner")
         if not parts:
             return None, []
         vision = parts[0][0] if len(parts) == 1 else VisionBatch.concat([v for v, _ in parts])
