@@ -30,6 +30,12 @@ def _env_file(path: Path) -> dict[str, str]:
     return env
 
 
+def _dashboard_log_tail(local: Path) -> str:
+    """The head's dashboard logs, for the diagnosis of a failed submit (the job API lives there)."""
+    logs = sorted((local / "ray").glob("session_*/logs/dashboard*.log"))
+    return "".join(f"\n--- {p.name}\n" + p.read_text(errors="replace")[-1500:] for p in logs)
+
+
 def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
     from actors.tiny import build_tiny_llava
     from pipeline.storage import resolve
@@ -57,7 +63,7 @@ def test_ray_job_submit_to_local_head(s3_server, tmp_bucket, tmp_path) -> None:
              "--keep-tokens", "16", "--batch-size", "4"],
             env=env, cwd=REPO, capture_output=True, text=True, timeout=600,
         )
-        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:]
+        assert submit.returncode == 0, (submit.stdout + submit.stderr)[-4000:] + _dashboard_log_tail(local)
         assert "succeeded" in submit.stdout + submit.stderr
         out = pq.read_table(f"{tmp_bucket}/out/a.parquet", filesystem=fs)
         assert out.column("id").to_pylist() == [r["id"] for r in rows]

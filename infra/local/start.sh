@@ -97,12 +97,17 @@ setsid "$VENV/bin/ray" start --head --block --disable-usage-stats \
   --min-worker-port "$WORKER_MIN" --max-worker-port "$WORKER_MAX" > "$DIR/logs/ray-head.log" 2>&1 &
 echo "ray $!" >> "$DIR/pids"
 
-# Ready when the job API answers (and moto, if started).
+# Ready when the job API answers as `ray job submit` reads it (and moto, if started), twice in a row: the
+# dashboard proxies /api/* to a job module in a subprocess, and while that module starts or restarts the port
+# can answer 200 with a body that is not the version JSON; a CI run once submitted into that window.
+streak=0
 for _ in $(seq 1 180); do
   ok=1
   "$VENV/bin/python" - "$DASH" 2>/dev/null <<'PY' || ok=0
-import sys, urllib.request
-urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/version", timeout=2).read()
+import json, sys, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+assert json.loads(urllib.request.urlopen(f"{base}/api/version", timeout=2).read())["ray_version"]
+assert isinstance(json.loads(urllib.request.urlopen(f"{base}/api/jobs/", timeout=2).read()), list)
 PY
   if [[ $WITH_S3 == 1 ]]; then
     "$VENV/bin/python" - "$S3_PORT" 2>/dev/null <<'PY' || ok=0
@@ -110,13 +115,14 @@ import sys, urllib.request
 urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/", timeout=2).read()
 PY
   fi
-  [[ $ok == 1 ]] && break
+  if [[ $ok == 1 ]]; then streak=$((streak + 1)); else streak=0; fi
+  [[ $streak -ge 2 ]] && break
   if ! kill -0 "$(awk '$1=="ray"{print $2}' "$DIR/pids")" 2>/dev/null; then
     echo "ray head exited; see $DIR/logs/ray-head.log" >&2; tail -20 "$DIR/logs/ray-head.log" >&2; exit 1
   fi
   sleep 1
 done
-[[ $ok == 1 ]] || { echo "local cluster not ready after 180 s; see $DIR/logs" >&2; exit 1; }
+[[ $streak -ge 2 ]] || { echo "local cluster not ready after 180 s; see $DIR/logs" >&2; exit 1; }
 
 echo "# local cluster up: Ray head (job API $RAY_ADDRESS, $NUM_CPUS CPUs, tier resources), S3: ${AWS_ENDPOINT_URL:-off}" >&2
 echo "# stop with: infra/local/stop.sh   (pids in $DIR/pids)" >&2
