@@ -1,0 +1,156 @@
+"""Diagnostics for a Shapes v2 LVLM that cannot answer shape questions: the tower, or the LLM?
+
+From-scratch LVLM runs on today's world answer colour-by-cell questions (``What color is the object in cell
+b3?``) at 100% while shape-by-cell ones (``What shape is in cell b6?``) stay at chance. Two subcommands
+separate the frozen tower from what is trained on top of it:
+
+* ``tower`` -- linear probes (plain PyTorch, seeded) on the tower's feature layer (LLaVA's layer -2, what the
+  projector reads): colour and shape of each object from one of its 2x2 patch tokens, their mean, and the four
+  concatenated, fitted on 80% of the objects of freshly rendered train-split scenes and scored on the rest.
+  High held-out accuracy means the information is in the tokens the LLM receives.
+* ``answers`` -- an LVLM's greedy first answer token on val items of one question type, against the truth:
+  accuracy and the most frequent predicted and true answers (a constant answer is a model that has not
+  learnt to read the property at all, rather than one that reads it badly).
+
+    .venv/bin/python jobs/diagnose_shape_reading.py tower --lvlm models/shapes_v2/lvlm --json runs/diag/tower.json
+    .venv/bin/python jobs/diagnose_shape_reading.py answers --lvlm runs/lvlm_v2fp --qtype shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+VIEWS = ("one patch (top-left)", "mean of 4", "4 concatenated")
+
+
+def _load(path: str):
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def object_tokens(model, scenes: int, seed: int, batch: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """[objects, 4, Dv] feature-layer tokens of each object's 2x2 patches, and its colour / shape labels."""
+    from actors import shapes_clip as C
+    from actors import shapes_lvlm as L
+    from pipeline import shapes_v2 as W
+
+    rng = np.random.default_rng(seed)
+    feats, labels = [], {"color": [], "shape": []}
+    for start in range(0, scenes, batch):
+        drawn = [W.sample_scene(rng, "train", (W.MIN_OBJECTS, W.MAX_OBJECTS)) for _ in range(min(batch, scenes - start))]
+        images = [W.render(s, W.sample_background(rng)) for s in drawn]
+        with torch.no_grad():
+            hidden, _ = L.vision_features(model, C.pixel_values(images))
+        for i, scene in enumerate(drawn):
+            for o in scene:
+                feats.append(hidden[i, 1:][list(W.patch_indices(o))])
+                labels["color"].append(W.COLOR_NAMES.index(o.color))
+                labels["shape"].append(W.SHAPES.index(o.shape))
+    return torch.stack(feats), {k: torch.tensor(v) for k, v in labels.items()}
+
+
+def linear_probe(x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, seed: int = 0) -> float:
+    """Held-out accuracy (last 20%) of a softmax regression fitted on the first 80% (Adam, full batch)."""
+    cut = int(0.8 * len(x))
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], int(y.max()) + 1)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(head(x[:cut]), y[:cut]).backward()
+        opt.step()
+    with torch.no_grad():
+        return float((head(x[cut:]).argmax(-1) == y[cut:]).float().mean())
+
+
+def tower(args) -> dict:
+    model, _ = _load(args.lvlm)
+    x, labels = object_tokens(model, args.scenes, args.seed)
+    x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)  # per-dimension standardisation, as the projector's fold
+    views = dict(zip(VIEWS, (x[:, 0], x.mean(1), x.flatten(1)), strict=True))
+    out = {"objects": len(x), "chance": {"color": 1 / int(labels["color"].max() + 1),
+                                         "shape": 1 / int(labels["shape"].max() + 1)}}
+    for name, y in labels.items():
+        out[name] = {view: round(linear_probe(v, y, seed=args.seed), 4) for view, v in views.items()}
+    return out
+
+
+def answers(args) -> dict:
+    from actors import shapes_clip as C
+    from actors import shapes_lvlm as L
+    from actors import shapes_lvlm_v2 as V
+    from pipeline import shapes_v2 as W
+
+    model, tok = _load(args.lvlm)
+    items = []
+    i = 0
+    while len(items) < args.n:
+        item = W.make_item(args.seed, "val", i)
+        i += 1
+        if item.question_type == args.qtype:
+            items.append(item)
+    pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True)] for it in items])
+    with torch.no_grad():
+        logits, labels = L.packed_logits(model, C.pixel_values([V.render(it) for it in items]), pb)
+    counts = (pb.labels != -100).sum(1)
+    first = torch.cumsum(counts, 0) - counts
+    pred = tok.convert_ids_to_tokens(logits[first].argmax(-1).tolist())
+    truth = tok.convert_ids_to_tokens(labels[first].tolist())
+    hits = sum(p == t for p, t in zip(pred, truth, strict=True))
+    return {"qtype": args.qtype, "n": len(items), "accuracy": round(hits / len(items), 4),
+            "predicted": Counter(pred).most_common(8), "truth": Counter(truth).most_common(8),
+            "example_question": items[0].question}
+
+
+def shown_path(path: str) -> str:
+    """A model folder as a report names it: relative to the repository when inside it (no machine paths)."""
+    from jobs.diagnose_count import shown_path as relative
+
+    return relative(path)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tower", help="linear probes of colour and shape on the tower's feature layer")
+    t.add_argument("--scenes", type=int, default=384, help="rendered train-split scenes (20-28 objects each)")
+    a = sub.add_parser("answers", help="an LVLM's first answer tokens on val items of one question type")
+    a.add_argument("--qtype", default="shape", help="question type (color, shape, count, exist, spatial)")
+    a.add_argument("--n", type=int, default=100, help="val items of that type")
+    for s in (t, a):
+        s.add_argument("--lvlm", default=str(REPO / "models/shapes_v2/lvlm"), help="a Shapes v2 LVLM folder")
+        s.add_argument("--seed", type=int, default=1234, help="scene seed (the val seed of train_lvlm_v2.py for answers)")
+        s.add_argument("--threads", type=int, default=2)
+        s.add_argument("--json", help="also write the result here")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = (tower if args.command == "tower" else answers)(args)
+    out = {"command": f"jobs/diagnose_shape_reading.py {' '.join(sys.argv[1:] if argv is None else argv)}",
+           "lvlm": shown_path(args.lvlm), "result": result}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+if __name__ == "__main__":
+    main()
