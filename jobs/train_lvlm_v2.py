@@ -58,11 +58,12 @@ def scene_range(stage: int, progress: float, ramp: float) -> tuple[int, int]:
 def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], stage: int,
               drop_rng: np.random.Generator | None = None, order_rng: np.random.Generator | None = None,
               list_rng: np.random.Generator | None = None):
-    """One step's images and packed branches, and the visual tokens each image keeps in the order they enter
+    """One step's images, packed branches, the visual tokens each image keeps in the order they enter
     (``visual_keep``, ``shuffled_order``, ``count_list_facts``; their own generators ``drop_rng``, ``order_rng``
-    and ``list_rng``, so that runs without the augmentations draw the batches they always drew)."""
+    and ``list_rng``, so that runs without the augmentations draw the batches they always drew) and the objects
+    each image shows (for ``patch_shapes``)."""
     n_image, n_fact, n_text = (args.n_image, args.n_fact, args.n_text) if stage == 2 else (args.stage1_n_image, 0, 0)
-    images, branches = [], []
+    images, branches, scenes = [], [], []
     for _ in range(args.batch):
         objs = world.sample_scene(rng, "train", n_range)
         background = world.sample_background(rng)
@@ -79,15 +80,17 @@ def vqa_batch(tok, rng: np.random.Generator, args, n_range: tuple[int, int], sta
             # val or test scene), else the full scene is used
             if shown and world.scene_hash(shown) % 10 in world._SPLIT_BUCKETS["train"]:
                 images.append(V.render(shown, background))
+                scenes.append(shown)
                 branches.append(V.draw_branches(shown, rng, n_image=n_image, n_fact=0, n_text=0,
                                                 image_weights=args.image_weights) + facts)
                 continue
         images.append(V.render(objs, background))
+        scenes.append(objs)
         branches.append(V.draw_branches(objs, rng, n_image=n_image, n_fact=n_fact, n_text=n_text,
                                         image_weights=args.image_weights))
     keep = visual_keep(branches, drop_rng, args) if drop_rng is not None else None
     keep = shuffled_order(keep, len(images), order_rng, args) if order_rng is not None else keep
-    return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep
+    return C.pixel_values(images), V.pack_batch(tok, branches, visual_keep=keep), keep, scenes
 
 
 def image_question_weights(spec: str) -> tuple[float, ...] | None:
@@ -197,6 +200,29 @@ def cell_grounding_loss(model, patch_features: torch.Tensor, cell_word_ids: torc
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def patch_shapes(scenes: list[tuple]) -> torch.Tensor:
+    """[B, 144]: the index in ``world.SHAPES`` of the object each visual token's patch holds, -100 where none."""
+    out = torch.full((len(scenes), V.N_VISUAL), -100, dtype=torch.long)
+    for i, objs in enumerate(scenes):
+        for o in objs:
+            out[i, list(world.patch_indices(o))] = world.SHAPES.index(o.shape)
+    return out
+
+
+def shape_grounding_loss(model, patch_features: torch.Tensor, shape_word_ids: torch.Tensor, labels: torch.Tensor,
+                         scale: float = 10.0) -> torch.Tensor:
+    """``--shape-grounding``: every projected visual token of an object is classified into the object's shape by
+    cosine similarity with the LLM's input embeddings of the six shape words (``cell_grounding_loss``'s form).
+    Why: from scratch on today's world the LLM looks cells up (colour by cell 100%) but answers shape questions
+    with one constant word, though the tower holds shape linearly (``jobs/diagnose_shape_reading.py``); a token
+    that points like its shape word gives the shape word's heads a key, and the answer a direction to read."""
+    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
+    table = model.model.language_model.get_input_embeddings().weight[shape_word_ids]  # [6, D]
+    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
+                           ignore_index=-100)
+
+
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
     """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""
@@ -237,11 +263,12 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     heads = args.attn_sup_heads
     cell_id = tok.convert_tokens_to_ids("cell")
     cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
+    shape_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
         augment = stage >= args.augment_from_stage
-        px, pb, keep = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
+        px, pb, keep, scenes = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
                                  np.random.default_rng([args.seed, stage, step, 1]) if augment else None,
                                  np.random.default_rng([args.seed, stage, step, 2]) if augment else None,
                                  np.random.default_rng([args.seed, stage, step, 3]))
@@ -265,15 +292,18 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         loss = F.cross_entropy(logits, labels)
         grounding = (cell_grounding_loss(model, hidden[:, 1:], cell_word_ids) if args.cell_grounding
                      else logits.new_zeros(()))
+        shape_grounding = (shape_grounding_loss(model, hidden[:, 1:], shape_word_ids, patch_shapes(scenes))
+                           if args.shape_grounding else logits.new_zeros(()))
         opt.zero_grad(set_to_none=True)
-        (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding).backward()
+        (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding
+         + args.shape_grounding * shape_grounding).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
             img = pb.first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
             log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
-                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -337,6 +367,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-grounding", type=float, default=0.0,
                    help="weight of the loss that points each projected visual token at its cell word's input "
                         "embedding (see cell_grounding_loss); 0 = off")
+    p.add_argument("--shape-grounding", type=float, default=0.0,
+                   help="weight of the loss that points each projected token of an object at its shape word's "
+                        "input embedding (see shape_grounding_loss); 0 = off")
     p.add_argument("--count-list", type=float, default=0.0,
                    help="share of the image + fact count questions whose fact lists some hidden counted objects "
                         "instead of stating the total (see count_list_facts); 0 = off")

@@ -359,6 +359,38 @@ def test_cell_grounding_maps_patches_to_their_cells_and_trains_the_projector():
     assert cell_grounding_loss(model, feats, ids) < 0.7 * first
 
 
+def test_shape_grounding_labels_object_patches_and_trains_the_projector():
+    """--shape-grounding: the labels are each object's shape on its 2x2 patches and -100 on the background, the
+    batch's scenes are the ones rendered (hidden-fact images show a subset), and a few steps on the loss alone
+    lower it (the projector points object tokens at their shape word)."""
+    from jobs.train_lvlm_v2 import parse_args, patch_shapes, shape_grounding_loss, vqa_batch
+
+    tok = V.build_tokenizer()
+    args = parse_args(["--clip", "x", "--output", "x", "--ckpt", "x", "--batch", "4"])
+    px, pb, keep, scenes = vqa_batch(tok, np.random.default_rng(3), args, (20, 28), 2)
+    assert len(scenes) == px.shape[0] == 4 and keep is None
+    labels = patch_shapes(scenes)
+    for i, objs in enumerate(scenes):
+        assert int((labels[i] >= 0).sum()) == 4 * len(objs)
+        for o in objs:
+            assert {int(labels[i, p]) for p in world.patch_indices(o)} == {world.SHAPES.index(o.shape)}
+    torch.manual_seed(0)
+    model = V.build_model("tiny", tokenizer=tok)
+    ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
+    assert tok.unk_token_id not in ids.tolist()
+    with torch.no_grad():
+        feats = model.model.vision_tower(px, output_hidden_states=True).hidden_states[-2][:, 1:]
+    opt = torch.optim.Adam([*model.model.multi_modal_projector.parameters(),
+                            model.model.language_model.get_input_embeddings().weight], lr=1e-2)
+    first = shape_grounding_loss(model, feats, ids, labels)
+    for _ in range(30):
+        loss = shape_grounding_loss(model, feats, ids, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert shape_grounding_loss(model, feats, ids, labels) < 0.7 * first
+
+
 def test_captured_attention_rows_equal_eager_maps_under_sdpa():
     """The supervised rows recomputed from captured inputs (forward on SDPA) equal eager's attention maps, and
     the loss on them trains (gradients reach the supervised layer)."""
