@@ -27,7 +27,6 @@ numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from jobs.train_utils import write_json  # noqa: E402
 from pipeline import shapes  # noqa: E402
 
 DEFAULT_LVLM = "models/shapes/lvlm"
@@ -354,9 +354,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = run(cap, engine, **kwargs)
     result["captioner"] = str(args.captioner)
     show(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from actors.accm_batches import ABSTAIN_CAPTION, make_batch, slot_attributes, wholly_discarded  # noqa: E402
+from jobs.train_utils import write_json  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 COUNT_INDEX = world.QUESTION_TYPES.index("count")  # item i asks QUESTION_TYPES[i % 5]
@@ -231,9 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = lvlm_text(args) if args.command == "lvlm-text" else caption_finetune(args)
     result = {"command": args.command, "keep": args.keep, "n": args.n, "result": result}
     print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

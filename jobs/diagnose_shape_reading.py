@@ -33,6 +33,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from jobs.train_utils import write_json  # noqa: E402
+
 VIEWS = ("one patch (top-left)", "mean of 4", "4 concatenated")
 
 
@@ -146,9 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"command": f"jobs/diagnose_shape_reading.py {' '.join(sys.argv[1:] if argv is None else argv)}",
            "lvlm": shown_path(args.lvlm), "result": result}
     print(json.dumps(out, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return out
 
 

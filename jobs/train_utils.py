@@ -1,13 +1,23 @@
-"""What every trainer under jobs/ shares: its one log line, its learning-rate schedule and its per-type weights."""
+"""What every trainer and diagnostic under jobs/ shares: its one log line, its learning-rate schedule, its per-type
+weights and how it writes a JSON report."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from pathlib import Path
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def write_json(path: str | Path | None, result: dict) -> None:
+    """A report as indented JSON at ``path`` (its folder made), or nothing when no path is given."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
