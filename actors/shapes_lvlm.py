@@ -349,10 +349,16 @@ def random_visual_keep(first_item: int, n_items: int, keep_rate: float, n_visual
             for j in range(n_items)]
 
 
+def first_answer_positions(pb: PackedBatch) -> torch.Tensor:
+    """[rows]: where each packed row's first answer token (its first labelled position) sits in the flat
+    logits / labels of ``packed_logits``."""
+    counts = (pb.labels != -100).sum(1)
+    return torch.cumsum(counts, 0) - counts
+
+
 def first_answer_hits(logits: torch.Tensor, labels: torch.Tensor, pb: PackedBatch) -> torch.Tensor:
     """[rows] bool: is each packed row's first answer token (its first labelled position) predicted right?"""
-    counts = (pb.labels != -100).sum(1)
-    first = torch.cumsum(counts, 0) - counts
+    first = first_answer_positions(pb)
     return logits[first].argmax(-1) == labels[first]
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from actors.accm_batches import ABSTAIN_CAPTION, make_batch, slot_attributes, wholly_discarded  # noqa: E402
-from jobs.train_utils import write_json  # noqa: E402
+from jobs.train_utils import shown_path, write_json  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
 
 COUNT_INDEX = world.QUESTION_TYPES.index("count")  # item i asks QUESTION_TYPES[i % 5]
@@ -194,11 +194,6 @@ def caption_finetune(args) -> dict:
     return {"captioner": shown_path(args.captioner), "count_token": args.count_token,
             "kept_context": args.kept_context, "lr": args.lr, "curve": curve}
 
-
-def shown_path(path: str) -> str:
-    """A model folder as a report names it: relative to the repository when inside it (no machine paths)."""
-    p = Path(path).resolve()
-    return str(p.relative_to(REPO.resolve())) if p.is_relative_to(REPO.resolve()) else path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

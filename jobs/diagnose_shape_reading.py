@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from jobs.train_utils import write_json  # noqa: E402
+from jobs.train_utils import shown_path, write_json  # noqa: E402
 
 VIEWS = ("one patch (top-left)", "mean of 4", "4 concatenated")
 
@@ -53,7 +53,7 @@ def object_tokens(model, scenes: int, seed: int, batch: int = 32) -> tuple[torch
     rng = np.random.default_rng(seed)
     feats, labels = [], {"color": [], "shape": []}
     for start in range(0, scenes, batch):
-        drawn = [W.sample_scene(rng, "train", (W.MIN_OBJECTS, W.MAX_OBJECTS)) for _ in range(min(batch, scenes - start))]
+        drawn = [W.sample_scene(rng, "train") for _ in range(min(batch, scenes - start))]
         images = [W.render(s, W.sample_background(rng)) for s in drawn]
         with torch.no_grad():
             hidden, _ = L.vision_features(model, C.pixel_values(images))
@@ -108,21 +108,13 @@ def answers(args) -> dict:
     pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True)] for it in items])
     with torch.no_grad():
         logits, labels = L.packed_logits(model, C.pixel_values([V.render(it) for it in items]), pb)
-    counts = (pb.labels != -100).sum(1)
-    first = torch.cumsum(counts, 0) - counts
+    first = L.first_answer_positions(pb)
     pred = tok.convert_ids_to_tokens(logits[first].argmax(-1).tolist())
     truth = tok.convert_ids_to_tokens(labels[first].tolist())
     hits = sum(p == t for p, t in zip(pred, truth, strict=True))
     return {"qtype": args.qtype, "n": len(items), "accuracy": round(hits / len(items), 4),
             "predicted": Counter(pred).most_common(8), "truth": Counter(truth).most_common(8),
             "example_question": items[0].question}
-
-
-def shown_path(path: str) -> str:
-    """A model folder as a report names it: relative to the repository when inside it (no machine paths)."""
-    from jobs.diagnose_count import shown_path as relative
-
-    return relative(path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -186,6 +186,17 @@ def patch_cells() -> torch.Tensor:
     return torch.as_tensor((rows // per_cell) * world.CELLS + cols // per_cell)
 
 
+def word_grounding_loss(model, patch_features: torch.Tensor, word_ids: torch.Tensor, labels: torch.Tensor,
+                        scale: float = 10.0) -> torch.Tensor:
+    """Every projected visual token is classified into one of ``word_ids`` by cosine similarity with the LLM's
+    input embeddings of those words; ``labels`` [B or 1, 144] index ``word_ids`` (-100: no target)."""
+    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
+    table = model.model.language_model.get_input_embeddings().weight[word_ids]  # [words, D]
+    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
+    labels = labels.to(logits.device).expand(logits.shape[:2])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+
+
 def cell_grounding_loss(model, patch_features: torch.Tensor, cell_word_ids: torch.Tensor,
                         scale: float = 10.0) -> torch.Tensor:
     """``--cell-grounding``: every projected visual token is classified into its cell by cosine similarity with
@@ -193,11 +204,7 @@ def cell_grounding_loss(model, patch_features: torch.Tensor, cell_word_ids: torc
     heads on its grid row (0.69 of the mass) and hardly on its column (0.24); the tower carries row and column
     linearly (probes 100%), and the projector's hidden layer can make their conjunction, so a visual token whose
     embedding points like its cell word's gives the cell word a key to match by content, wherever it sits."""
-    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
-    table = model.model.language_model.get_input_embeddings().weight[cell_word_ids]  # [36, D]
-    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
-    labels = patch_cells().to(logits.device).expand(logits.shape[:2])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return word_grounding_loss(model, patch_features, cell_word_ids, patch_cells()[None], scale)
 
 
 def patch_shapes(scenes: list[tuple]) -> torch.Tensor:
@@ -211,16 +218,12 @@ def patch_shapes(scenes: list[tuple]) -> torch.Tensor:
 
 def shape_grounding_loss(model, patch_features: torch.Tensor, shape_word_ids: torch.Tensor, labels: torch.Tensor,
                          scale: float = 10.0) -> torch.Tensor:
-    """``--shape-grounding``: every projected visual token of an object is classified into the object's shape by
-    cosine similarity with the LLM's input embeddings of the six shape words (``cell_grounding_loss``'s form).
+    """``--shape-grounding``: every projected visual token of an object is classified into the object's shape
+    (``labels`` from ``patch_shapes``) by cosine similarity with the LLM's input embeddings of the six shape words.
     Why: from scratch on today's world the LLM looks cells up (colour by cell 100%) but answers shape questions
     with one constant word, though the tower holds shape linearly (``jobs/diagnose_shape_reading.py``); a token
     that points like its shape word gives the shape word's heads a key, and the answer a direction to read."""
-    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
-    table = model.model.language_model.get_input_embeddings().weight[shape_word_ids]  # [6, D]
-    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.to(logits.device).reshape(-1),
-                           ignore_index=-100)
+    return word_grounding_loss(model, patch_features, shape_word_ids, labels, scale)
 
 
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,

@@ -20,6 +20,13 @@ def write_json(path: str | Path | None, result: dict) -> None:
         Path(path).write_text(json.dumps(result, indent=1) + "\n")
 
 
+def shown_path(path: str) -> str:
+    """A model folder as a report names it: relative to the repository when inside it (no machine paths)."""
+    repo = Path(__file__).resolve().parents[1]
+    p = Path(path).resolve()
+    return str(p.relative_to(repo)) if p.is_relative_to(repo) else path
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.1) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
