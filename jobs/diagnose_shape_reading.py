@@ -11,9 +11,14 @@ separate the frozen tower from what is trained on top of it:
 * ``answers`` -- an LVLM's greedy first answer token on val items of one question type, against the truth:
   accuracy and the most frequent predicted and true answers (a constant answer is a model that has not
   learnt to read the property at all, rather than one that reads it badly).
+* ``layers`` -- where in the LLM the property is lost: linear probes of the object's shape (and, as the
+  control, the colour of colour questions' objects) on the residual stream after each decoder layer, at the
+  question's cell word and at the position that predicts the answer. A property readable at the cell word but
+  not at the answer position is lost in the hop; one readable at neither is never gathered from the patches.
 
     .venv/bin/python jobs/diagnose_shape_reading.py tower --lvlm models/shapes_v2/lvlm --json runs/diag/tower.json
     .venv/bin/python jobs/diagnose_shape_reading.py answers --lvlm runs/lvlm_v2fp --qtype shape
+    .venv/bin/python jobs/diagnose_shape_reading.py layers --lvlm runs/lvlm_v2fp
 """
 
 from __future__ import annotations
@@ -91,20 +96,26 @@ def tower(args) -> dict:
     return out
 
 
+def items_of_type(seed: int, qtype: str, n: int) -> list:
+    """The first ``n`` val items of one question type under ``seed``."""
+    from pipeline import shapes_v2 as W
+
+    items, i = [], 0
+    while len(items) < n:
+        item = W.make_item(seed, "val", i)
+        i += 1
+        if item.question_type == qtype:
+            items.append(item)
+    return items
+
+
 def answers(args) -> dict:
     from actors import shapes_clip as C
     from actors import shapes_lvlm as L
     from actors import shapes_lvlm_v2 as V
-    from pipeline import shapes_v2 as W
 
     model, tok = _load(args.lvlm)
-    items = []
-    i = 0
-    while len(items) < args.n:
-        item = W.make_item(args.seed, "val", i)
-        i += 1
-        if item.question_type == args.qtype:
-            items.append(item)
+    items = items_of_type(args.seed, args.qtype, args.n)
     pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True)] for it in items])
     with torch.no_grad():
         logits, labels = L.packed_logits(model, C.pixel_values([V.render(it) for it in items]), pb)
@@ -117,6 +128,49 @@ def answers(args) -> dict:
             "example_question": items[0].question}
 
 
+def residuals(model, tok, items: list, chunk: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """[items, layers + 1, D] residual stream (the embeddings, then after each decoder layer) at each item's
+    decisive naming word (its cell word for colour and shape questions) and at the position that predicts its
+    first answer token."""
+    from actors import shapes_clip as C
+    from actors import shapes_lvlm as L
+    from actors import shapes_lvlm_v2 as V
+
+    at_word, at_answer = [], []
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True, it.objects,
+                                          it.target)] for it in part])  # the scene: for the naming word's place
+        with torch.no_grad():
+            hidden, _ = L.vision_features(model, C.pixel_values([V.render(it) for it in part]))
+            embeds = model.model.language_model.get_input_embeddings()(pb.input_ids)
+            embeds = embeds.masked_scatter(pb.image_mask[..., None], model.model.multi_modal_projector(hidden[:, 1:]))
+            out = model.model.language_model(inputs_embeds=embeds, attention_mask=pb.attention_mask,
+                                              position_ids=pb.position_ids, use_cache=False, output_hidden_states=True)
+        stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
+        for row, answer_pos, (word_pos, *_) in pb.hop_targets:
+            at_word.append(stream[row, :, word_pos])
+            at_answer.append(stream[row, :, answer_pos])
+    return torch.stack(at_word), torch.stack(at_answer)
+
+
+def layers(args) -> dict:
+    """Per layer, held-out linear-probe accuracy of the asked property at the cell word and the answer position."""
+    from pipeline import shapes_v2 as W
+
+    model, tok = _load(args.lvlm)
+    out = {}
+    for qtype, values in (("shape", W.SHAPES), ("color", W.COLOR_NAMES)):
+        items = items_of_type(args.seed, qtype, args.n)
+        y = torch.tensor([values.index(it.answer) for it in items])
+        word, answer = residuals(model, tok, items)
+        out[qtype] = {"chance": round(1 / len(values), 4), "items": len(items), "layers": [
+            {"layer": k, "cell word": round(linear_probe(word[:, k], y, seed=args.seed), 4),
+             "answer position": round(linear_probe(answer[:, k], y, seed=args.seed), 4)}
+            for k in range(word.shape[1])]}
+    return out
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -125,7 +179,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = sub.add_parser("answers", help="an LVLM's first answer tokens on val items of one question type")
     a.add_argument("--qtype", default="shape", help="question type (color, shape, count, exist, spatial)")
     a.add_argument("--n", type=int, default=100, help="val items of that type")
-    for s in (t, a):
+    la = sub.add_parser("layers", help="probes of the asked property along the LLM's residual stream")
+    la.add_argument("--n", type=int, default=500, help="val items per question type (shape, colour)")
+    for s in (t, a, la):
         s.add_argument("--lvlm", default=str(REPO / "models/shapes_v2/lvlm"), help="a Shapes v2 LVLM folder")
         s.add_argument("--seed", type=int, default=1234, help="scene seed (the val seed of train_lvlm_v2.py for answers)")
         s.add_argument("--threads", type=int, default=2)
@@ -136,7 +192,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = (tower if args.command == "tower" else answers)(args)
+    result = {"tower": tower, "answers": answers, "layers": layers}[args.command](args)
     out = {"command": f"jobs/diagnose_shape_reading.py {' '.join(sys.argv[1:] if argv is None else argv)}",
            "lvlm": shown_path(args.lvlm), "result": result}
     print(json.dumps(out, indent=1))

@@ -226,6 +226,42 @@ def shape_grounding_loss(model, patch_features: torch.Tensor, shape_word_ids: to
     return word_grounding_loss(model, patch_features, shape_word_ids, labels, scale)
 
 
+def gather_targets(pb: L.PackedBatch, scenes: list[tuple], cell_word_ids: torch.Tensor) -> tuple[list, torch.Tensor,
+                                                                                                  torch.Tensor]:
+    """The (row, position) of every plain image question's decisive word that is a cell word (colour and shape
+    questions), and the colour and shape indices of the object in that cell (``--gather-sup``'s targets)."""
+    cell_of = {int(w): i for i, w in enumerate(cell_word_ids)}
+    places, colours, shapes = [], [], []
+    for row, _, (key, *_) in pb.hop_targets or []:
+        cell = cell_of.get(int(pb.input_ids[row, key]))
+        if cell is None:
+            continue
+        r, c = divmod(cell, world.CELLS)
+        obj = next((o for o in scenes[row] if (o.row, o.col) == (r, c)), None)
+        if obj is not None:
+            places.append((row, key))
+            colours.append(world.COLOR_NAMES.index(obj.color))
+            shapes.append(world.SHAPES.index(obj.shape))
+    return places, torch.tensor(colours), torch.tensor(shapes)
+
+
+def gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor, torch.Tensor],
+                colour_ids: torch.Tensor, shape_ids: torch.Tensor) -> torch.Tensor:
+    """``--gather-sup``: the cell word's residual at the hop layer's input (``hidden``, [B, L, D], normed) must name
+    its object's colour and its shape through the output head's rows of those words (frozen here: only what
+    builds the residual learns). Why: from scratch the cell word gathers its object's colour by layer 2 and never
+    its shape (``jobs/diagnose_shape_reading.py layers``: linear probes 97-100% colour, 8-23% shape at every
+    layer; the shipped LVLM 93% shape from layer 1 on), so the hop that reads it has no shape to carry and the
+    answer is one constant shape word."""
+    places, colours, shapes = targets
+    if not places:
+        return hidden.new_zeros(())
+    rows, keys = (torch.tensor(v) for v in zip(*places, strict=True))
+    h = hidden[rows, keys]
+    head = model.lm_head.weight.detach()
+    return (F.cross_entropy(h @ head[colour_ids].T, colours) + F.cross_entropy(h @ head[shape_ids].T, shapes)) / 2
+
+
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
     """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""
@@ -267,6 +303,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     cell_id = tok.convert_tokens_to_ids("cell")
     cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
     shape_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
+    colour_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.COLOR_NAMES)))
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
@@ -297,16 +334,19 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
                      else logits.new_zeros(()))
         shape_grounding = (shape_grounding_loss(model, hidden[:, 1:], shape_word_ids, patch_shapes(scenes))
                            if args.shape_grounding else logits.new_zeros(()))
+        gather = (gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
+                              gather_targets(pb, scenes, cell_word_ids), colour_word_ids, shape_word_ids)
+                  if args.gather_sup else logits.new_zeros(()))
         opt.zero_grad(set_to_none=True)
         (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding
-         + args.shape_grounding * shape_grounding).backward()
+         + args.shape_grounding * shape_grounding + args.gather_sup * gather).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
             img = pb.first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
             log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
-                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} gather {gather.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -373,6 +413,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shape-grounding", type=float, default=0.0,
                    help="weight of the loss that points each projected token of an object at its shape word's "
                         "input embedding (see shape_grounding_loss); 0 = off")
+    p.add_argument("--gather-sup", type=float, default=0.0,
+                   help="weight of a loss that makes a colour/shape question's cell word name its object's colour "
+                        "and shape at the hop layer's input, through the frozen output head")
     p.add_argument("--count-list", type=float, default=0.0,
                    help="share of the image + fact count questions whose fact lists some hidden counted objects "
                         "instead of stating the total (see count_list_facts); 0 = off")

@@ -35,3 +35,15 @@ def test_answers_of_the_shipped_lvlm_read_shape():
     assert out["accuracy"] >= 0.8
     assert len(out["predicted"]) >= 4  # not one constant answer
     assert sum(c for _, c in out["truth"]) == 30
+
+
+def test_layers_find_shape_at_the_shipped_lvlms_cell_word_and_answer():
+    """The shipped LVLM gathers its object's shape at the cell word from layer 1 on and carries it to the answer
+    (a from-scratch one that answers one constant word reads neither: docs/reports/.../shape_reading)."""
+    out = D.main(["layers", "--n", "150", "--threads", "1"])["result"]
+    for qtype in ("shape", "color"):
+        rows = out[qtype]["layers"]
+        assert out[qtype]["items"] == 150 and len(rows) == 7  # the embeddings + six decoder layers
+        chance = out[qtype]["chance"]
+        assert rows[0]["cell word"] < 2.5 * chance  # a word embedding knows nothing of the image
+        assert rows[-1]["cell word"] >= 4 * chance and rows[-1]["answer position"] >= 4 * chance

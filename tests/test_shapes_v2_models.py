@@ -450,3 +450,43 @@ def test_grid_line_mass_follows_the_kept_tokens_order():
     rows = torch.tensor([[0.1, 0.4, 0.1, 0.2, 0.1, 0.1]])
     on_row, on_col = grid_line_mass(rows, mask, kept, obj)
     assert (round(on_row, 4), round(on_col, 4)) == (0.5, 0.6)
+
+
+def test_gather_targets_name_the_cell_words_object_and_the_loss_trains_the_residual():
+    """--gather-sup: each colour / shape question's cell word is paired with the colour and shape of the object
+    in that cell, other question types are skipped, and a few steps on the loss alone lower it."""
+    from actors import shapes_lvlm as L
+    from actors.attention_rows import AttentionCapture
+    from jobs.train_lvlm_v2 import gather_loss, gather_targets, parse_args, vqa_batch
+
+    tok = V.build_tokenizer()
+    args = parse_args(["--clip", "x", "--output", "x", "--ckpt", "x", "--batch", "4", "--gather-sup", "1",
+                       "--hop-layer", "2"])  # the tiny preset has three layers
+    px, pb, _, scenes = vqa_batch(tok, np.random.default_rng(5), args, (20, 28), 2)
+    cells = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
+    places, colours, shapes = gather_targets(pb, scenes, cells)
+    cell_questions = [(row, key) for row, _, (key, *_) in pb.hop_targets if int(pb.input_ids[row, key]) in cells]
+    assert places and places == cell_questions and len(places) < len(pb.hop_targets)
+    for (row, key), c, s in zip(places, colours.tolist(), shapes.tolist(), strict=True):
+        r, col = divmod(world.CELL_WORDS.index(tok.convert_ids_to_tokens(int(pb.input_ids[row, key]))), world.CELLS)
+        (obj,) = [o for o in scenes[row] if (o.row, o.col) == (r, col)]
+        assert (world.COLOR_NAMES[c], world.SHAPES[s]) == (obj.color, obj.shape)
+    torch.manual_seed(0)
+    model = V.build_model("tiny", tokenizer=tok)
+    ids = [torch.as_tensor(tok.convert_tokens_to_ids(list(w))) for w in (world.COLOR_NAMES, world.SHAPES)]
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    head_before = model.lm_head.weight.detach().clone()
+
+    def step() -> torch.Tensor:
+        with AttentionCapture(model.model.language_model, {args.hop_layer}) as cap:
+            L.packed_logits(model, px, pb)
+        return gather_loss(model, cap.inputs[args.hop_layer]["hidden"], (places, colours, shapes), *ids)
+
+    first = step()
+    for _ in range(25):
+        loss = step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert step() < 0.7 * first
+    assert torch.equal(model.lm_head.weight, head_before)  # the output head is read, not trained
