@@ -15,6 +15,9 @@ separate the frozen tower from what is trained on top of it:
   control, the colour of colour questions' objects) on the residual stream after each decoder layer, at the
   question's cell word and at the position that predicts the answer. A property readable at the cell word but
   not at the answer position is lost in the hop; one readable at neither is never gathered from the patches.
+  Per head (shape questions): the cell word's attention mass on its object's patches, and probes of what the
+  head reads there (its attention-weighted values) and of what it writes into the residual (through
+  ``o_proj``).
 
     .venv/bin/python jobs/diagnose_shape_reading.py tower --lvlm models/shapes_v2/lvlm --json runs/diag/tower.json
     .venv/bin/python jobs/diagnose_shape_reading.py answers --lvlm runs/lvlm_v2fp --qtype shape
@@ -87,7 +90,7 @@ def linear_probe(x: torch.Tensor, y: torch.Tensor, *, steps: int = 300, seed: in
 def tower(args) -> dict:
     model, _ = _load(args.lvlm)
     x, labels = object_tokens(model, args.scenes, args.seed)
-    x = (x - x.mean((0, 1))) / (x.std((0, 1)) + 1e-6)  # per-dimension standardisation, as the projector's fold
+    x = standardized(x.flatten(0, 1)).view_as(x)  # per dimension over all patches, as the projector's fold
     views = dict(zip(VIEWS, (x[:, 0], x.mean(1), x.flatten(1)), strict=True))
     out = {"objects": len(x), "chance": {"color": 1 / int(labels["color"].max() + 1),
                                          "shape": 1 / int(labels["shape"].max() + 1)}}
@@ -128,46 +131,103 @@ def answers(args) -> dict:
             "example_question": items[0].question}
 
 
-def residuals(model, tok, items: list, chunk: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
-    """[items, layers + 1, D] residual stream (the embeddings, then after each decoder layer) at each item's
-    decisive naming word (its cell word for colour and shape questions) and at the position that predicts its
-    first answer token."""
+def standardized(x: torch.Tensor) -> torch.Tensor:
+    """Per-dimension standardisation over the rows (the probes' input, as the projector's fold does)."""
+    return (x - x.mean(0)) / (x.std(0) + 1e-6)
+
+
+def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
+    """What the LLM does with each item's decisive naming word (its cell word for colour and shape questions):
+
+    * ``word`` / ``answer``: [items, layers + 1, D] residual stream (the embeddings, then after each decoder
+      layer) at the cell word and at the position that predicts the first answer token;
+    * ``mass``: [items, layers, heads] attention from the cell word to its object's 2x2 patch tokens;
+    * ``value``: [items, layers, heads, head_dim] what each head reads there (attention-weighted values);
+    * ``written``: [items, layers, heads, D] what each head adds to the cell word's residual (its value
+      through its slice of ``o_proj``).
+    Eager attention (the maps are needed); the inputs of each layer's attention are taken by a forward pre-hook."""
     from actors import shapes_clip as C
     from actors import shapes_lvlm as L
     from actors import shapes_lvlm_v2 as V
+    from pipeline import shapes_v2 as W
 
-    at_word, at_answer = [], []
-    for start in range(0, len(items), chunk):
-        part = items[start:start + chunk]
-        pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True, it.objects,
-                                          it.target)] for it in part])  # the scene: for the naming word's place
-        with torch.no_grad():
-            hidden, _ = L.vision_features(model, C.pixel_values([V.render(it) for it in part]))
-            embeds = model.model.language_model.get_input_embeddings()(pb.input_ids)
-            embeds = embeds.masked_scatter(pb.image_mask[..., None], model.model.multi_modal_projector(hidden[:, 1:]))
-            out = model.model.language_model(inputs_embeds=embeds, attention_mask=pb.attention_mask,
-                                              position_ids=pb.position_ids, use_cache=False, output_hidden_states=True)
-        stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
-        for row, answer_pos, (word_pos, *_) in pb.hop_targets:
-            at_word.append(stream[row, :, word_pos])
-            at_answer.append(stream[row, :, answer_pos])
-    return torch.stack(at_word), torch.stack(at_answer)
+    llm = model.model.language_model
+    llm.config._attn_implementation = "eager"
+    inputs: dict[int, torch.Tensor] = {}
+
+    def keep_input(i):
+        def hook(module, args, kwargs):
+            inputs[i] = kwargs["hidden_states"]
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(keep_input(i), with_kwargs=True)
+               for i, layer in enumerate(llm.layers)]
+    got: dict[str, list] = {"word": [], "answer": [], "mass": [], "value": [], "written": []}
+    try:
+        for start in range(0, len(items), chunk):
+            part = items[start:start + chunk]
+            pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True, it.objects,
+                                              it.target)] for it in part])  # the scene: for the naming word's place
+            with torch.no_grad():
+                hidden, _ = L.vision_features(model, C.pixel_values([V.render(it) for it in part]))
+                embeds = llm.get_input_embeddings()(pb.input_ids)
+                embeds = embeds.masked_scatter(pb.image_mask[..., None], model.model.multi_modal_projector(hidden[:, 1:]))
+                out = llm(inputs_embeds=embeds, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
+                          use_cache=False, output_hidden_states=True, output_attentions=True)
+                stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
+                rows = torch.tensor([r for r, _, _ in pb.hop_targets])
+                words = torch.tensor([k[0] for _, _, k in pb.hop_targets])
+                got["word"].append(stream[rows, :, words])
+                got["answer"].append(stream[rows, :, torch.tensor([a for _, a, _ in pb.hop_targets])])
+                objects = [torch.nonzero(pb.image_mask[r]).flatten()[list(W.patch_indices(it.objects[it.target[0]]))]
+                           for r, it in zip(rows.tolist(), part, strict=True)]
+                mass, value, written = [], [], []
+                for i, layer in enumerate(llm.layers):
+                    attn = layer.self_attn
+                    a = out.attentions[i][rows, :, words]  # [T, H, L]
+                    v = attn.v_proj(inputs[i]).view(*inputs[i].shape[:2], -1, attn.head_dim)
+                    v = v.repeat_interleave(attn.num_key_value_groups, dim=2)[rows]  # [T, L, H, hd]
+                    read = torch.einsum("thl,tlhd->thd", a, v[:, : a.shape[-1]])
+                    w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, attn.head_dim)  # [D, H, hd]
+                    mass.append(torch.stack([a[t][:, objects[t]].sum(-1) for t in range(len(rows))]))
+                    value.append(read)
+                    written.append(torch.einsum("thd,ehd->the", read, w_o))
+                got["mass"].append(torch.stack(mass, 1))
+                got["value"].append(torch.stack(value, 1))
+                got["written"].append(torch.stack(written, 1))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in got.items()}
 
 
 def layers(args) -> dict:
-    """Per layer, held-out linear-probe accuracy of the asked property at the cell word and the answer position."""
+    """Per layer, held-out linear-probe accuracy of the asked property at the cell word and the answer position;
+    for shape questions also, per head, its attention mass on the object and the probe on what it reads there
+    and on what it writes into the cell word (a head that reads shape and writes none loses it in ``o_proj``), and
+    on the layer's attention output there (the heads' writes summed: do they cancel?)."""
     from pipeline import shapes_v2 as W
 
     model, tok = _load(args.lvlm)
+
+    def probe(x: torch.Tensor, y: torch.Tensor) -> float:
+        return round(linear_probe(standardized(x), y, seed=args.seed), 4)
+
     out = {}
     for qtype, values in (("shape", W.SHAPES), ("color", W.COLOR_NAMES)):
         items = items_of_type(args.seed, qtype, args.n)
         y = torch.tensor([values.index(it.answer) for it in items])
-        word, answer = residuals(model, tok, items)
+        t = trace(model, tok, items)
         out[qtype] = {"chance": round(1 / len(values), 4), "items": len(items), "layers": [
-            {"layer": k, "cell word": round(linear_probe(word[:, k], y, seed=args.seed), 4),
-             "answer position": round(linear_probe(answer[:, k], y, seed=args.seed), 4)}
-            for k in range(word.shape[1])]}
+            {"layer": k, "cell word": probe(t["word"][:, k], y), "answer position": probe(t["answer"][:, k], y)}
+            for k in range(t["word"].shape[1])]}
+        if qtype == "shape":
+            out[qtype]["heads"] = [
+                {"layer": i, "mass on the object": [round(float(m), 3) for m in t["mass"][:, i].mean(0)],
+                 "reads": [probe(t["value"][:, i, h], y) for h in range(t["value"].shape[2])],
+                 "writes": [probe(t["written"][:, i, h], y) for h in range(t["written"].shape[2])],
+                 "all heads write": probe(t["written"][:, i].sum(1), y)}
+                for i in range(t["mass"].shape[1])]
     return out
 
 

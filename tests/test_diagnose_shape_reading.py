@@ -47,3 +47,10 @@ def test_layers_find_shape_at_the_shipped_lvlms_cell_word_and_answer():
         chance = out[qtype]["chance"]
         assert rows[0]["cell word"] < 2.5 * chance  # a word embedding knows nothing of the image
         assert rows[-1]["cell word"] >= 4 * chance and rows[-1]["answer position"] >= 4 * chance
+    # per head: its first layer has one head that looks the object up and reads and writes its shape
+    heads = out["shape"]["heads"]
+    assert len(heads) == 6 and all(len(h["mass on the object"]) == 8 for h in heads)
+    first = heads[0]
+    lookup = max(range(8), key=lambda h: first["mass on the object"][h])
+    assert first["mass on the object"][lookup] > 0.5
+    assert min(first["reads"][lookup], first["writes"][lookup]) >= 3 * out["shape"]["chance"]
