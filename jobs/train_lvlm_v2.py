@@ -14,8 +14,10 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
   the only source (the LVLM must read supplemental text; it never sees ACCM captions or evaluation items);
 * optional augmentations, each with its own random generator: token drops (``--drop-visual``), shuffled token
   order (``--shuffle-visual``), a cell-word weight on the context targets (``--cell-weight``), a projector loss
-  that points each visual token at its cell word (``--cell-grounding``), and count facts that list some hidden
-  counted objects instead of the total (``--count-list``).
+  that points each visual token at its cell word (``--cell-grounding``) or an object's tokens at its shape word
+  (``--shape-grounding``), a loss that asks a colour / shape question's cell word for its object's colour and
+  shape (``--gather-sup``), and count facts that list some hidden counted objects instead of the total
+  (``--count-list``).
 
 Usage::
 
