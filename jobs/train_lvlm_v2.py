@@ -252,9 +252,11 @@ def gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor, 
     """``--gather-sup``: the cell word's residual at the hop layer's input (``hidden``, [B, L, D], normed) must name
     its object's colour and its shape through the output head's rows of those words (frozen here: only what
     builds the residual learns). Why: from scratch the cell word gathers its object's colour by layer 2 and never
-    its shape (``jobs/diagnose_shape_reading.py layers``: linear probes 97-100% colour, 8-23% shape at every
-    layer; the shipped LVLM 93% shape from layer 1 on), so the hop that reads it has no shape to carry and the
-    answer is one constant shape word."""
+    its shape (``jobs/diagnose_shape_reading.py layers``: probes 95-100% colour, 10-20% shape at every layer; the
+    shipped LVLM 93-94% shape from layer 1 on), so the hop that reads it has no shape to carry and the answer is
+    one constant shape word. Alone it leaves shape at chance; with ``--shape-grounding`` (the heads then read
+    shape, but the residual does not keep it) val image shape left chance for the first time from scratch
+    (docs/notes/proving-ground-v2.md, session 15)."""
     places, colours, shapes = targets
     if not places:
         return hidden.new_zeros(())
