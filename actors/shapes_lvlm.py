@@ -496,18 +496,24 @@ def _word_attention_targets(
     return own, in_context, decisive
 
 
-def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: torch.Tensor | None = None,
-                  output_attentions: bool = False):
-    """Logits at the labelled positions only ([n_labels, V]) and their labels for a packed batch; with
-    ``output_attentions`` (eager attention only) also the LLM's per-layer attention maps."""
+def packed_embeds(model, pixels: torch.Tensor, batch: PackedBatch, *,
+                  features: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, L, D] the LLM's input embeddings of a packed batch: the text tokens' embeddings with the projected
+    patch features (``features``, else the tower's on ``pixels``) in the image slots."""
     if features is None:
         hidden, _ = vision_features(model, pixels)
         features = hidden[:, 1:]
     projected = model.model.multi_modal_projector(features)
     embeds = model.model.language_model.get_input_embeddings()(batch.input_ids)
-    embeds = embeds.masked_scatter(batch.image_mask[..., None], projected.to(embeds.dtype))
+    return embeds.masked_scatter(batch.image_mask[..., None], projected.to(embeds.dtype))
+
+
+def packed_logits(model, pixels: torch.Tensor, batch: PackedBatch, *, features: torch.Tensor | None = None,
+                  output_attentions: bool = False):
+    """Logits at the labelled positions only ([n_labels, V]) and their labels for a packed batch; with
+    ``output_attentions`` (eager attention only) also the LLM's per-layer attention maps."""
     out = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
+        inputs_embeds=packed_embeds(model, pixels, batch, features=features), attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
         output_attentions=output_attentions,
     )
     sel = batch.labels != -100

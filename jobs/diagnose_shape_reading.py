@@ -136,6 +136,7 @@ def standardized(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean(0)) / (x.std(0) + 1e-6)
 
 
+@torch.no_grad()
 def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
     """What the LLM does with each item's decisive naming word (its cell word for colour and shape questions):
 
@@ -145,59 +146,46 @@ def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
     * ``value``: [items, layers, heads, head_dim] what each head reads there (attention-weighted values);
     * ``written``: [items, layers, heads, D] what each head adds to the cell word's residual (its value
       through its slice of ``o_proj``).
-    Eager attention (the maps are needed); the inputs of each layer's attention are taken by a forward pre-hook."""
+    Eager attention (the maps are needed); each layer's attention input is kept by ``AttentionCapture``."""
     from actors import shapes_clip as C
     from actors import shapes_lvlm as L
     from actors import shapes_lvlm_v2 as V
+    from actors.attention_rows import AttentionCapture
     from pipeline import shapes_v2 as W
 
     llm = model.model.language_model
     llm.config._attn_implementation = "eager"
-    inputs: dict[int, torch.Tensor] = {}
-
-    def keep_input(i):
-        def hook(module, args, kwargs):
-            inputs[i] = kwargs["hidden_states"]
-        return hook
-
-    handles = [layer.self_attn.register_forward_pre_hook(keep_input(i), with_kwargs=True)
-               for i, layer in enumerate(llm.layers)]
     got: dict[str, list] = {"word": [], "answer": [], "mass": [], "value": [], "written": []}
-    try:
-        for start in range(0, len(items), chunk):
-            part = items[start:start + chunk]
-            pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True, it.objects,
-                                              it.target)] for it in part])  # the scene: for the naming word's place
-            with torch.no_grad():
-                hidden, _ = L.vision_features(model, C.pixel_values([V.render(it) for it in part]))
-                embeds = llm.get_input_embeddings()(pb.input_ids)
-                embeds = embeds.masked_scatter(pb.image_mask[..., None], model.model.multi_modal_projector(hidden[:, 1:]))
-                out = llm(inputs_embeds=embeds, attention_mask=pb.attention_mask, position_ids=pb.position_ids,
-                          use_cache=False, output_hidden_states=True, output_attentions=True)
-                stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
-                rows = torch.tensor([r for r, _, _ in pb.hop_targets])
-                words = torch.tensor([k[0] for _, _, k in pb.hop_targets])
-                got["word"].append(stream[rows, :, words])
-                got["answer"].append(stream[rows, :, torch.tensor([a for _, a, _ in pb.hop_targets])])
-                objects = [torch.nonzero(pb.image_mask[r]).flatten()[list(W.patch_indices(it.objects[it.target[0]]))]
-                           for r, it in zip(rows.tolist(), part, strict=True)]
-                mass, value, written = [], [], []
-                for i, layer in enumerate(llm.layers):
-                    attn = layer.self_attn
-                    a = out.attentions[i][rows, :, words]  # [T, H, L]
-                    v = attn.v_proj(inputs[i]).view(*inputs[i].shape[:2], -1, attn.head_dim)
-                    v = v.repeat_interleave(attn.num_key_value_groups, dim=2)[rows]  # [T, L, H, hd]
-                    read = torch.einsum("thl,tlhd->thd", a, v[:, : a.shape[-1]])
-                    w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, attn.head_dim)  # [D, H, hd]
-                    mass.append(torch.stack([a[t][:, objects[t]].sum(-1) for t in range(len(rows))]))
-                    value.append(read)
-                    written.append(torch.einsum("thd,ehd->the", read, w_o))
-                got["mass"].append(torch.stack(mass, 1))
-                got["value"].append(torch.stack(value, 1))
-                got["written"].append(torch.stack(written, 1))
-    finally:
-        for h in handles:
-            h.remove()
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True, it.objects,
+                                          it.target)] for it in part])  # the scene: for the naming word's place
+        with AttentionCapture(llm, set(range(len(llm.layers)))) as cap:
+            out = llm(inputs_embeds=L.packed_embeds(model, C.pixel_values([V.render(it) for it in part]), pb),
+                      attention_mask=pb.attention_mask, position_ids=pb.position_ids, use_cache=False,
+                      output_hidden_states=True, output_attentions=True)
+        stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
+        rows = torch.tensor([r for r, _, _ in pb.hop_targets])
+        words = torch.tensor([k[0] for _, _, k in pb.hop_targets])
+        got["word"].append(stream[rows, :, words])
+        got["answer"].append(stream[rows, :, torch.tensor([a for _, a, _ in pb.hop_targets])])
+        objects = [torch.nonzero(pb.image_mask[r]).flatten()[list(W.patch_indices(it.objects[it.target[0]]))]
+                   for r, it in zip(rows.tolist(), part, strict=True)]
+        mass, value, written = [], [], []
+        for i, layer in enumerate(llm.layers):
+            attn = layer.self_attn
+            a = out.attentions[i][rows, :, words]  # [T, H, L]
+            kept = cap.inputs[i]["hidden"]
+            v = attn.v_proj(kept).view(*kept.shape[:2], -1, attn.head_dim)
+            v = v.repeat_interleave(attn.num_key_value_groups, dim=2)[rows]  # [T, L, H, hd]
+            read = torch.einsum("thl,tlhd->thd", a, v[:, : a.shape[-1]])
+            w_o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], -1, attn.head_dim)  # [D, H, hd]
+            mass.append(torch.stack([a[t][:, objects[t]].sum(-1) for t in range(len(rows))]))
+            value.append(read)
+            written.append(torch.einsum("thd,ehd->the", read, w_o))
+        got["mass"].append(torch.stack(mass, 1))
+        got["value"].append(torch.stack(value, 1))
+        got["written"].append(torch.stack(written, 1))
     return {k: torch.cat(v) for k, v in got.items()}
 
 
