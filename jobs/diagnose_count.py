@@ -195,7 +195,6 @@ def caption_finetune(args) -> dict:
             "kept_context": args.kept_context, "lr": args.lr, "curve": curve}
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=("lvlm-text", "caption-finetune"))
