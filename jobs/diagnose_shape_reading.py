@@ -5,19 +5,20 @@ b3?``) at 100% while shape-by-cell ones (``What shape is in cell b6?``) stay at 
 separate the frozen tower from what is trained on top of it:
 
 * ``tower`` -- linear probes (plain PyTorch, seeded) on the tower's feature layer (LLaVA's layer -2, what the
-  projector reads): colour and shape of each object from one of its 2x2 patch tokens, their mean, and the four
+  projector reads): colour, shape, row and column of each object from one of its 2x2 patch tokens, their mean, and the four
   concatenated, fitted on 80% of the objects of freshly rendered train-split scenes and scored on the rest.
   High held-out accuracy means the information is in the tokens the LLM receives.
 * ``answers`` -- an LVLM's greedy first answer token on val items of one question type, against the truth:
   accuracy and the most frequent predicted and true answers (a constant answer is a model that has not
   learnt to read the property at all, rather than one that reads it badly).
 * ``layers`` -- where in the LLM the property is lost: linear probes of the object's shape (and, as the
-  control, the colour of colour questions' objects) on the residual stream after each decoder layer, at the
-  question's cell word and at the position that predicts the answer. A property readable at the cell word but
-  not at the answer position is lost in the hop; one readable at neither is never gathered from the patches.
-  Per head (shape questions): the cell word's attention mass on its object's patches, and probes of what the
-  head reads there (its attention-weighted values) and of what it writes into the residual (through
-  ``o_proj``).
+  control, the colour of colour questions' objects; ``--qtypes spatial,exist``: the row / yes-no of questions
+  that find their object by colour and shape) on the residual stream after each decoder layer, at the
+  question's naming word (cell word, or the shape word) and at the position that predicts the answer. A
+  property readable at the naming word but not at the answer position is lost in the hop; one readable at
+  neither is never gathered from the patches. Per head: the naming word's attention mass on its object's
+  patches, and probes of what the head reads there (its attention-weighted values) and of what it writes into
+  the residual (through ``o_proj``).
 
     .venv/bin/python jobs/diagnose_shape_reading.py tower --lvlm models/shapes_v2/lvlm --json runs/diag/tower.json
     .venv/bin/python jobs/diagnose_shape_reading.py answers --lvlm runs/lvlm_v2fp --qtype shape
@@ -53,13 +54,14 @@ def _load(path: str):
 
 
 def object_tokens(model, scenes: int, seed: int, batch: int = 32) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """[objects, 4, Dv] feature-layer tokens of each object's 2x2 patches, and its colour / shape labels."""
+    """[objects, 4, Dv] feature-layer tokens of each object's 2x2 patches, and its colour / shape / row / column
+    labels (where it is: what a spatial question reads once it has found the object)."""
     from actors import shapes_clip as C
     from actors import shapes_lvlm as L
     from pipeline import shapes_v2 as W
 
     rng = np.random.default_rng(seed)
-    feats, labels = [], {"color": [], "shape": []}
+    feats, labels = [], {"color": [], "shape": [], "row": [], "column": []}
     for start in range(0, scenes, batch):
         drawn = [W.sample_scene(rng, "train") for _ in range(min(batch, scenes - start))]
         images = [W.render(s, W.sample_background(rng)) for s in drawn]
@@ -70,6 +72,8 @@ def object_tokens(model, scenes: int, seed: int, batch: int = 32) -> tuple[torch
                 feats.append(hidden[i, 1:][list(W.patch_indices(o))])
                 labels["color"].append(W.COLOR_NAMES.index(o.color))
                 labels["shape"].append(W.SHAPES.index(o.shape))
+                labels["row"].append(o.row)
+                labels["column"].append(o.col)
     return torch.stack(feats), {k: torch.tensor(v) for k, v in labels.items()}
 
 
@@ -92,8 +96,7 @@ def tower(args) -> dict:
     x, labels = object_tokens(model, args.scenes, args.seed)
     x = standardized(x.flatten(0, 1)).view_as(x)  # per dimension over all patches, as the projector's fold
     views = dict(zip(VIEWS, (x[:, 0], x.mean(1), x.flatten(1)), strict=True))
-    out = {"objects": len(x), "chance": {"color": 1 / int(labels["color"].max() + 1),
-                                         "shape": 1 / int(labels["shape"].max() + 1)}}
+    out = {"objects": len(x), "chance": {name: 1 / int(y.max() + 1) for name, y in labels.items()}}
     for name, y in labels.items():
         out[name] = {view: round(linear_probe(v, y, seed=args.seed), 4) for view, v in views.items()}
     return out
@@ -138,13 +141,14 @@ def standardized(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
-    """What the LLM does with each item's decisive naming word (its cell word for colour and shape questions):
+    """What the LLM does with each item's decisive naming word (the cell word of colour and shape questions, the
+    shape word of exist and spatial ones):
 
     * ``word`` / ``answer``: [items, layers + 1, D] residual stream (the embeddings, then after each decoder
-      layer) at the cell word and at the position that predicts the first answer token;
-    * ``mass``: [items, layers, heads] attention from the cell word to its object's 2x2 patch tokens;
+      layer) at the naming word and at the position that predicts the first answer token;
+    * ``mass``: [items, layers, heads] attention from the naming word to its target object's 2x2 patch tokens;
     * ``value``: [items, layers, heads, head_dim] what each head reads there (attention-weighted values);
-    * ``written``: [items, layers, heads, D] what each head adds to the cell word's residual (its value
+    * ``written``: [items, layers, heads, D] what each head adds to the naming word's residual (its value
       through its slice of ``o_proj``).
     Eager attention (the maps are needed); each layer's attention input is kept by ``AttentionCapture``."""
     from actors import shapes_clip as C
@@ -169,8 +173,9 @@ def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
         words = torch.tensor([k[0] for _, _, k in pb.hop_targets])
         got["word"].append(stream[rows, :, words])
         got["answer"].append(stream[rows, :, torch.tensor([a for _, a, _ in pb.hop_targets])])
-        objects = [torch.nonzero(pb.image_mask[r]).flatten()[list(W.patch_indices(it.objects[it.target[0]]))]
-                   for r, it in zip(rows.tolist(), part, strict=True)]
+        objects = [torch.nonzero(pb.image_mask[r]).flatten()[[p for o in it.target
+                                                               for p in W.patch_indices(it.objects[o])]]
+                   for r, it in zip(rows.tolist(), part, strict=True)]  # none for an exist question's "no"
         mass, value, written = [], [], []
         for i, layer in enumerate(llm.layers):
             attn = layer.self_attn
@@ -189,27 +194,40 @@ def trace(model, tok, items: list, chunk: int = 50) -> dict[str, torch.Tensor]:
     return {k: torch.cat(v) for k, v in got.items()}
 
 
-def layers(args) -> dict:
-    """Per layer, held-out linear-probe accuracy of the asked property at the cell word and the answer position;
-    for shape questions also, per head, its attention mass on the object and the probe on what it reads there
-    and on what it writes into the cell word (a head that reads shape and writes none loses it in ``o_proj``), and
-    on the layer's attention output there (the heads' writes summed: do they cancel?)."""
+NAMING_WORD = {"shape": "cell word", "color": "cell word", "spatial": "shape word", "exist": "shape word"}
+
+
+def answer_values(qtype: str) -> tuple[str, ...]:
+    """The answers a question type can have (the probes' classes)."""
     from pipeline import shapes_v2 as W
 
+    return {"shape": W.SHAPES, "color": W.COLOR_NAMES, "spatial": tuple(str(r + 1) for r in range(W.CELLS)),
+            "exist": ("yes", "no")}[qtype]
+
+
+def layers(args) -> dict:
+    """Per layer, held-out linear-probe accuracy of the answer at the question's decisive naming word (the cell
+    word of colour and shape questions, the shape word of spatial and exist ones) and at the answer position;
+    for every type but colour (the control) also, per head, its attention mass on the target object and the
+    probe on what it reads there and on what it writes into the naming word (a head that reads the property and
+    writes none loses it in ``o_proj``), and on the layer's attention output there (the heads' writes summed: do
+    they cancel?). A spatial question's answer is its object's row: found by colour and shape, read by place."""
     model, tok = _load(args.lvlm)
 
     def probe(x: torch.Tensor, y: torch.Tensor) -> float:
         return round(linear_probe(standardized(x), y, seed=args.seed), 4)
 
     out = {}
-    for qtype, values in (("shape", W.SHAPES), ("color", W.COLOR_NAMES)):
+    for qtype in args.qtypes.split(","):
+        values = answer_values(qtype)
+        word = NAMING_WORD[qtype]
         items = items_of_type(args.seed, qtype, args.n)
         y = torch.tensor([values.index(it.answer) for it in items])
         t = trace(model, tok, items)
         out[qtype] = {"chance": round(1 / len(values), 4), "items": len(items), "layers": [
-            {"layer": k, "cell word": probe(t["word"][:, k], y), "answer position": probe(t["answer"][:, k], y)}
+            {"layer": k, word: probe(t["word"][:, k], y), "answer position": probe(t["answer"][:, k], y)}
             for k in range(t["word"].shape[1])]}
-        if qtype == "shape":
+        if qtype != "color":
             out[qtype]["heads"] = [
                 {"layer": i, "mass on the object": [round(float(m), 3) for m in t["mass"][:, i].mean(0)],
                  "reads": [probe(t["value"][:, i, h], y) for h in range(t["value"].shape[2])],
@@ -228,7 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.add_argument("--qtype", default="shape", help="question type (color, shape, count, exist, spatial)")
     a.add_argument("--n", type=int, default=100, help="val items of that type")
     la = sub.add_parser("layers", help="probes of the asked property along the LLM's residual stream")
-    la.add_argument("--n", type=int, default=500, help="val items per question type (shape, colour)")
+    la.add_argument("--n", type=int, default=500, help="val items per question type")
+    la.add_argument("--qtypes", default="shape,color",
+                    help="comma-separated question types to trace (shape, color, spatial, exist)")
     for s in (t, a, la):
         s.add_argument("--lvlm", default=str(REPO / "models/shapes_v2/lvlm"), help="a Shapes v2 LVLM folder")
         s.add_argument("--seed", type=int, default=1234, help="scene seed (the val seed of train_lvlm_v2.py for answers)")

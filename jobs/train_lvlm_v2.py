@@ -13,11 +13,12 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
   benchmark's 20-28 objects; a share of the fact questions' objects are left out of the image, so the fact is
   the only source (the LVLM must read supplemental text; it never sees ACCM captions or evaluation items);
 * optional augmentations, each with its own random generator: token drops (``--drop-visual``), shuffled token
-  order (``--shuffle-visual``), a cell-word weight on the context targets (``--cell-weight``), a projector loss
-  that points each visual token at its cell word (``--cell-grounding``) or an object's tokens at its shape word
-  (``--shape-grounding``), a loss that asks a colour / shape question's cell word for its object's colour and
-  shape (``--gather-sup``), and count facts that list some hidden counted objects instead of the total
-  (``--count-list``).
+  order (``--shuffle-visual``); and optional signals (``actors/shapes_lvlm_v2_losses.py``): a cell-word weight on
+  the context targets (``--cell-weight``), a shape-word weight on the search targets of exist and spatial
+  questions (``--search-weight``), a projector loss that points each visual token at its cell word
+  (``--cell-grounding``) or an object's tokens at its shape word (``--shape-grounding``), a loss that asks a
+  colour / shape question's cell word for its object's colour and shape (``--gather-sup``), and count facts
+  that list some hidden counted objects instead of the total (``--count-list``).
 
 Usage::
 
@@ -44,6 +45,17 @@ from actors import shapes_clip as C  # noqa: E402
 from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
 from actors.attention_rows import AttentionCapture  # noqa: E402
+from actors.shapes_lvlm_v2_losses import (  # noqa: E402,F401 - the losses' home; tests reach them here too
+    cell_grounding_loss,
+    cell_weights,
+    gather_loss,
+    gather_targets,
+    patch_cells,
+    patch_shapes,
+    search_weights,
+    shape_grounding_loss,
+    word_grounding_loss,
+)
 from jobs.train_lvlm import answer_accuracy  # noqa: E402
 from jobs.train_utils import log, lr_at, parse_type_weights  # noqa: E402
 from pipeline import shapes_v2 as world  # noqa: E402
@@ -170,102 +182,6 @@ def shuffled_order(keep: list[list[int]] | None, n_images: int, rng: np.random.G
     return [rng.permutation(k).tolist() if rng.random() < args.shuffle_visual else list(k) for k in keep]
 
 
-def cell_weights(pb: L.PackedBatch, cell_id: int, cell_weight: float) -> torch.Tensor | None:
-    """Per context target, ``--cell-weight`` where the query is a cell word (the word after ``cell``; its target:
-    the object in that cell), else 1; None when the weight is 1 (every target counts the same). Why: with
-    shuffled tokens the LLM learned to find a row by content long before a cell (``jobs/diagnose_lvlm_lookup.py
-    --shuffled``)."""
-    if cell_weight == 1 or not pb.context_targets:
-        return None
-    is_cell = [int(pb.input_ids[row, query - 1]) == cell_id for row, query, _ in pb.context_targets]
-    return torch.tensor([cell_weight if c else 1.0 for c in is_cell])
-
-
-def patch_cells() -> torch.Tensor:
-    """[144]: the index in ``world.CELL_WORDS`` of the cell each visual token's patch lies in (2x2 patches a cell)."""
-    per_cell = world.GRID // world.CELLS
-    rows, cols = np.divmod(np.arange(V.N_VISUAL), world.GRID)
-    return torch.as_tensor((rows // per_cell) * world.CELLS + cols // per_cell)
-
-
-def word_grounding_loss(model, patch_features: torch.Tensor, word_ids: torch.Tensor, labels: torch.Tensor,
-                        scale: float = 10.0) -> torch.Tensor:
-    """Every projected visual token is classified into one of ``word_ids`` by cosine similarity with the LLM's
-    input embeddings of those words; ``labels`` [B or 1, 144] index ``word_ids`` (-100: no target)."""
-    projected = model.model.multi_modal_projector(patch_features)  # [B, 144, D]
-    table = model.model.language_model.get_input_embeddings().weight[word_ids]  # [words, D]
-    logits = scale * F.normalize(projected, dim=-1) @ F.normalize(table, dim=-1).T
-    labels = labels.to(logits.device).expand(logits.shape[:2])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
-
-
-def cell_grounding_loss(model, patch_features: torch.Tensor, cell_word_ids: torch.Tensor,
-                        scale: float = 10.0) -> torch.Tensor:
-    """``--cell-grounding``: every projected visual token is classified into its cell by cosine similarity with
-    the LLM's input embeddings of the 36 cell words. Why: the session-6 lookup diagnostic found the cell word's
-    heads on its grid row (0.69 of the mass) and hardly on its column (0.24); the tower carries row and column
-    linearly (probes 100%), and the projector's hidden layer can make their conjunction, so a visual token whose
-    embedding points like its cell word's gives the cell word a key to match by content, wherever it sits."""
-    return word_grounding_loss(model, patch_features, cell_word_ids, patch_cells()[None], scale)
-
-
-def patch_shapes(scenes: list[tuple]) -> torch.Tensor:
-    """[B, 144]: the index in ``world.SHAPES`` of the object each visual token's patch holds, -100 where none."""
-    out = torch.full((len(scenes), V.N_VISUAL), -100, dtype=torch.long)
-    for i, objs in enumerate(scenes):
-        for o in objs:
-            out[i, list(world.patch_indices(o))] = world.SHAPES.index(o.shape)
-    return out
-
-
-def shape_grounding_loss(model, patch_features: torch.Tensor, shape_word_ids: torch.Tensor, labels: torch.Tensor,
-                         scale: float = 10.0) -> torch.Tensor:
-    """``--shape-grounding``: every projected visual token of an object is classified into the object's shape
-    (``labels`` from ``patch_shapes``) by cosine similarity with the LLM's input embeddings of the six shape words.
-    Why: from scratch on today's world the LLM looks cells up (colour by cell 100%) but answers shape questions
-    with one constant word, though the tower holds shape linearly (``jobs/diagnose_shape_reading.py``); a token
-    that points like its shape word gives the shape word's heads a key, and the answer a direction to read."""
-    return word_grounding_loss(model, patch_features, shape_word_ids, labels, scale)
-
-
-def gather_targets(pb: L.PackedBatch, scenes: list[tuple], cell_word_ids: torch.Tensor) -> tuple[list, torch.Tensor,
-                                                                                                  torch.Tensor]:
-    """The (row, position) of every plain image question's decisive word that is a cell word (colour and shape
-    questions), and the colour and shape indices of the object in that cell (``--gather-sup``'s targets)."""
-    cell_of = {int(w): i for i, w in enumerate(cell_word_ids)}
-    places, colours, shapes = [], [], []
-    for row, _, (key, *_) in pb.hop_targets or []:
-        cell = cell_of.get(int(pb.input_ids[row, key]))
-        if cell is None:
-            continue
-        r, c = divmod(cell, world.CELLS)
-        obj = next((o for o in scenes[row] if (o.row, o.col) == (r, c)), None)
-        if obj is not None:
-            places.append((row, key))
-            colours.append(world.COLOR_NAMES.index(obj.color))
-            shapes.append(world.SHAPES.index(obj.shape))
-    return places, torch.tensor(colours), torch.tensor(shapes)
-
-
-def gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor, torch.Tensor],
-                colour_ids: torch.Tensor, shape_ids: torch.Tensor) -> torch.Tensor:
-    """``--gather-sup``: the cell word's residual at the hop layer's input (``hidden``, [B, L, D], normed) must name
-    its object's colour and its shape through the output head's rows of those words (frozen here: only what
-    builds the residual learns). Why: from scratch the cell word gathers its object's colour by layer 2 and never
-    its shape (``jobs/diagnose_shape_reading.py layers``: probes 95-100% colour, 10-20% shape at every layer; the
-    shipped LVLM 93-94% shape from layer 1 on), so the hop that reads it has no shape to carry and the answer is
-    one constant shape word. Alone it leaves shape at chance; with ``--shape-grounding`` (the heads then read
-    shape, but the residual does not keep it) val image shape left chance for the first time from scratch
-    (docs/notes/proving-ground-v2.md, session 15)."""
-    places, colours, shapes = targets
-    if not places:
-        return hidden.new_zeros(())
-    rows, keys = (torch.tensor(v) for v in zip(*places, strict=True))
-    h = hidden[rows, keys]
-    head = model.lm_head.weight.detach()
-    return (F.cross_entropy(h @ head[colour_ids].T, colours) + F.cross_entropy(h @ head[shape_ids].T, shapes)) / 2
-
-
 def evaluate(model, tok, items: list, *, with_fact: bool = False, text_only: bool = False,
              keep_rate: float = 1.0) -> dict:
     """v2's val accuracy (``train_lvlm.answer_accuracy`` on the v2 world's 144 patches)."""
@@ -290,6 +206,12 @@ def save(model, tok, out: Path, state: dict) -> None:
     if "t_start" in state:
         saved["minutes"] = round(state["minutes"] + (time.time() - state["t_start"]) / 60, 2)
     (out / "training_log.json").write_text(json.dumps(saved, indent=1))
+
+
+def combined(*weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of per-target weights, None where none applies."""
+    present = [w for w in weights if w is not None]
+    return None if not present else torch.stack(present).prod(0)
 
 
 def run_stage(model, tok, args, state: dict, stage: int) -> None:
@@ -326,9 +248,11 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
             feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
             logits, labels = L.packed_logits(model, px, pb, features=feats)
 
-        context_weights = cell_weights(pb, cell_id, args.cell_weight)
-        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, context_weights if name == "context" else None)
-               if t else logits.new_zeros(())
+        weights = {"word": search_weights(pb, pb.word_targets, shape_word_ids, args.search_weight),
+                   "context": combined(cell_weights(pb, cell_id, args.cell_weight),
+                                       search_weights(pb, pb.context_targets, shape_word_ids, args.search_weight)),
+                   "hop": None}
+        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, weights[name]) if t else logits.new_zeros(())
                for name, layer, t in (("word", args.word_layer, pb.word_targets),
                                       ("context", args.context_layer, pb.context_targets),
                                       ("hop", args.hop_layer, pb.hop_targets))}
@@ -414,6 +338,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-grounding", type=float, default=0.0,
                    help="weight of the loss that points each projected visual token at its cell word's input "
                         "embedding (see cell_grounding_loss); 0 = off")
+    p.add_argument("--search-weight", type=float, default=1.0,
+                   help="weight of the attention targets whose query is a shape word (exist / spatial questions' "
+                        "search for a colour and shape)")
     p.add_argument("--shape-grounding", type=float, default=0.0,
                    help="weight of the loss that points each projected token of an object at its shape word's "
                         "input embedding (see shape_grounding_loss); 0 = off")

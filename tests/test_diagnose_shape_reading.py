@@ -26,6 +26,8 @@ def test_tower_probe_finds_colour_and_shape_in_the_feature_layer(tmp_path):
     # the shipped tower was trained with per-patch colour and shape probes: both are linear in its tokens
     assert out["color"]["mean of 4"] >= 0.9
     assert out["shape"]["mean of 4"] >= 3 * out["chance"]["shape"]
+    # and where each object is: what a spatial question reads once the object is found
+    assert min(out["row"]["one patch (top-left)"], out["column"]["one patch (top-left)"]) >= 0.9
     assert (tmp_path / "t.json").exists()
 
 
@@ -39,8 +41,9 @@ def test_answers_of_the_shipped_lvlm_read_shape():
 
 def test_layers_find_shape_at_the_shipped_lvlms_cell_word_and_answer():
     """The shipped LVLM gathers its object's shape at the cell word from layer 1 on and carries it to the answer
-    (a from-scratch one that answers one constant word reads neither: docs/reports/.../shape_reading)."""
-    out = D.main(["layers", "--n", "150", "--threads", "1"])["result"]
+    (a from-scratch one that answers one constant word reads neither: docs/reports/.../shape_reading); in a
+    spatial question its shape word searches the image for the named colour and shape and reads the row."""
+    out = D.main(["layers", "--n", "150", "--threads", "1", "--qtypes", "shape,color,spatial"])["result"]
     for qtype in ("shape", "color"):
         rows = out[qtype]["layers"]
         assert out[qtype]["items"] == 150 and len(rows) == 7  # the embeddings + six decoder layers
@@ -54,3 +57,11 @@ def test_layers_find_shape_at_the_shipped_lvlms_cell_word_and_answer():
     lookup = max(range(8), key=lambda h: first["mass on the object"][h])
     assert first["mass on the object"][lookup] > 0.5
     assert min(first["reads"][lookup], first["writes"][lookup]) >= 3 * out["shape"]["chance"]
+    # spatial: the row is nowhere in the question's words until some layer's head finds the object
+    spatial = out["spatial"]
+    assert spatial["chance"] == round(1 / 6, 4) and "heads" in spatial and "heads" not in out["color"]
+    assert spatial["layers"][0]["shape word"] < 2 * spatial["chance"]
+    assert spatial["layers"][-1]["answer position"] >= 4 * spatial["chance"]
+    search = max(spatial["heads"], key=lambda h: max(h["mass on the object"]))
+    head = max(range(8), key=lambda h: search["mass on the object"][h])
+    assert search["mass on the object"][head] > 0.5 and search["reads"][head] >= 4 * spatial["chance"]

@@ -330,6 +330,30 @@ def test_cell_weight_scales_only_the_cell_words_context_targets():
     assert L.target_nll(rows, pb.context_targets, w) > plain
 
 
+def test_search_weight_scales_the_shape_words_targets_and_combines_with_the_cell_weight():
+    """--search-weight: the word and context targets whose query is a shape word (exist and spatial questions'
+    search) weigh more, the others keep 1; with --cell-weight the context weights multiply."""
+    from jobs.train_lvlm_v2 import cell_weights, combined, search_weights
+
+    tok = V.build_tokenizer()
+    rng = np.random.default_rng(7)
+    scenes = [world.sample_scene(rng, "train") for _ in range(3)]
+    pb = V.pack_batch(tok, [V.draw_branches(s, rng, n_image=6, n_fact=0, n_text=0, qtypes=("color", "spatial"))
+                            for s in scenes])
+    shapes = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
+    assert search_weights(pb, pb.word_targets, shapes, 1.0) is None
+    assert search_weights(pb, [], shapes, 3.0) is None
+    for targets in (pb.word_targets, pb.context_targets):
+        w = search_weights(pb, targets, shapes, 3.0)
+        words = [tok.convert_ids_to_tokens(int(pb.input_ids[r, q])) for r, q, _ in targets]
+        assert w.tolist() == [3.0 if word in world.SHAPES else 1.0 for word in words]
+        assert 3.0 in w.tolist() and 1.0 in w.tolist()  # spatial questions' shape words, colour ones' cells
+    cell = tok.convert_tokens_to_ids("cell")
+    both = combined(cell_weights(pb, cell, 2.0), search_weights(pb, pb.context_targets, shapes, 3.0))
+    assert sorted(set(both.tolist())) == [2.0, 3.0]  # a context query is a cell word or a shape word
+    assert combined(None, None) is None
+
+
 def test_cell_grounding_maps_patches_to_their_cells_and_trains_the_projector():
     """--cell-grounding: each visual token's cell is the one its patch lies in (2x2 patches a cell, raster
     order, as ``world.CELL_WORDS``), and a few steps on the loss alone raise the cosine of the projected tokens
