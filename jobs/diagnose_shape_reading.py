@@ -19,10 +19,13 @@ separate the frozen tower from what is trained on top of it:
   neither is never gathered from the patches. Per head: the naming word's attention mass on its object's
   patches, and probes of what the head reads there (its attention-weighted values) and of what it writes into
   the residual (through ``o_proj``).
+* ``tokens`` -- the other side of a search: probes of each object's shape and row on the visual tokens'
+  residual stream after each decoder layer.
 
     .venv/bin/python jobs/diagnose_shape_reading.py tower --lvlm models/shapes_v2/lvlm --json runs/diag/tower.json
     .venv/bin/python jobs/diagnose_shape_reading.py answers --lvlm runs/lvlm_v2fp --qtype shape
     .venv/bin/python jobs/diagnose_shape_reading.py layers --lvlm runs/lvlm_v2fp
+    .venv/bin/python jobs/diagnose_shape_reading.py tokens --lvlm runs/lvlm_v2fp
 """
 
 from __future__ import annotations
@@ -237,6 +240,44 @@ def layers(args) -> dict:
     return out
 
 
+def tokens(args) -> dict:
+    """Per layer, linear probes of each object's shape and row on the visual tokens' residual stream inside the
+    LLM (its top-left patch, and the mean of its four): what a search for a colour and shape could match (shape)
+    and what it would read (row). Held there, a search that never finds its object fails in the query-key match,
+    not for want of the information."""
+    from actors import shapes_clip as C
+    from actors import shapes_lvlm as L
+    from actors import shapes_lvlm_v2 as V
+    from pipeline import shapes_v2 as W
+
+    model, tok = _load(args.lvlm)
+    llm = model.model.language_model
+    items = items_of_type(args.seed, "color", args.scenes)  # one question per scene: only the image matters
+    pb = V.pack_batch(tok, [[L.Branch(it.question, it.answer, it.question_type, None, True)] for it in items])
+    with torch.no_grad():
+        out = llm(inputs_embeds=L.packed_embeds(model, C.pixel_values([V.render(it) for it in items]), pb),
+                  attention_mask=pb.attention_mask, position_ids=pb.position_ids, use_cache=False,
+                  output_hidden_states=True)
+    stream = torch.stack(out.hidden_states, 1)  # [B, layers + 1, L, D]
+    one, four, labels = [], [], {"shape": [], "row": []}
+    for b, it in enumerate(items):
+        place = torch.nonzero(pb.image_mask[b]).flatten()
+        for o in it.objects:
+            patches = place[list(W.patch_indices(o))]
+            one.append(stream[b, :, patches[0]])
+            four.append(stream[b, :, patches].mean(1))
+            labels["shape"].append(W.SHAPES.index(o.shape))
+            labels["row"].append(o.row)
+    order = torch.randperm(len(one), generator=torch.Generator().manual_seed(args.seed))  # scenes mixed in the split
+    one, four = torch.stack(one)[order], torch.stack(four)[order]
+    ys = {k: torch.tensor(v)[order] for k, v in labels.items()}
+    return {"objects": len(one), "chance": {"shape": round(1 / len(W.SHAPES), 4), "row": round(1 / W.CELLS, 4)},
+            "layers": [{"layer": k, **{f"{name} ({view})": round(linear_probe(standardized(x[:, k]), y,
+                                                                              seed=args.seed), 4)
+                                       for name, y in ys.items() for view, x in (("one patch", one), ("mean of 4", four))}}
+                       for k in range(stream.shape[1])]}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -249,7 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     la.add_argument("--n", type=int, default=500, help="val items per question type")
     la.add_argument("--qtypes", default="shape,color",
                     help="comma-separated question types to trace (shape, color, spatial, exist)")
-    for s in (t, a, la):
+    tk = sub.add_parser("tokens", help="probes of shape and row on the visual tokens inside the LLM")
+    tk.add_argument("--scenes", type=int, default=120, help="val scenes (20-28 objects each)")
+    for s in (t, a, la, tk):
         s.add_argument("--lvlm", default=str(REPO / "models/shapes_v2/lvlm"), help="a Shapes v2 LVLM folder")
         s.add_argument("--seed", type=int, default=1234, help="scene seed (the val seed of train_lvlm_v2.py for answers)")
         s.add_argument("--threads", type=int, default=2)
@@ -260,7 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = {"tower": tower, "answers": answers, "layers": layers}[args.command](args)
+    result = {"tower": tower, "answers": answers, "layers": layers, "tokens": tokens}[args.command](args)
     out = {"command": f"jobs/diagnose_shape_reading.py {' '.join(sys.argv[1:] if argv is None else argv)}",
            "lvlm": shown_path(args.lvlm), "result": result}
     print(json.dumps(out, indent=1))

@@ -65,3 +65,13 @@ def test_layers_find_shape_at_the_shipped_lvlms_cell_word_and_answer():
     search = max(spatial["heads"], key=lambda h: max(h["mass on the object"]))
     head = max(range(8), key=lambda h: search["mass on the object"][h])
     assert search["mass on the object"][head] > 0.5 and search["reads"][head] >= 4 * spatial["chance"]
+
+
+def test_tokens_probe_shape_and_row_on_the_visual_tokens_inside_the_llm():
+    """What a search could match and read: the shipped LVLM's visual tokens keep their object's shape and row
+    through every layer (a from-scratch model's do too: the search fails in the query-key match)."""
+    out = D.main(["tokens", "--scenes", "30", "--threads", "1"])["result"]
+    assert out["objects"] >= 30 * 20 and len(out["layers"]) == 7
+    for row in out["layers"]:
+        assert row["shape (mean of 4)"] >= 3 * out["chance"]["shape"]
+        assert row["row (one patch)"] >= 0.9
