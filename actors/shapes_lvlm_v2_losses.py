@@ -4,7 +4,7 @@ of the attention supervision, the projector's grounding losses and the residual'
 Each answers a failure that a from-scratch run showed (``docs/notes/proving-ground-v2.md``): the LLM found rows
 before cells (``cell_weights``, ``cell_grounding_loss``), looked its cell's object up without reading its shape
 (``shape_grounding_loss``, ``gather_loss``), and never searched the image for a named colour and shape
-(``search_weights``).
+(``search_weights``), then found the object without keeping its row (``row_gather_loss``).
 """
 
 from __future__ import annotations
@@ -127,3 +127,34 @@ def gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor, 
     h = hidden[rows, keys]
     head = model.lm_head.weight.detach()
     return (F.cross_entropy(h @ head[colour_ids].T, colours) + F.cross_entropy(h @ head[shape_ids].T, shapes)) / 2
+
+
+def row_gather_targets(pb: L.PackedBatch, shape_word_ids: torch.Tensor,
+                       row_word_ids: torch.Tensor) -> tuple[list, torch.Tensor]:
+    """The (row, position) of every plain spatial question's shape word (its decisive word; an exist question's
+    shape word answers yes / no and is skipped) and the index of its answer in ``row_word_ids``
+    (``--row-gather``'s targets)."""
+    shapes = set(shape_word_ids.tolist())
+    row_of = {int(w): i for i, w in enumerate(row_word_ids)}
+    places, rows = [], []
+    for row, answer, (key, *_) in pb.hop_targets or []:
+        label = int(pb.labels[row, answer])
+        if int(pb.input_ids[row, key]) in shapes and label in row_of:
+            places.append((row, key))
+            rows.append(row_of[label])
+    return places, torch.tensor(rows, dtype=torch.long)
+
+
+def row_gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor],
+                    row_word_ids: torch.Tensor) -> torch.Tensor:
+    """``--row-gather``: a spatial question's shape word's residual at the hop layer's input (``hidden``, normed)
+    must name its object's row through the output head's rows of the row digits (the head frozen here). Why:
+    with ``--search-weight 4`` a layer-3 head finds the object and reads its row at 60%, but the shape word's
+    residual keeps 17-22% and spatial stays at chance (``jobs/diagnose_shape_reading.py layers --qtypes
+    spatial``): the pattern ``gather_loss`` fixed for shape at the cell word."""
+    places, rows = targets
+    if not places:
+        return hidden.new_zeros(())
+    at, keys = (torch.tensor(v) for v in zip(*places, strict=True))
+    return F.cross_entropy(hidden[at, keys] @ model.lm_head.weight.detach()[row_word_ids].T, rows)
+

@@ -17,7 +17,8 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
   the context targets (``--cell-weight``), a shape-word weight on the search targets of exist and spatial
   questions (``--search-weight``), a projector loss that points each visual token at its cell word
   (``--cell-grounding``) or an object's tokens at its shape word (``--shape-grounding``), a loss that asks a
-  colour / shape question's cell word for its object's colour and shape (``--gather-sup``), and count facts
+  colour / shape question's cell word for its object's colour and shape (``--gather-sup``), one that asks a
+  spatial question's shape word for its object's row (``--row-gather``), and count facts
   that list some hidden counted objects instead of the total (``--count-list``).
 
 Usage::
@@ -52,6 +53,8 @@ from actors.shapes_lvlm_v2_losses import (  # noqa: E402,F401 - the losses' home
     gather_targets,
     patch_cells,
     patch_shapes,
+    row_gather_loss,
+    row_gather_targets,
     search_weights,
     shape_grounding_loss,
     word_grounding_loss,
@@ -230,6 +233,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
     shape_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
     colour_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.COLOR_NAMES)))
+    row_word_ids = torch.as_tensor(tok.convert_tokens_to_ids([str(r + 1) for r in range(world.CELLS)]))
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)
@@ -265,16 +269,19 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         gather = (gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
                               gather_targets(pb, scenes, cell_word_ids), colour_word_ids, shape_word_ids)
                   if args.gather_sup else logits.new_zeros(()))
+        row_gather = (row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
+                                      row_gather_targets(pb, shape_word_ids, row_word_ids), row_word_ids)
+                      if args.row_gather else logits.new_zeros(()))
         opt.zero_grad(set_to_none=True)
         (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding
-         + args.shape_grounding * shape_grounding + args.gather_sup * gather).backward()
+         + args.shape_grounding * shape_grounding + args.gather_sup * gather + args.row_gather * row_gather).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
             img = pb.first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
             log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
-                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} gather {gather.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} gather {gather.item():.3f} row-gather {row_gather.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -347,6 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gather-sup", type=float, default=0.0,
                    help="weight of a loss that makes a colour/shape question's cell word name its object's colour "
                         "and shape at the hop layer's input, through the frozen output head")
+    p.add_argument("--row-gather", type=float, default=0.0,
+                   help="weight of a loss that asks a spatial question's shape word for its object's row")
     p.add_argument("--count-list", type=float, default=0.0,
                    help="share of the image + fact count questions whose fact lists some hidden counted objects "
                         "instead of stating the total (see count_list_facts); 0 = off")

@@ -514,3 +514,44 @@ def test_gather_targets_name_the_cell_words_object_and_the_loss_trains_the_resid
         opt.step()
     assert step() < 0.7 * first
     assert torch.equal(model.lm_head.weight, head_before)  # the output head is read, not trained
+
+
+def test_row_gather_targets_name_the_spatial_answer_row_and_the_loss_trains_the_residual():
+    """--row-gather: each spatial question's shape word is paired with its answer row (exist questions' shape
+    words, answered yes / no, are skipped), and a few steps on the loss alone lower it, the head untouched."""
+    from actors import shapes_lvlm as L
+    from actors.attention_rows import AttentionCapture
+    from jobs.train_lvlm_v2 import parse_args, row_gather_loss, row_gather_targets, vqa_batch
+
+    tok = V.build_tokenizer()
+    args = parse_args(["--clip", "x", "--output", "x", "--ckpt", "x", "--batch", "6", "--row-gather", "1",
+                       "--hop-layer", "2"])  # the tiny preset has three layers
+    px, pb, _, scenes = vqa_batch(tok, np.random.default_rng(3), args, (20, 28), 1)
+    shapes = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
+    digits = torch.as_tensor(tok.convert_tokens_to_ids([str(r + 1) for r in range(world.CELLS)]))
+    places, rows = row_gather_targets(pb, shapes, digits)
+    searches = [(row, key) for row, _, (key, *_) in pb.hop_targets if int(pb.input_ids[row, key]) in shapes]
+    assert places and len(places) < len(searches)  # the batch holds exist questions too
+    for (row, key), r in zip(places, rows.tolist(), strict=True):
+        colour = tok.convert_ids_to_tokens(int(pb.input_ids[row, key - 1]))
+        shape = tok.convert_ids_to_tokens(int(pb.input_ids[row, key]))
+        (obj,) = [o for o in scenes[row] if (o.color, o.shape) == (colour, shape)]  # a spatial pair occurs once
+        assert obj.row == r
+    torch.manual_seed(0)
+    model = V.build_model("tiny", tokenizer=tok)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    head_before = model.lm_head.weight.detach().clone()
+
+    def step() -> torch.Tensor:
+        with AttentionCapture(model.model.language_model, {args.hop_layer}) as cap:
+            L.packed_logits(model, px, pb)
+        return row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"], (places, rows), digits)
+
+    first = step()
+    for _ in range(25):
+        loss = step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert step() < 0.7 * first
+    assert torch.equal(model.lm_head.weight, head_before)
