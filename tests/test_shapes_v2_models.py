@@ -476,6 +476,20 @@ def test_grid_line_mass_follows_the_kept_tokens_order():
     assert (round(on_row, 4), round(on_col, 4)) == (0.5, 0.6)
 
 
+def assert_trains_the_residual_only(model, loss) -> None:
+    """25 Adam steps on ``loss()`` alone lower it by 30%, and the output head it reads through stays as it was."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    head_before = model.lm_head.weight.detach().clone()
+    first = loss()
+    for _ in range(25):
+        value = loss()
+        opt.zero_grad()
+        value.backward()
+        opt.step()
+    assert loss() < 0.7 * first
+    assert torch.equal(model.lm_head.weight, head_before)  # the output head is read, not trained
+
+
 def test_gather_targets_name_the_cell_words_object_and_the_loss_trains_the_residual():
     """--gather-sup: each colour / shape question's cell word is paired with the colour and shape of the object
     in that cell, other question types are skipped, and a few steps on the loss alone lower it."""
@@ -498,22 +512,13 @@ def test_gather_targets_name_the_cell_words_object_and_the_loss_trains_the_resid
     torch.manual_seed(0)
     model = V.build_model("tiny", tokenizer=tok)
     ids = [torch.as_tensor(tok.convert_tokens_to_ids(list(w))) for w in (world.COLOR_NAMES, world.SHAPES)]
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    head_before = model.lm_head.weight.detach().clone()
 
-    def step() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         with AttentionCapture(model.model.language_model, {args.hop_layer}) as cap:
             L.packed_logits(model, px, pb)
         return gather_loss(model, cap.inputs[args.hop_layer]["hidden"], (places, colours, shapes), *ids)
 
-    first = step()
-    for _ in range(25):
-        loss = step()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert step() < 0.7 * first
-    assert torch.equal(model.lm_head.weight, head_before)  # the output head is read, not trained
+    assert_trains_the_residual_only(model, loss)
 
 
 def test_row_gather_targets_name_the_spatial_answer_row_and_the_loss_trains_the_residual():
@@ -539,19 +544,10 @@ def test_row_gather_targets_name_the_spatial_answer_row_and_the_loss_trains_the_
         assert obj.row == r
     torch.manual_seed(0)
     model = V.build_model("tiny", tokenizer=tok)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    head_before = model.lm_head.weight.detach().clone()
 
-    def step() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         with AttentionCapture(model.model.language_model, {args.hop_layer}) as cap:
             L.packed_logits(model, px, pb)
         return row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"], (places, rows), digits)
 
-    first = step()
-    for _ in range(25):
-        loss = step()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert step() < 0.7 * first
-    assert torch.equal(model.lm_head.weight, head_before)
+    assert_trains_the_residual_only(model, loss)
