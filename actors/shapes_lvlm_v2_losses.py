@@ -123,10 +123,16 @@ def gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tensor, 
     places, colours, shapes = targets
     if not places:
         return hidden.new_zeros(())
+    return (named_through_head(model, hidden, places, colour_ids, colours)
+            + named_through_head(model, hidden, places, shape_ids, shapes)) / 2
+
+
+def named_through_head(model, hidden: torch.Tensor, places: list[tuple[int, int]], word_ids: torch.Tensor,
+                       labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the residual at each (row, position) of ``places`` read through the output head's rows of
+    ``word_ids`` (detached: the head is read, not trained) against ``labels`` (indices into ``word_ids``)."""
     rows, keys = (torch.tensor(v) for v in zip(*places, strict=True))
-    h = hidden[rows, keys]
-    head = model.lm_head.weight.detach()
-    return (F.cross_entropy(h @ head[colour_ids].T, colours) + F.cross_entropy(h @ head[shape_ids].T, shapes)) / 2
+    return F.cross_entropy(hidden[rows, keys] @ model.lm_head.weight.detach()[word_ids].T, labels)
 
 
 def row_gather_targets(pb: L.PackedBatch, shape_word_ids: torch.Tensor,
@@ -155,6 +161,5 @@ def row_gather_loss(model, hidden: torch.Tensor, targets: tuple[list, torch.Tens
     places, rows = targets
     if not places:
         return hidden.new_zeros(())
-    at, keys = (torch.tensor(v) for v in zip(*places, strict=True))
-    return F.cross_entropy(hidden[at, keys] @ model.lm_head.weight.detach()[row_word_ids].T, rows)
+    return named_through_head(model, hidden, places, row_word_ids, rows)
 
