@@ -183,19 +183,23 @@ class ACCMCaptioner:
         """N beam candidates per item from its discarded patches [B, N-k, Dv], the selector's pick and FLOPs.
 
         ``discarded``: the features ``input_features`` names; ``beams``: candidates per item (default the
-        caption model's ``beams``)."""
+        caption model's ``beams``; 1 decodes greedily and the selector does not run)."""
         if discarded.shape[0] != len(questions):
             raise ValueError("one question per item")
         if beams is not None and beams < 1:
             raise ValueError("beams must be >= 1")
         k = beams or self.captioner.config.beams
         out = self.captioner.beam_search(discarded, questions, beams=k)
-        picks, probs = self.selector.select(questions, out.captions)
         m = discarded.shape[1]
         flops_cap = [self.captioner_flops(m, q, s + 1, beams=k) for q, s in zip(out.question_tokens, out.steps,
                                                                                     strict=True)]
-        flops_sel = [self.selector_flops(len(c), *self.selector_shape(q, c))
-                     for q, c in zip(questions, out.captions, strict=True)]
+        if k == 1:  # one candidate (greedy decoding): nothing to choose, so the selector neither runs nor costs
+            picks, probs = [0] * len(questions), torch.ones(len(questions), 1)
+            flops_sel = [0.0] * len(questions)
+        else:
+            picks, probs = self.selector.select(questions, out.captions)
+            flops_sel = [self.selector_flops(len(c), *self.selector_shape(q, c))
+                         for q, c in zip(questions, out.captions, strict=True)]
         return CaptionResult(
             selected=[c[i] for c, i in zip(out.captions, picks, strict=True)],
             candidates=out.captions,

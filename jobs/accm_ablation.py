@@ -1,6 +1,7 @@
 """ACCM's ablation table (the caption model cards' tables): the base pruner alone, + the first beam, + the
-selector (ACCM), + the oracle fact, at each pruning rate; every plain pruner at 75% as the equal-cost
-reference. Run by ``train_accm.py --stage eval``; plain PyTorch (no Ray).
+selector (ACCM), + one greedy candidate without the selector (the budget form, ``--num-candidates 1``), + the
+oracle fact, at each pruning rate; every plain pruner at 75% as the equal-cost reference. Run by
+``train_accm.py --stage eval``; plain PyTorch (no Ray).
 
 Accuracy is exact match on single-word answers; ``se`` is its binomial standard error (each item is its own
 scene). ``split="val"`` is for choosing between trained variants; the test split only reports the chosen one.
@@ -92,9 +93,15 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             add(f"{rate} + selector (ACCM)", engine.generate(batch["retained"], qs, out.selected, method="accm",
                                                              keep_tokens=keep, captioner=cap, selector=sel), ans,
                 out.selected)
+            # the budget form: one greedy candidate, no selector (``--num-candidates 1``)
+            one = accm.caption(batch["discarded"], qs, beams=1)
+            greedy = [c[0] for c in one.candidates]
+            add(f"{rate} + one-candidate caption (no selector)",
+                engine.generate(batch["retained"], qs, greedy, method="accm", keep_tokens=keep,
+                                captioner=[{"flops": f} for f in one.flops_captioner]), ans, greedy)
             add(f"{rate} + oracle caption", engine.generate(batch["retained"], qs, batch["facts"], method="accm",
                                                             keep_tokens=keep), ans, batch["facts"])
-            for name, caps in (("first beam", first), ("selector", out.selected)):
+            for name, caps in (("first beam", first), ("selector", out.selected), ("one-candidate", greedy)):
                 r = caption_rows.setdefault(f"{rate} {name}", [0, 0])
                 r[0] += sum(c == f for c, f in zip(caps, batch["facts"], strict=True))
                 r[1] += len(caps)
@@ -107,8 +114,8 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
         if "caption" in k or "ACCM" in k:
             table[k]["caption_spliced"] = v["spoke"] / v["n"]
     for k, (hit, total) in caption_rows.items():  # how often the spliced caption is exactly the scene fact
-        table[k.replace(" first beam", " + first beam caption").replace(" selector", " + selector (ACCM)")][
-            "caption_is_fact"] = hit / total
+        row = k.replace(" first beam", " + first beam caption").replace(" selector", " + selector (ACCM)")
+        table[row.replace(" one-candidate", " + one-candidate caption (no selector)")]["caption_is_fact"] = hit / total
     return table
 
 

@@ -89,7 +89,7 @@ class JobConfig:
     # answer-format line (actors.prompt.ANSWER_SUFFIXES): None = none, or with --task the benchmark's own line;
     # with --task, "none" drops the benchmark's line and any other value replaces it
     answer_suffix: str | None = None
-    num_candidates: int = 3
+    num_candidates: int | None = None  # None: the caption model's own ``beams``
     max_new_tokens: int | None = None  # None: the task's length (LLaVA's evaluation scripts), else 8
     batch_size: int = 16
     dtype: str | None = None  # DTYPES; None: bf16 on CUDA (LLaVA-1.5's own dtype), fp32 on CPU
@@ -155,7 +155,7 @@ class JobConfig:
         if self.fastv_layer < 1:
             raise ValueError(f"--fastv-layer must be >= 1 (FastV ranks tokens by layer K-1's attention), "
                              f"got {self.fastv_layer}")
-        if self.num_candidates < 1:
+        if self.num_candidates is not None and self.num_candidates < 1:
             raise ValueError("--num-candidates must be >= 1")
         if self.part_rows < 1:
             raise ValueError("--part-rows must be >= 1")
@@ -247,7 +247,8 @@ _FLAGS: list[tuple[str, str, Any, str]] = [
      "the option's letter from the given choices directly.) or any literal text. Default: none; with --task, the "
      "benchmark's own line as LLaVA's files carry it, which 'none' drops and any other value replaces (models "
      "trained without such lines, like the shipped proving-ground ones, answer plain questions best)."),
-    ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size, default: 3)."),
+    ("--num-candidates", "num_candidates", int, "Caption candidates per item (beam size; default: the caption "
+     "model's own, its config's 'beams'). 1 decodes greedily and skips the selector: nothing to choose, no cost."),
     ("--max-new-tokens", "max_new_tokens", int, "Answer length limit in tokens (default: the task's, "
      "as LLaVA's evaluation scripts set it; 8 without --task)."),
     ("--batch-size", "batch_size", int, "Rows per model batch in both tiers (default: 16)."),

@@ -273,3 +273,28 @@ def test_accm_captioner_honours_beams_and_names_its_features(selector, tmp_path)
                                                                                                        beams=4)
     with pytest.raises(ValueError, match="beams"):
         accm.caption(torch.randn(1, 20, 16), QS[:1], beams=0)
+
+
+def test_one_candidate_is_greedy_and_skips_the_selector(selector):
+    """--num-candidates 1: the caption is the greedy decode (beam search's best of one) and nothing is selected,
+    so the selector neither runs nor is priced; with two candidates it runs and costs."""
+    from actors.accm import ACCMCaptioner
+    from actors.captioner import build_caption_model
+    from actors.tiny import build_tokenizer
+
+    torch.manual_seed(0)
+    cap = build_caption_model(build_tokenizer(), feature_dim=16, hidden=32, decoder_layers=1, decoder_heads=2,
+                              prefix_len=2, mapper_layers=1, mapper_heads=2, max_caption_tokens=5)
+    accm = ACCMCaptioner(cap, selector)
+    x = torch.randn(2, 20, 16)
+    calls = []
+    hook = selector.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        one = accm.caption(x, QS, beams=1)
+        assert calls == [] and one.flops_selector == [0.0, 0.0] and one.probs == [[1.0], [1.0]]
+        assert [len(c) for c in one.candidates] == [1, 1] and one.selected == [c[0] for c in one.candidates]
+        assert one.selected == [c[0] for c in cap.beam_search(x, QS, beams=1).captions]
+        two = accm.caption(x, QS, beams=2)
+        assert calls and all(f > 0 for f in two.flops_selector)
+    finally:
+        hook.remove()
