@@ -42,8 +42,7 @@ def test_train_accm_smoke_runs_resumes_and_evaluates(tmp_path):
         assert set(row["accuracy_by_type"]) <= set(shapes.QUESTION_TYPES)
     assert table["87.5% + oracle caption"]["caption_spliced"] == 1.0  # a true fact always has words
     assert 0.0 <= table["87.5% + first beam caption"]["caption_spliced"] <= 1.0
-    one, full = table["87.5% + one-candidate caption (no selector)"], table["87.5% + selector (ACCM)"]
-    assert 0.0 <= one["caption_is_fact"] <= 1.0 and one["mflops_per_item"] < full["mflops_per_item"]  # no selector
+    assert 0.0 <= table["87.5% + one-candidate caption (no selector)"]["caption_is_fact"] <= 1.0
     assert "caption_spliced" not in table["87.5% prumerge_plus"]
     # the caption model + selector cost shows up in ACCM's FLOPs, not in the oracle row's
     assert table["87.5% + selector (ACCM)"]["mflops_per_item"] > table["87.5% + oracle caption"]["mflops_per_item"]
