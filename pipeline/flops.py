@@ -330,7 +330,10 @@ def selector_flops(
 
     ``shared_prefix_tokens`` P > 0 (``SelectorConfig.share_prefix``, actors/shared_prefix.py): the candidates'
     common prefix runs once (a full forward of P tokens) and each candidate's ``tokens_per_candidate`` suffix
-    tokens attend to P + suffix positions."""
+    tokens attend to P + suffix positions. One candidate (``--num-candidates 1``) has nothing to choose: the
+    selector does not run (``ACCMCaptioner.caption``) and costs 0."""
+    if candidates <= 1:
+        return 0.0
     p, s = shared_prefix_tokens, tokens_per_candidate
     text = (sum(layer_flops(text_dims, s, p + s) for _ in range(text_dims.layers)) if p
             else encoder_flops(text_dims, s))

@@ -160,6 +160,9 @@ def test_clip_text_with_projection_and_selector_classifier():
         projection_dim=48,
     )
     assert_close(analytic, counted_text + counted_cls)
+    one = dict(tokens_per_candidate=tokens, projection_dim=48)
+    assert flops.selector_flops(dims, flops.dims_from_config(cls_config), candidates=1, **one) == 0.0  # not run
+    assert flops.selector_flops(dims, flops.dims_from_config(cls_config), candidates=2, **one) > 0
 
 
 def test_gpt2_prefill_and_beam_search_caption_decoder():
