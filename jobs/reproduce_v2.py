@@ -38,10 +38,12 @@ if str(REPO) not in sys.path:
 from jobs.train_utils import log, shown_path  # noqa: E402
 
 # The LVLM's instruction stage: token drops and shuffles (robust to pruned inputs), the cell words' weight and
-# grounding (cells found by content), more count / exist / shape questions, and the pair that made a
-# from-scratch run read image shape (docs/notes/proving-ground-v2.md, session 15).
+# grounding (cells found by content), more count / exist / shape questions, the pair that made a from-scratch
+# run read image shape (docs/notes/proving-ground-v2.md, session 15), and the pair that made one read spatial
+# questions: the shape word's search weighed up and its row gathered (session 17).
 LVLM_STAGE2 = ("--drop-visual", "0.8", "--shuffle-visual", "1.0", "--cell-weight", "2", "--cell-grounding", "1",
-               "--question-weights", "count=3,exist=1.5,shape=1.5", "--shape-grounding", "1", "--gather-sup", "1")
+               "--question-weights", "count=3,exist=1.5,shape=1.5", "--shape-grounding", "1", "--gather-sup", "1",
+               "--search-weight", "2", "--row-gather", "1")
 CAPTIONER_ARCH = '{"input_features": "projected"}'
 SELECTOR_ARCH = '{"template": "{q} {c}", "share_prefix": true}'
 TINY_LVLM_LAYERS = ("--word-layer", "0", "--context-layer", "1", "--hop-layer", "2")  # the tiny LLM has 3
