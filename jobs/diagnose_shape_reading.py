@@ -204,7 +204,7 @@ def answer_values(qtype: str) -> tuple[str, ...]:
     """The answers a question type can have (the probes' classes)."""
     from pipeline import shapes_v2 as W
 
-    return {"shape": W.SHAPES, "color": W.COLOR_NAMES, "spatial": tuple(str(r + 1) for r in range(W.CELLS)),
+    return {"shape": W.SHAPES, "color": W.COLOR_NAMES, "spatial": W.ROW_ANSWERS,
             "exist": ("yes", "no")}[qtype]
 
 

@@ -233,7 +233,7 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
     shape_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
     colour_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.COLOR_NAMES)))
-    row_word_ids = torch.as_tensor(tok.convert_tokens_to_ids([str(r + 1) for r in range(world.CELLS)]))
+    row_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.ROW_ANSWERS)))
     t0 = time.time()
     for step in range(start, steps):
         n_range = scene_range(stage, step / steps, args.ramp)

@@ -51,6 +51,7 @@ PATCH = 8
 GRID = IMAGE_SIZE // PATCH  # 12x12 patches: the visual tokens
 CELLS = 6  # 6x6 object cells of 16 px: each object covers 2x2 patches
 CELL = IMAGE_SIZE // CELLS
+ROW_ANSWERS = tuple(str(r + 1) for r in range(CELLS))  # a spatial question's answer: the object's row
 MIN_OBJECTS, MAX_OBJECTS = 20, 28
 QUESTION_TYPES = ("color", "shape", "count", "exist", "spatial")
 TEXTURES = ("stripes", "checks", "dots")
@@ -212,7 +213,7 @@ def ask(objects: tuple[SceneObject, ...], qtype: str, rng: np.random.Generator, 
         if not unique:
             return None
         i = unique[int(rng.integers(len(unique)))]
-        return f"What row is the {objects[i].color} {objects[i].shape} in?", str(objects[i].row + 1), (i,)
+        return f"What row is the {objects[i].color} {objects[i].shape} in?", ROW_ANSWERS[objects[i].row], (i,)
     raise ValueError(f"unknown question type {qtype!r}")
 
 

@@ -533,7 +533,7 @@ def test_row_gather_targets_name_the_spatial_answer_row_and_the_loss_trains_the_
                        "--hop-layer", "2"])  # the tiny preset has three layers
     px, pb, _, scenes = vqa_batch(tok, np.random.default_rng(3), args, (20, 28), 1)
     shapes = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
-    digits = torch.as_tensor(tok.convert_tokens_to_ids([str(r + 1) for r in range(world.CELLS)]))
+    digits = torch.as_tensor(tok.convert_tokens_to_ids(list(world.ROW_ANSWERS)))
     places, rows = row_gather_targets(pb, shapes, digits)
     searches = [(row, key) for row, _, (key, *_) in pb.hop_targets if int(pb.input_ids[row, key]) in shapes]
     assert places and len(places) < len(searches)  # the batch holds exist questions too
