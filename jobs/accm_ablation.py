@@ -44,10 +44,9 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
     quarter = patches // 4
     fastv_layer = min(2, engine.config.text_config.num_hidden_layers - 1)  # the smoke's LLM has 2 layers
     rows: dict[str, dict] = {}
-    caption_rows: dict[str, list[int]] = {}
     types: list[str] = []  # the current batch's question types
 
-    def add(key: str, res, answers, spliced: list[str] | None = None):
+    def add(key: str, res, answers, spliced: list[str] | None = None, facts: list[str] | None = None):
         r = rows.setdefault(key, {"correct": 0, "n": 0, "flops": 0.0, "spoke": 0, "by_type": {}})
         for i, (t, a) in enumerate(zip(res.texts, answers, strict=True)):
             hit = int(t.strip().lower() == a.lower())
@@ -59,6 +58,8 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             per[1] += 1
         if spliced is not None:  # an abstention splices nothing and costs no LLM tokens
             r["spoke"] += sum(has_words(c) for c in spliced)
+        if facts is not None:  # how often the spliced caption is exactly the scene fact
+            r["is_fact"] = r.get("is_fact", 0) + sum(c == f for c, f in zip(spliced, facts, strict=True))
 
     kept_context = accm.captioner.config.kept_context
     for start in range(0, n, batch_size):
@@ -89,22 +90,19 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
             sel = [{"flops": f} for f in out.flops_selector]
             first = [c[0] for c in out.candidates]
             add(f"{rate} + first beam caption", engine.generate(batch["retained"], qs, first, method="accm",
-                                                                 keep_tokens=keep, captioner=cap), ans, first)
+                                                                 keep_tokens=keep, captioner=cap), ans, first,
+                batch["facts"])
             add(f"{rate} + selector (ACCM)", engine.generate(batch["retained"], qs, out.selected, method="accm",
                                                              keep_tokens=keep, captioner=cap, selector=sel), ans,
-                out.selected)
+                out.selected, batch["facts"])
             # the budget form: one greedy candidate, no selector (``--num-candidates 1``)
             one = accm.caption(batch["discarded"], qs, beams=1)
             greedy = [c[0] for c in one.candidates]
             add(f"{rate} + one-candidate caption (no selector)",
                 engine.generate(batch["retained"], qs, greedy, method="accm", keep_tokens=keep,
-                                captioner=[{"flops": f} for f in one.flops_captioner]), ans, greedy)
+                                captioner=[{"flops": f} for f in one.flops_captioner]), ans, greedy, batch["facts"])
             add(f"{rate} + oracle caption", engine.generate(batch["retained"], qs, batch["facts"], method="accm",
                                                             keep_tokens=keep), ans, batch["facts"])
-            for name, caps in (("first beam", first), ("selector", out.selected), ("one-candidate", greedy)):
-                r = caption_rows.setdefault(f"{rate} {name}", [0, 0])
-                r[0] += sum(c == f for c, f in zip(caps, batch["facts"], strict=True))
-                r[1] += len(caps)
     table = {}
     for k, v in rows.items():
         acc = v["correct"] / v["n"]
@@ -113,9 +111,8 @@ def evaluate(lvlm: str, captioner_dir: str, selector_dir: str, *, n: int, seed: 
                     "accuracy_by_type": {t: c / m for t, (c, m) in sorted(v["by_type"].items())}}
         if "caption" in k or "ACCM" in k:
             table[k]["caption_spliced"] = v["spoke"] / v["n"]
-    for k, (hit, total) in caption_rows.items():  # how often the spliced caption is exactly the scene fact
-        row = k.replace(" first beam", " + first beam caption").replace(" selector", " + selector (ACCM)")
-        table[row.replace(" one-candidate", " + one-candidate caption (no selector)")]["caption_is_fact"] = hit / total
+        if "is_fact" in v:
+            table[k]["caption_is_fact"] = v["is_fact"] / v["n"]
     return table
 
 
