@@ -217,6 +217,21 @@ def combined(*weights: torch.Tensor | None) -> torch.Tensor | None:
     return None if not present else torch.stack(present).prod(0)
 
 
+SHAPE_PHASE_OFF = {"drop_visual": 0.0, "shuffle_visual": 0.0, "cell_grounding": 0.0, "cell_weight": 1.0,
+                   "search_weight": 1.0, "row_gather": 0.0}
+
+
+def phase_args(args, stage: int, step: int):
+    """``--shape-phase N``: the first N stage-2 steps train with every token, in order, and without the lookup-by-
+    content levers (``SHAPE_PHASE_OFF``), so that ``--shape-grounding`` and ``--gather-sup`` teach the cell word to
+    read shape before the lookup must be found again under shuffled tokens. Why: alone, that pair read image
+    shape by stage-2 step 600 (design note, session 15); with every lever shape came at ~1500 in one run of two
+    and not at all in the other (sessions 17-18)."""
+    if stage != 2 or step >= args.shape_phase:
+        return args
+    return argparse.Namespace(**{**vars(args), **SHAPE_PHASE_OFF})
+
+
 def run_stage(model, tok, args, state: dict, stage: int) -> None:
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
@@ -235,7 +250,11 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     colour_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.COLOR_NAMES)))
     row_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.ROW_ANSWERS)))
     t0 = time.time()
+    run_args = args
     for step in range(start, steps):
+        args = phase_args(run_args, stage, step)  # this step's flags
+        if stage == 2 and step == run_args.shape_phase > 0:
+            log(f"stage2 step {step}: shape phase over, the levers start ({sorted(SHAPE_PHASE_OFF)})")
         n_range = scene_range(stage, step / steps, args.ramp)
         augment = stage >= args.augment_from_stage
         px, pb, keep, scenes = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
@@ -356,6 +375,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and shape at the hop layer's input, through the frozen output head")
     p.add_argument("--row-gather", type=float, default=0.0,
                    help="weight of a loss that asks a spatial question's shape word for its object's row")
+    p.add_argument("--shape-phase", type=int, default=0, metavar="N",
+                   help="the first N stage-2 steps run without --drop-visual, --shuffle-visual, --cell-grounding, "
+                        "--cell-weight, --search-weight and --row-gather (see phase_args); 0 = off")
     p.add_argument("--count-list", type=float, default=0.0,
                    help="share of the image + fact count questions whose fact lists some hidden counted objects "
                         "instead of stating the total (see count_list_facts); 0 = off")

@@ -112,7 +112,8 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "2", "--batch", "2", "--val-items", "10", "--eval-every", "2",
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--log-every", "1",
-        "--rope-theta", "500000",
+        "--rope-theta", "500000", "--shape-phase", "1", "--drop-visual", "1", "--shuffle-visual", "1",
+        "--shape-grounding", "1", "--gather-sup", "1", "--row-gather", "1",  # stage-2 step 0 in the phase, 1 not
     ])
     assert state["stage1_done"] and state["stage2_done"] and state["evals"][-1]["step"] == 2
     saved_config = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).config.text_config
@@ -551,3 +552,29 @@ def test_row_gather_targets_name_the_spatial_answer_row_and_the_loss_trains_the_
         return row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"], (places, rows), digits)
 
     assert_trains_the_residual_only(model, loss)
+
+
+def test_shape_phase_runs_the_first_stage2_steps_with_every_token_in_order_and_no_lookup_levers():
+    """--shape-phase N: stage-2 steps before N get every visual token in order and the lookup levers off (the
+    shape pair stays on); step N on, and every stage-1 step, get the flags as given."""
+    from jobs.train_lvlm_v2 import (
+        SHAPE_PHASE_OFF,
+        parse_args,
+        phase_args,
+        shuffled_order,
+        visual_keep,
+    )
+
+    args = parse_args(["--clip", "x", "--output", "x", "--ckpt", "x", "--batch", "4", "--shape-phase", "3",
+                       "--drop-visual", "1", "--shuffle-visual", "1", "--cell-grounding", "1", "--cell-weight", "2",
+                       "--search-weight", "2", "--row-gather", "1", "--shape-grounding", "1", "--gather-sup", "1"])
+    levers = {k: getattr(args, k) for k in SHAPE_PHASE_OFF}
+    assert all(levers[k] != v for k, v in SHAPE_PHASE_OFF.items())  # every lever is given a non-neutral value
+    inside, after, stage1 = phase_args(args, 2, 2), phase_args(args, 2, 3), phase_args(args, 1, 0)
+    assert {k: getattr(inside, k) for k in SHAPE_PHASE_OFF} == SHAPE_PHASE_OFF
+    assert (inside.shape_grounding, inside.gather_sup) == (1.0, 1.0)
+    assert after is args and stage1 is args and {k: getattr(args, k) for k in SHAPE_PHASE_OFF} == levers
+    for flags, kept_all_in_order in ((inside, True), (after, False)):  # the augmentations see this step's flags
+        drop, order = np.random.default_rng(2), np.random.default_rng(3)
+        keep = shuffled_order(visual_keep([[]] * 4, drop, flags), 4, order, flags)
+        assert (keep is None) == kept_all_in_order
