@@ -42,7 +42,7 @@ def test_the_first_stages_run_for_real_then_a_second_run_skips_them(tmp_path):
     assert all(record["stages"][s]["done"] for s in ("clip", "lvlm-stage1", "lvlm-stage2"))
     assert (work / "clip/config.json").exists() and (work / "lvlm/model.safetensors").exists()
     state = json.loads((work / "lvlm/training_log.json").read_text())
-    assert state["stage1_step"] == 2 and state["stage2_step"] == 4  # 750 and 2200 steps scaled by 0.002
+    assert state["stage1_step"] == 2 and state["stage2_step"] == 8  # 750 and 4000 steps scaled by 0.002
     assert state["resumed_with"][-1]["drop_visual"] == 0.8  # stage 2 continued stage 1 with the levers
     assert "python jobs/train_clip.py" in record["stages"]["clip"]["command"]
     assert str(tmp_path) in record["stages"]["clip"]["command"]  # outside the repository: shown as given
