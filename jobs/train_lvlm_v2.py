@@ -19,7 +19,8 @@ trained from scratch with v1's recipe (see models/shapes/lvlm/MODEL_CARD.md for 
   (``--cell-grounding``) or an object's tokens at its shape word (``--shape-grounding``), a loss that asks a
   colour / shape question's cell word for its object's colour and shape (``--gather-sup``), one that asks a
   spatial question's shape word for its object's row (``--row-gather``), and count facts
-  that list some hidden counted objects instead of the total (``--count-list``).
+  that list some hidden counted objects instead of the total (``--count-list``); ``--shape-phase N`` holds the
+  augmentations and the lookup signals off for the first N stage-2 steps (``phase_args``).
 
 Usage::
 
