@@ -1,6 +1,6 @@
 """Training step of the v2 LVLM with attention supervision: eager attention maps vs SDPA + captured rows.
 
-Both paths compute the same loss (tests/test_shapes_v2_models.py checks the rows equal eager's maps); this
+Both paths compute the same loss (tests/test_lvlm_v2_levers.py checks the rows equal eager's maps); this
 prints the wall time of one full training step (tower, forward, supervision losses, backward) for each,
 interleaved, best of --repeats, and their ratio measured in this run.
 

@@ -21,100 +21,28 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import tasks
-from pipeline.config import parse_args
-from tests.jobs import V1_LVLM
+from tests.benchmark_files import (
+    HF_IMAGE,
+    SHORT,
+    approx,
+    hf_image,
+    image_dir,
+    jsonl,
+    make_photos,
+    run_job_rows,
+)
 
 pytestmark = pytest.mark.slow
-SHORT = "Answer the question using a single word or phrase."
-OPTION = "Answer with the option's letter from the given choices directly."
 
 
 # ----------------------------------------------------------------------------------------------------
-# fixtures and helpers
-
-
-def _photo(seed: int, size: tuple[int, int] = (640, 480)):
-    """A photo-like RGB image: smooth colour gradients, a few blobs, sensor noise."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    base = np.stack([(x / w) * 255, (y / h) * 255, ((x + y) / (w + h)) * 255], axis=-1)
-    base = (base * rng.uniform(0.4, 1.0, 3) + rng.normal(0, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(base, "RGB")
-    draw = ImageDraw.Draw(img)
-    for _ in range(4):
-        cx, cy, r = rng.integers(0, w), rng.integers(0, h), rng.integers(20, 120)
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    return img
-
-
-def _encode(img, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
-    return buf.getvalue()
+# fixtures
 
 
 @pytest.fixture(scope="module")
-def photos(tmp_path_factory) -> dict[str, bytes]:
+def photos() -> dict[str, bytes]:
     """Four 640x480 photos (two JPEG, two PNG), by file name."""
-    out = {}
-    for i in range(4):
-        fmt, ext = ("JPEG", "jpg") if i % 2 == 0 else ("PNG", "png")
-        out[f"photo{i}.{ext}"] = _encode(_photo(i), fmt)
-    return out
-
-
-def _image_dir(root: Path, photos: dict[str, bytes], names: list[str] | None = None) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for name, data in photos.items():
-        if names is None or name in names:
-            (root / name).write_bytes(data)
-    return root
-
-
-def _jsonl(path: Path, records: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def _run(out: Path | str, *args: str) -> tuple[dict, list[dict]]:
-    """Run the job in-process (``--method none``, batch 8) with the first world's LVLM (the formats, readers
-    and metrics are under test, not the model); the summary and every output row."""
-    from pipeline.graph import run_job
-
-    cfg = parse_args(["--lvlm", V1_LVLM, *args, "--output", str(out), "--method", "none", "--batch-size", "8"])
-    summary = run_job(cfg)
-    rows: list[dict] = []
-    if not str(out).startswith("s3://"):
-        for path in sorted(Path(out).rglob("*.parquet")):
-            if "_parts" not in path.parts:
-                rows.extend(pq.read_table(path).to_pylist())
-    return summary, rows
-
-
-def _scored(rows: list[dict]) -> list[dict]:
-    """What the job hands the task's aggregate: rows without an error, with a prediction."""
-    return [r for r in rows if r["error"] is None and r["prediction"] is not None]
-
-
-def _approx(got, want) -> None:
-    """Equal, floats approximately (recursively through dicts/lists), None only for None."""
-    if isinstance(want, dict):
-        assert isinstance(got, dict) and set(got) == set(want), (got, want)
-        for k in want:
-            _approx(got[k], want[k])
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want)
-        for g, w in zip(got, want, strict=True):
-            _approx(g, w)
-    elif isinstance(want, float):
-        assert got == pytest.approx(want, rel=1e-9, abs=1e-9), (got, want)
-    else:
-        assert got == want, (got, want)
+    return make_photos()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,9 +68,9 @@ def _pope_files(root: Path, photos: dict[str, bytes], names: list[str] | None = 
     ann = root / "annotations"
     ann.mkdir(parents=True, exist_ok=True)
     for category, recs in labels.items():
-        _jsonl(ann / f"coco_pope_{category}.json", recs)
-    return {"questions": _jsonl(root / "llava_pope_test.jsonl", questions), "annotations": ann,
-            "images": _image_dir(root / "images", photos, names)}
+        jsonl(ann / f"coco_pope_{category}.json", recs)
+    return {"questions": jsonl(root / "llava_pope_test.jsonl", questions), "annotations": ann,
+            "images": image_dir(root / "images", photos, names)}
 
 
 def _pope_says_no(prediction: str) -> bool:
@@ -187,7 +115,7 @@ def test_pope_llava_jsonl_metrics_ids_and_answer_file(ray_session, photos, tmp_p
     files = _pope_files(tmp_path / "pope", photos)
     questions = [json.loads(line) for line in files["questions"].read_text().splitlines()]
     out = tmp_path / "out"
-    summary, rows = _run(out, "--task", "pope", "--input", str(files["questions"]),
+    summary, rows = run_job_rows(out, "--task", "pope", "--input", str(files["questions"]),
                          "--annotations", str(files["annotations"]), "--image-root", str(files["images"]),
                          "--export", "llava-answers")
     assert len(rows) == len(questions) == summary["items"] and summary["errors"] == 0
@@ -204,7 +132,7 @@ def test_pope_llava_jsonl_metrics_ids_and_answer_file(ray_session, photos, tmp_p
         assert r["image_uri"] == f"{files['images']}/{q['image']}"  # where the image was read from
         # the label comes from the category's own label file (its ids restart at 1: matched by image+question)
         assert r["answers"] == [labels[(q["category"], q["image"], q["text"].split("\n")[0])]]
-    _approx(summary["benchmarks"]["pope"], _pope_expected(rows))
+    approx(summary["benchmarks"]["pope"], _pope_expected(rows))
 
     lines = [json.loads(line) for line in (out / "llava_answers.jsonl").read_text().splitlines()]
     assert len(lines) == len(rows)
@@ -219,7 +147,7 @@ def test_pope_llava_jsonl_metrics_ids_and_answer_file(ray_session, photos, tmp_p
 
 def test_limit_on_a_jsonl_input_processes_that_many_rows(ray_session, photos, tmp_path) -> None:
     files = _pope_files(tmp_path / "pope", photos)
-    summary, rows = _run(tmp_path / "out", "--task", "pope", "--input", str(files["questions"]),
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "pope", "--input", str(files["questions"]),
                          "--annotations", str(files["annotations"]), "--image-root", str(files["images"]),
                          "--limit", "3")
     assert summary["rows_processed"] == summary["items"] == len(rows) == 3
@@ -238,10 +166,10 @@ def test_a_6000x6000_jpeg_in_a_pope_file_is_answered(ray_session, tmp_path) -> N
     (root / "images").mkdir(parents=True)
     Image.fromarray(big, "RGB").save(root / "images" / "big.jpg", quality=80)
     del big
-    q = _jsonl(root / "llava_pope_test.jsonl",
+    q = jsonl(root / "llava_pope_test.jsonl",
                [{"question_id": 1, "image": "big.jpg", "text": f"Is there a dog in the image?\n{SHORT}",
                  "category": "random", "label": "no"}])
-    summary, rows = _run(tmp_path / "out", "--task", "pope", "--input", str(q),
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "pope", "--input", str(q),
                          "--image-root", str(root / "images"))
     assert len(rows) == 1
     assert rows[0]["error"] is None and isinstance(rows[0]["prediction"], str), rows[0]["error"]
@@ -254,7 +182,7 @@ def test_pope_inputs_in_s3(ray_session, s3_server, tmp_bucket, photos, tmp_path)
         if path.is_file():
             s3_server.client.upload_file(str(path), tmp_bucket, f"pope/{path.relative_to(tmp_path / 'pope')}")
     base = f"s3://{tmp_bucket}/pope"
-    summary, _ = _run(f"s3://{tmp_bucket}/out", "--task", "pope", "--input", f"{base}/llava_pope_test.jsonl",
+    summary, _ = run_job_rows(f"s3://{tmp_bucket}/out", "--task", "pope", "--input", f"{base}/llava_pope_test.jsonl",
                       "--annotations", f"{base}/annotations", "--image-root", f"{base}/images",
                       "--export", "llava-answers")
     keys = s3_server.keys(tmp_bucket, "out/")
@@ -266,7 +194,7 @@ def test_pope_inputs_in_s3(ray_session, s3_server, tmp_bucket, photos, tmp_path)
     n = len(files["questions"].read_text().splitlines())
     assert len(rows) == summary["items"] == n and summary["errors"] == 0
     assert all(r["answers"] in (["yes"], ["no"]) for r in rows)  # labels read from the bucket
-    _approx(summary["benchmarks"]["pope"], _pope_expected(rows))
+    approx(summary["benchmarks"]["pope"], _pope_expected(rows))
     answers = s3_server.client.get_object(Bucket=tmp_bucket, Key="out/llava_answers.jsonl")["Body"].read()
     assert len(answers.decode().splitlines()) == n
 
@@ -274,12 +202,6 @@ def test_pope_inputs_in_s3(ray_session, s3_server, tmp_bucket, photos, tmp_path)
 # ----------------------------------------------------------------------------------------------------
 # MME (hf-parquet), acc+ over the image pairs
 
-
-def _hf_image(data: bytes, name: str) -> dict:
-    return {"bytes": data, "path": name}
-
-
-HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
 
 
 def _mme_parse(prediction: str) -> str:
@@ -294,7 +216,7 @@ def test_mme_hf_parquet_acc_plus_over_image_pairs(ray_session, photos, tmp_path)
         for i, name in enumerate(names[:2]):
             qid = f"{category}/{name}"
             for obj, answer in ((objects[i], "Yes"), (objects[1 - i], "No")):
-                records.append({"question_id": qid, "image": _hf_image(photos[name], name),
+                records.append({"question_id": qid, "image": hf_image(photos[name], name),
                                 "question": f"Is there a {obj} in this image? Please answer yes or no.",
                                 "answer": answer, "category": category})
     schema = pa.schema([("question_id", pa.string()), ("image", HF_IMAGE), ("question", pa.string()),
@@ -302,7 +224,7 @@ def test_mme_hf_parquet_acc_plus_over_image_pairs(ray_session, photos, tmp_path)
     src = tmp_path / "mme" / "test-00000-of-00001.parquet"
     src.parent.mkdir()
     pq.write_table(pa.Table.from_pylist(records, schema=schema), src)
-    summary, rows = _run(tmp_path / "out", "--task", "mme", "--input", str(src))  # format detected
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "mme", "--input", str(src))  # format detected
     assert len(rows) == len(records) == summary["items"] and summary["errors"] == 0
     got = summary["benchmarks"]["mme"]
     images: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
@@ -355,7 +277,7 @@ def test_mmbench_tsv_accuracy_and_per_row_errors(ray_session, photos, tmp_path) 
         writer = csv.DictWriter(f, fieldnames=fields, delimiter="\t")
         writer.writeheader()
         writer.writerows(records)
-    summary, rows = _run(tmp_path / "out", "--task", "mmbench", "--input", str(src))
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "mmbench", "--input", str(src))
     by_id = {r["id"]: r for r in rows}
     assert sorted(by_id) == sorted(r["index"] for r in records) and summary["items"] == len(records)
     assert by_id["3"]["error"].startswith("image:") and by_id["3"]["prediction"] is None
@@ -395,7 +317,7 @@ def test_mmvp_csv_pair_accuracy_and_missing_image(ray_session, photos, tmp_path)
         writer.writerow(["Index", "Question", "Options", "Correct Answer"])
         for i in range(1, 7):
             writer.writerow([i, f"Is the object facing left? ({i})", "(a) Yes (b) No", "(a)" if i % 2 else "(b)"])
-    summary, rows = _run(tmp_path / "out", "--task", "mmvp", "--input", str(src), "--image-root", str(root))
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "mmvp", "--input", str(src), "--image-root", str(root))
     by_index = {r["index"]: r for r in rows}
     assert sorted(by_index) == list(range(1, 7)) and summary["items"] == 6
     assert by_index[6]["error"].startswith("image_uri: cannot read"), by_index[6]["error"]
@@ -422,15 +344,15 @@ def test_gqa_question_without_ground_truth_is_unscored(ray_session, photos, tmp_
     qids = ["20968379", "201307251", "05515938", "99999999"]
     questions = [{"question_id": q, "image": names[i], "text": f"What colour is the ball {i}?\n{SHORT}"}
                  for i, q in enumerate(qids)]
-    src = _jsonl(root / "llava_gqa_testdev_balanced.jsonl", questions)
-    _image_dir(root, photos)
+    src = jsonl(root / "llava_gqa_testdev_balanced.jsonl", questions)
+    image_dir(root, photos)
     truth = {q: {"answer": ans, "imageId": names[i].split(".")[0], "isBalanced": True,
                  "types": {"structural": st, "semantic": "attr", "detailed": "x"}}
              for i, (q, ans, st) in enumerate(zip(qids[:3], ["red", "yes", "no"], ["query", "verify", "verify"],
                                                   strict=True))}
     (root / "ann").mkdir()
     (root / "ann" / "testdev_balanced_questions.json").write_text(json.dumps(truth))
-    summary, rows = _run(tmp_path / "out", "--task", "gqa", "--input", str(src), "--image-root", str(root),
+    summary, rows = run_job_rows(tmp_path / "out", "--task", "gqa", "--input", str(src), "--image-root", str(root),
                          "--annotations", str(root / "ann" / "testdev_balanced_questions.json"))
     by_id = {r["id"]: r for r in rows}
     assert sorted(by_id) == sorted(qids) and all(isinstance(r["question_id"], str) for r in rows)
@@ -445,126 +367,3 @@ def test_gqa_question_without_ground_truth_is_unscored(ray_session, photos, tmp_
     got = summary["benchmarks"]["gqa"]
     assert got["n"] == 3
     assert got["accuracy_pct"] == pytest.approx(100 * sum(by_id[q]["score"] for q in qids[:3]) / 3)
-
-
-# ----------------------------------------------------------------------------------------------------
-# ScienceQA, SEED, TextVQA, VQAv2, Flickr30k: they run, one row per input row, headline = aggregate(rows)
-
-
-def _scienceqa(root: Path, photos: dict[str, bytes]) -> tuple[list[str], int, dict[str, str]]:
-    names = sorted(photos)
-    items, problems = [], {}
-    for i in range(3):
-        pid = str(100 + i)
-        text = "Context: N/A\nWhich colour is shown?\nA. red\nB. green\nC. blue"
-        item = {"id": pid, "conversations": [{"from": "human", "value": f"<image>\n{text}"},
-                                             {"from": "gpt", "value": "A"}]}
-        if i < 2:
-            item["image"] = names[i]
-        items.append(item)  # item 2 is text-only: a per-row error
-        problems[pid] = {"answer": i % 3, "choices": ["red", "green", "blue"], "subject": "natural science",
-                         "grade": "grade3", "image": "image.png" if i < 2 else None}
-    (root / "ann").mkdir(parents=True)
-    (root / "ann" / "problems.json").write_text(json.dumps(problems))
-    (root / "ann" / "pid_splits.json").write_text(json.dumps({"test": list(problems), "val": []}))
-    (root / "llava_test_CQM-A.json").write_text(json.dumps(items))
-    _image_dir(root / "images", photos)
-    args = ["--input", str(root / "llava_test_CQM-A.json"), "--annotations", str(root / "ann"),
-            "--image-root", str(root / "images")]
-    from pipeline.tasks.scienceqa import TEXT_ONLY
-
-    return args, 3, {"102": TEXT_ONLY}
-
-
-def _seed(root: Path, photos: dict[str, bytes]) -> tuple[list[str], int, dict[str, str]]:
-    names = sorted(photos)
-    lines, questions = [], []
-    for i in range(3):
-        qid = str(200 + i)
-        text = f"How many objects are there?\nA. one\nB. two\nC. three\nD. four\n{OPTION}"
-        lines.append({"question_id": int(qid), "image": names[i], "text": text, "category": "x"})
-        questions.append({"question_id": qid, "answer": "ABC"[i], "question_type_id": 5 if i else 1,
-                          "data_type": "image"})
-    _jsonl(root / "llava-seed-bench.jsonl", lines)
-    (root / "SEED-Bench.json").write_text(json.dumps(
-        {"questions": questions, "question_type": {"Scene Understanding": 1, "Instances Counting": 5}}))
-    _image_dir(root / "images", photos)
-    return (["--input", str(root / "llava-seed-bench.jsonl"), "--annotations", str(root / "SEED-Bench.json"),
-             "--image-root", str(root / "images")], 3, {})
-
-
-def _textvqa(root: Path, photos: dict[str, bytes]) -> tuple[list[str], int, dict[str, str]]:
-    names = sorted(photos)
-    lines, data = [], []
-    for i in range(3):
-        image_id = names[i].rsplit(".", 1)[0]
-        question = f"what is written on sign {i}?"
-        lines.append({"question_id": image_id, "image": names[i],
-                      "text": f"{question}\nReference OCR token: STOP, {i}\n{SHORT}"})
-        data.append({"question_id": 34600 + i, "image_id": image_id, "question": question,
-                     "answers": ["stop"] * 7 + ["yes"] * 3})
-    _jsonl(root / "llava_textvqa_val_v051_ocr.jsonl", lines)
-    (root / "ann").mkdir()
-    (root / "ann" / "TextVQA_0.5.1_val.json").write_text(json.dumps({"dataset_name": "textvqa", "data": data}))
-    _image_dir(root / "images", photos)
-    return (["--input", str(root / "llava_textvqa_val_v051_ocr.jsonl"),
-             "--annotations", str(root / "ann" / "TextVQA_0.5.1_val.json"), "--image-root", str(root / "images")],
-            3, {})
-
-
-def _vqav2(root: Path, photos: dict[str, bytes]) -> tuple[list[str], int, dict[str, str]]:
-    names = sorted(photos)
-    lines, anns = [], []
-    for i in range(3):
-        lines.append({"question_id": 5000 + i, "image": names[i], "text": f"What colour is the sky?\n{SHORT}"})
-        anns.append({"question_id": 5000 + i, "image_id": 70 + i, "answer_type": ("other", "yes/no")[i % 2],
-                     "answers": [{"answer": a, "answer_id": k + 1} for k, a in enumerate(["blue"] * 6 + ["yes"] * 4)]})
-    _jsonl(root / "llava_vqav2_val.jsonl", lines)
-    (root / "ann").mkdir()
-    (root / "ann" / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
-    _image_dir(root / "images", photos)
-    return (["--input", str(root / "llava_vqav2_val.jsonl"), "--annotations", str(root / "ann"),
-             "--image-root", str(root / "images")], 3, {})
-
-
-def _flickr30k(root: Path, photos: dict[str, bytes]) -> tuple[list[str], int, dict[str, str]]:
-    names = sorted(photos)
-    records = [{"image": _hf_image(photos[n], n), "caption": [f"a colourful picture number {i} {w}"
-                                                              for w in ("outdoors", "indoors", "today", "here", "now")],
-                "img_id": str(1000 + i), "filename": n} for i, n in enumerate(names[:3])]
-    schema = pa.schema([("image", HF_IMAGE), ("caption", pa.list_(pa.string())), ("img_id", pa.string()),
-                        ("filename", pa.string())])
-    root.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(records, schema=schema), root / "test-00000-of-00001.parquet")
-    return (["--input", str(root / "test-00000-of-00001.parquet"), "--input-format", "hf-parquet"], 3, {})
-
-
-BUILDERS = {"scienceqa": _scienceqa, "seed": _seed, "textvqa": _textvqa, "vqav2": _vqav2, "flickr30k": _flickr30k}
-
-
-@pytest.mark.parametrize("task", list(BUILDERS))
-def test_other_formats_run_and_headline_is_the_aggregate(ray_session, photos, tmp_path, task) -> None:
-    root = tmp_path / task
-    root.mkdir()
-    args, n_in, errors = BUILDERS[task](root, photos)
-    summary, rows = _run(tmp_path / "out", "--task", task, *args, "--max-new-tokens", "16")  # time
-    assert len(rows) == n_in == summary["items"]
-    assert len({r["id"] for r in rows}) == n_in
-    for r in rows:
-        if r["id"] in errors:
-            assert r["error"] == errors[r["id"]] and r["prediction"] is None
-        else:
-            assert r["error"] is None and isinstance(r["prediction"], str), (r["id"], r["error"])
-    assert summary["errors"] == len(errors)
-    module = tasks.get(task)
-    got = summary["benchmarks"][task]
-    assert module.HEADLINE in got and got["rows"] == n_in - len(errors)
-    kwargs = {}
-    if task == "flickr30k":
-        assert got["tokenizer"] in ("ptb", "python-ptb-like") and got["cider"] is not None
-        kwargs = {"tokenizer": "python"} if got["tokenizer"] == "python-ptb-like" else {}
-    want = module.aggregate(_scored(rows), **kwargs)
-    _approx(got[module.HEADLINE], want[module.HEADLINE])
-    _approx({k: v for k, v in got.items() if k != "rows"}, want)
-    if task in ("textvqa", "vqav2", "seed", "scienceqa"):
-        assert all(r["answers"] for r in rows)  # the ground truth joined from --annotations
