@@ -26,6 +26,8 @@ def test_every_command_of_the_chain_parses_with_its_jobs_flags(tmp_path):
     stage1, stage2 = chain[1], chain[2]
     assert "--stage2-steps" in stage1.argv and stage1.argv[stage1.argv.index("--stage2-steps") + 1] == "0"
     assert all(flag in stage2.argv for flag in R.LVLM_STAGE2) and "--resume" in stage2.argv
+    phase = train_lvlm_v2.parse_args(stage2.argv[1:]).shape_phase
+    assert phase == R.LVLM_SHAPE_PHASE_STEPS and 0 < phase < R.LVLM_STAGE2_STEPS
     # the eval stage measures val items, never a test seed
     evaluate = train_accm.parse_args(chain[-1].argv[1:])
     assert evaluate.stage == "eval" and evaluate.eval_split == "val"
@@ -44,6 +46,7 @@ def test_the_first_stages_run_for_real_then_a_second_run_skips_them(tmp_path):
     state = json.loads((work / "lvlm/training_log.json").read_text())
     assert state["stage1_step"] == 2 and state["stage2_step"] == 8  # 750 and 4000 steps scaled by 0.002
     assert state["resumed_with"][-1]["drop_visual"] == 0.8  # stage 2 continued stage 1 with the levers
+    assert state["resumed_with"][-1]["shape_phase"] == 1  # after a phase of 600 steps scaled by 0.002
     assert "python jobs/train_clip.py" in record["stages"]["clip"]["command"]
     assert str(tmp_path) in record["stages"]["clip"]["command"]  # outside the repository: shown as given
     assert record["minutes"] == round(sum(sum(e["attempts"]) for e in record["stages"].values()), 2)
