@@ -180,3 +180,12 @@ def ray_session(s3_server):
     faults.by_value()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Four 640x480 photo-like images (two JPEG, two PNG), by file name: the benchmark-format tests' inputs."""
+    from tests.benchmark_files import make_photos
+
+    return make_photos()
+

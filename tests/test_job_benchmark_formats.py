@@ -21,18 +21,11 @@ from tests.benchmark_files import (
     hf_image,
     image_dir,
     jsonl,
-    make_photos,
     run_job_rows,
     scored,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    """Four 640x480 photos (two JPEG, two PNG), by file name."""
-    return make_photos()
 
 
 # ----------------------------------------------------------------------------------------------------

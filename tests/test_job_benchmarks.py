@@ -21,28 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.benchmark_files import (
-    HF_IMAGE,
-    SHORT,
-    approx,
-    hf_image,
-    image_dir,
-    jsonl,
-    make_photos,
-    run_job_rows,
-)
+from tests.benchmark_files import HF_IMAGE, SHORT, approx, hf_image, image_dir, jsonl, run_job_rows
 
 pytestmark = pytest.mark.slow
-
-
-# ----------------------------------------------------------------------------------------------------
-# fixtures
-
-
-@pytest.fixture(scope="module")
-def photos() -> dict[str, bytes]:
-    """Four 640x480 photos (two JPEG, two PNG), by file name."""
-    return make_photos()
 
 
 # ----------------------------------------------------------------------------------------------------
