@@ -44,7 +44,6 @@ def encode(img, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-
 def make_photos() -> dict[str, bytes]:
     """Four 640x480 photos (two JPEG, two PNG), by file name."""
     out = {}
@@ -104,8 +103,7 @@ def approx(got, want) -> None:
         assert got == want, (got, want)
 
 
-# ----------------------------------------------------------------------------------------------------
-# POPE
+# Hugging Face Parquet's image column (MME, Flickr30k)
 
 
 def hf_image(data: bytes, name: str) -> dict:
@@ -113,4 +111,3 @@ def hf_image(data: bytes, name: str) -> dict:
 
 
 HF_IMAGE = pa.struct([pa.field("bytes", pa.binary()), pa.field("path", pa.string())])
-

@@ -188,4 +188,3 @@ def photos() -> dict[str, bytes]:
     from tests.benchmark_files import make_photos
 
     return make_photos()
-

@@ -1,8 +1,10 @@
-"""Proving ground v2's LVLM training levers (``jobs/train_lvlm_v2.py``'s flags): token drops and shuffles, the
-question mix, the attention targets and their weights, the grounding heads, the gather losses and the shape phase.
+"""Proving ground v2's LVLM training levers (``jobs/train_lvlm_v2.py``'s flags) and the attention machinery they
+train through: token drops and shuffles, the question mix, the attention targets and their weights, the
+grounding heads, the gather losses and the shape phase; the captured attention rows (equal to eager's maps) and
+the lookup diagnostic.
 
-Each builds a tiny real LVLM (the transformers classes of the shipped one) and checks what the lever changes in
-a packed batch, a target or a gradient.
+Each checks what its lever changes in a packed batch, a target or a gradient, on tiny real LVLMs (the
+transformers classes of the shipped one) where a model is needed.
 """
 
 from __future__ import annotations
