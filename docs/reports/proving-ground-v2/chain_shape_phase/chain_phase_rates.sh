@@ -4,7 +4,7 @@
 set -euo pipefail
 export DS_ACCELERATOR=cpu DS_BUILD_OPS=0 TOKENIZERS_PARALLELISM=false RAY_USAGE_STATS_ENABLED=0
 w=runs/chain_phase
-run() {  # split seed out
+run() {  # split, seed, output stem
   .venv/bin/python jobs/train_accm.py --world v2 --lvlm $w/lvlm --clip $w/clip --captioner $w/captioner \
     --selector $w/selector --storage $w/ray --threads 2 --stage eval --eval-split $1 --eval-seed $2 --eval-n 500 \
     --eval-rates 0.5,0.75,0.875 --eval-out $3
