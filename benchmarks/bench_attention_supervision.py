@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers = (2, 3, 4) if V.PRESETS[args.preset]["layers"] > 4 else (0, 1, 2)
     heads = max(1, V.PRESETS[args.preset]["heads"] // 2)
     targs = T.parse_args(["--clip", "-", "--output", "-", "--ckpt", "-", "--batch", str(args.batch)])
-    px, pb, _ = T.vqa_batch(tok, np.random.default_rng(0), targs, (20, 28), 1)  # no drops: every token kept
+    px, pb, _, _ = T.vqa_batch(tok, np.random.default_rng(0), targs, (20, 28), 1)  # no drops: every token kept
     times: dict[str, list[float]] = {"eager maps": [], "sdpa + captured rows": []}
     step(model, px, pb, layers, heads, captured=True)  # warm-up
     for _ in range(args.repeats):

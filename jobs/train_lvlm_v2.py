@@ -30,11 +30,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,94 @@ def phase_args(args, stage: int, step: int):
     return argparse.Namespace(**{**vars(args), **SHAPE_PHASE_OFF})
 
 
+def native_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's probe: avx512_bf16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def forward_precision(autocast: str):
+    """``--autocast bf16``: the LLM's forward (and so its backward) under CPU bfloat16 autocast; the weights, the
+    optimizer, the losses and the evaluations stay float32. Why: a stage-2 step is the model's matmuls (design note,
+    session 22), and bf16 matmuls on a CPU with native bf16 (avx512_bf16 / AMX) make a step ~1.15x faster; without
+    that support they are slower, so ``bf16`` is refused there and ``auto`` falls back to float32. ``none``: plain
+    float32, as every run before the flag."""
+    native = native_bf16()
+    if autocast == "none" or (autocast == "auto" and not native):
+        return contextlib.nullcontext()
+    if not native:
+        raise SystemExit("--autocast bf16: this CPU has no native bfloat16 (avx512_bf16 / AMX); use auto or none")
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class WordIds:
+    """The token ids the supervision losses name (cell, shape, colour and row words)."""
+
+    cell: int
+    cells: torch.Tensor
+    shapes: torch.Tensor
+    colours: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def of(cls, tok) -> WordIds:
+        ids = lambda words: torch.as_tensor(tok.convert_tokens_to_ids(list(words)))  # noqa: E731
+        return cls(tok.convert_tokens_to_ids("cell"), ids(world.CELL_WORDS), ids(world.SHAPES),
+                   ids(world.COLOR_NAMES), ids(world.ROW_ANSWERS))
+
+
+def step_batch(tok, args, stage: int, step: int, steps: int) -> tuple:
+    """Step ``step``'s batch ``(px, pb, keep, scenes, n_range)``: a function of --seed, the stage and the step
+    alone, so a resumed run (or a benchmark) draws the batches the first run drew."""
+    n_range = scene_range(stage, step / steps, args.ramp)
+    augment = stage >= args.augment_from_stage
+    rng = lambda *tail: np.random.default_rng([args.seed, stage, step, *tail])  # noqa: E731
+    px, pb, keep, scenes = vqa_batch(tok, rng(), args, n_range, stage, rng(1) if augment else None,
+                                     rng(2) if augment else None, rng(3))
+    return px, pb, keep, scenes, n_range
+
+
+def step_losses(model, args, batch: tuple, words: WordIds) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """One training step's forward: ``(total loss, its parts, answer logits, labels)`` for ``step_batch``'s batch
+    under ``args``' levers; the LLM's forward runs in ``--autocast``'s precision, the losses in float32."""
+    px, pb, keep, scenes, _ = batch
+    with torch.no_grad():
+        hidden, _ = L.vision_features(model, px)
+    # SDPA forward; the supervised rows are recomputed from the captured layer inputs (actors/attention_rows)
+    with forward_precision(args.autocast), AttentionCapture(
+            model.model.language_model, {args.word_layer, args.context_layer, args.hop_layer}) as cap:
+        feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
+        logits, labels = L.packed_logits(model, px, pb, features=feats)
+    logits = logits.float()
+    weights = {"word": search_weights(pb, pb.word_targets, words.shapes, args.search_weight),
+               "context": combined(cell_weights(pb, words.cell, args.cell_weight),
+                                   search_weights(pb, pb.context_targets, words.shapes, args.search_weight)),
+               "hop": None}
+    sup = {name: L.target_nll(cap.rows(layer, t, args.attn_sup_heads), t, weights[name]) if t else logits.new_zeros(())
+           for name, layer, t in (("word", args.word_layer, pb.word_targets),
+                                  ("context", args.context_layer, pb.context_targets),
+                                  ("hop", args.hop_layer, pb.hop_targets))}
+    zero = logits.new_zeros(())
+    parts = {
+        "loss": F.cross_entropy(logits, labels),
+        "word-attn": sup["word"] + sup["context"],
+        "hop-attn": sup["hop"],
+        "cell-grounding": cell_grounding_loss(model, hidden[:, 1:], words.cells) if args.cell_grounding else zero,
+        "shape-grounding": (shape_grounding_loss(model, hidden[:, 1:], words.shapes, patch_shapes(scenes))
+                            if args.shape_grounding else zero),
+        "gather": (gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
+                               gather_targets(pb, scenes, words.cells), words.colours, words.shapes)
+                   if args.gather_sup else zero),
+        "row-gather": (row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
+                                       row_gather_targets(pb, words.shapes, words.rows), words.rows)
+                       if args.row_gather else zero),
+    }
+    total = (parts["loss"] + args.attn_sup * (parts["word-attn"] + parts["hop-attn"])
+             + args.cell_grounding * parts["cell-grounding"] + args.shape_grounding * parts["shape-grounding"]
+             + args.gather_sup * parts["gather"] + args.row_gather * parts["row-gather"])
+    return total, parts, logits, labels
+
+
 def run_stage(model, tok, args, state: dict, stage: int) -> None:
     steps = args.stage1_steps if stage == 1 else args.stage2_steps
     params = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
@@ -244,64 +333,28 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
     elif start > 0:
         rewarm = args.warmup
     val = [world.make_item(args.val_seed, "val", i) for i in range(args.val_items)]
-    heads = args.attn_sup_heads
-    cell_id = tok.convert_tokens_to_ids("cell")
-    cell_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.CELL_WORDS)))
-    shape_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.SHAPES)))
-    colour_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.COLOR_NAMES)))
-    row_word_ids = torch.as_tensor(tok.convert_tokens_to_ids(list(world.ROW_ANSWERS)))
+    words = WordIds.of(tok)
     t0 = time.time()
     run_args = args
     for step in range(start, steps):
         args = phase_args(run_args, stage, step)  # this step's flags
         if stage == 2 and step == run_args.shape_phase > 0:
             log(f"stage2 step {step}: shape phase over, the levers start ({sorted(SHAPE_PHASE_OFF)})")
-        n_range = scene_range(stage, step / steps, args.ramp)
-        augment = stage >= args.augment_from_stage
-        px, pb, keep, scenes = vqa_batch(tok, np.random.default_rng([args.seed, stage, step]), args, n_range, stage,
-                                 np.random.default_rng([args.seed, stage, step, 1]) if augment else None,
-                                 np.random.default_rng([args.seed, stage, step, 2]) if augment else None,
-                                 np.random.default_rng([args.seed, stage, step, 3]))
+        batch = step_batch(tok, args, stage, step, steps)
         floor = 1.0 if stage == 1 else 0.1
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, args.lr, args.warmup, floor=floor) * min(1.0, (step - start + 1) / max(1, rewarm))
-        with torch.no_grad():
-            hidden, _ = L.vision_features(model, px)
-        # SDPA forward; the supervised rows are recomputed from the captured layer inputs (actors/attention_rows)
-        with AttentionCapture(model.model.language_model, {args.word_layer, args.context_layer, args.hop_layer}) as cap:
-            feats = hidden[:, 1:] if keep is None else L.kept_features(hidden[:, 1:], keep)
-            logits, labels = L.packed_logits(model, px, pb, features=feats)
-
-        weights = {"word": search_weights(pb, pb.word_targets, shape_word_ids, args.search_weight),
-                   "context": combined(cell_weights(pb, cell_id, args.cell_weight),
-                                       search_weights(pb, pb.context_targets, shape_word_ids, args.search_weight)),
-                   "hop": None}
-        sup = {name: L.target_nll(cap.rows(layer, t, heads), t, weights[name]) if t else logits.new_zeros(())
-               for name, layer, t in (("word", args.word_layer, pb.word_targets),
-                                      ("context", args.context_layer, pb.context_targets),
-                                      ("hop", args.hop_layer, pb.hop_targets))}
-        word, hop = sup["word"] + sup["context"], sup["hop"]
-        loss = F.cross_entropy(logits, labels)
-        grounding = (cell_grounding_loss(model, hidden[:, 1:], cell_word_ids) if args.cell_grounding
-                     else logits.new_zeros(()))
-        shape_grounding = (shape_grounding_loss(model, hidden[:, 1:], shape_word_ids, patch_shapes(scenes))
-                           if args.shape_grounding else logits.new_zeros(()))
-        gather = (gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
-                              gather_targets(pb, scenes, cell_word_ids), colour_word_ids, shape_word_ids)
-                  if args.gather_sup else logits.new_zeros(()))
-        row_gather = (row_gather_loss(model, cap.inputs[args.hop_layer]["hidden"],
-                                      row_gather_targets(pb, shape_word_ids, row_word_ids), row_word_ids)
-                      if args.row_gather else logits.new_zeros(()))
+        total, parts, logits, labels = step_losses(model, args, batch, words)
         opt.zero_grad(set_to_none=True)
-        (loss + args.attn_sup * (word + hop) + args.cell_grounding * grounding
-         + args.shape_grounding * shape_grounding + args.gather_sup * gather + args.row_gather * row_gather).backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
-            img = pb.first_kind == 1
+            img = batch[1].first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
-            log(f"stage{stage} step {step}/{steps} loss {loss.item():.4f} word-attn {word.item():.3f} hop-attn "
-                f"{hop.item():.3f} cell-grounding {grounding.item():.3f} shape-grounding {shape_grounding.item():.3f} gather {gather.item():.3f} row-gather {row_gather.item():.3f} objects {n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+            log(f"stage{stage} step {step}/{steps} " + " ".join(f"{k} {v.item():.{4 if k == 'loss' else 3}f}"
+                                                                for k, v in parts.items())
+                + f" objects {batch[4]} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
@@ -394,6 +447,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--word-layer", type=int, default=2)
     p.add_argument("--context-layer", type=int, default=3)
     p.add_argument("--hop-layer", type=int, default=4)
+    p.add_argument("--autocast", choices=("none", "bf16", "auto"), default="none",
+                   help="precision of the LLM's forward and backward: float32, CPU bfloat16 autocast, or bf16 where "
+                        "the CPU has native bf16 (see forward_precision); weights stay float32")
     p.add_argument("--log-every", type=int, default=20)
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--ckpt-every", type=int, default=50)
@@ -439,6 +495,10 @@ def main(argv: list[str] | None = None) -> dict:
     state["t_start"] = time.time()
     if args.resume:  # the log says what this part of the run was started with
         state.setdefault("resumed_with", []).append(vars(args))
+    # checked before any step runs (bf16 is refused on a CPU without it); the log records what ran
+    forward = "bf16" if isinstance(forward_precision(args.autocast), torch.autocast) else "fp32"
+    state.setdefault("forward_precision", []).append(forward)
+    log(f"LLM forward and backward in {forward} (--autocast {args.autocast})")
     model.model.vision_tower.requires_grad_(False)
     model.model.vision_tower.eval()
     model.config.text_config._attn_implementation = "sdpa"  # no attention maps are asked for (AttentionCapture)

@@ -427,3 +427,21 @@ def test_shape_phase_runs_the_first_stage2_steps_with_every_token_in_order_and_n
         drop, order = np.random.default_rng(2), np.random.default_rng(3)
         keep = shuffled_order(visual_keep([[]] * 4, drop, flags), 4, order, flags)
         assert (keep is None) == kept_all_in_order
+
+
+def test_autocast_runs_the_forward_in_bf16_only_where_asked_and_the_cpu_has_it(monkeypatch):
+    from jobs import train_lvlm_v2
+
+    layer, x = torch.nn.Linear(8, 8), torch.randn(3, 8)
+    with train_lvlm_v2.forward_precision("none"):
+        assert layer(x).dtype == torch.float32
+    monkeypatch.setattr(train_lvlm_v2, "native_bf16", lambda: True)
+    for asked in ("bf16", "auto"):
+        with train_lvlm_v2.forward_precision(asked):
+            assert layer(x).dtype == torch.bfloat16
+    assert layer(x).dtype == torch.float32 and layer.weight.dtype == torch.float32  # only inside the block
+    monkeypatch.setattr(train_lvlm_v2, "native_bf16", lambda: False)  # a CPU without native bf16
+    with train_lvlm_v2.forward_precision("auto"):
+        assert layer(x).dtype == torch.float32
+    with pytest.raises(SystemExit, match="no native bfloat16"):
+        train_lvlm_v2.forward_precision("bf16")

@@ -102,13 +102,15 @@ def test_lvlm_v2_attention_targets_point_at_the_named_objects():
             assert own[-1] == in_context[-1] and own[-1][0] == decisive
 
 
-def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tmp_path):
+def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tmp_path, monkeypatch):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from jobs import train_lvlm_v2
 
     clip_dir = str(trained_clip[0] / "model")
+    monkeypatch.setattr(train_lvlm_v2, "native_bf16", lambda: True)  # bf16 autocast runs (slowly) on any CPU
     state = train_lvlm_v2.main([
+        "--autocast", "bf16",
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "2", "--batch", "2", "--val-items", "10", "--eval-every", "2",
         "--word-layer", "0", "--context-layer", "1", "--hop-layer", "2", "--threads", "1", "--log-every", "1",
@@ -116,6 +118,7 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
         "--shape-grounding", "1", "--gather-sup", "1", "--row-gather", "1",  # stage-2 step 0 in the phase, 1 not
     ])
     assert state["stage1_done"] and state["stage2_done"] and state["evals"][-1]["step"] == 2
+    assert state["forward_precision"] == ["bf16"] and 0 <= state["evals"][-1]["val"]["all"] <= 1
     saved_config = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).config.text_config
     assert saved_config.rope_parameters["rope_theta"] == 500000.0  # --rope-theta reaches the shipped config
     # without the checkpoint (another machine), --resume goes on from the saved HF folder's weights and step
@@ -127,6 +130,7 @@ def test_lvlm_v2_trains_on_the_clip_tower_and_answers_any_image(trained_clip, tm
     train_lvlm_v2.main([*common, "--stage2-steps", "2"])  # nothing left to run: the folder is written back as loaded
     reloaded = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "lvlm")).state_dict()
     assert all(torch.equal(saved[k], reloaded[k]) for k in saved)
+    assert all(v.dtype == torch.float32 for v in saved.values())  # bf16 autocast left the weights float32
     again = train_lvlm_v2.main([
         "--clip", clip_dir, "--preset", "tiny", "--output", str(tmp_path / "lvlm"), "--ckpt", str(tmp_path / "ck.pt"),
         "--stage1-steps", "1", "--stage2-steps", "3", "--batch", "2", "--val-items", "10", "--eval-every", "3",
