@@ -7,8 +7,10 @@ first run drew. ``args`` is ``train_lvlm_v2.parse_args``'s namespace.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import numpy as np
+import torch
 
 from actors import shapes_clip as C
 from actors import shapes_lvlm as L
@@ -124,12 +126,21 @@ def shuffled_order(keep: list[list[int]] | None, n_images: int, rng: np.random.G
     return [rng.permutation(k).tolist() if rng.random() < args.shuffle_visual else list(k) for k in keep]
 
 
-def step_batch(tok, args, stage: int, step: int, steps: int) -> tuple:
-    """Step ``step``'s batch ``(px, pb, keep, scenes, n_range)``: a function of --seed, the stage and the step
-    alone, so a resumed run (or a benchmark) draws the batches the first run drew."""
+class StepBatch(NamedTuple):
+    """One training step's batch (``vqa_batch``'s four parts) and the scene sizes it was drawn from."""
+
+    px: torch.Tensor
+    pb: L.PackedBatch
+    keep: list[list[int]] | None
+    scenes: list
+    n_range: tuple[int, int]
+
+
+def step_batch(tok, args, stage: int, step: int, steps: int) -> StepBatch:
+    """Step ``step``'s batch: a function of --seed, the stage and the step alone, so a resumed run (or a
+    benchmark) draws the batches the first run drew."""
     n_range = scene_range(stage, step / steps, args.ramp)
     augment = stage >= args.augment_from_stage
     rng = lambda *tail: np.random.default_rng([args.seed, stage, step, *tail])  # noqa: E731
-    px, pb, keep, scenes = vqa_batch(tok, rng(), args, n_range, stage, rng(1) if augment else None,
-                                     rng(2) if augment else None, rng(3))
-    return px, pb, keep, scenes, n_range
+    return StepBatch(*vqa_batch(tok, rng(), args, n_range, stage, rng(1) if augment else None,
+                                rng(2) if augment else None, rng(3)), n_range)

@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds: dict[str, list[float]] = {m: [] for m in modes}
     gaps: list[float] = []
     for i, step in enumerate(range(args.start, args.start + args.steps)):
-        batch = T.step_batch(tok, T.phase_args(targs, 2, step), 2, step, R.LVLM_STAGE2_STEPS)
+        batch = first if step == args.start else T.step_batch(tok, T.phase_args(targs, 2, step), 2, step,
+                                                               R.LVLM_STAGE2_STEPS)
         losses = {}
         for name in (("fp32", "bf16") if i % 2 == 0 else ("bf16", "fp32")):
             s, losses[name] = timed_step(model, T.phase_args(modes[name], 2, step), batch, words)

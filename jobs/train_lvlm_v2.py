@@ -49,6 +49,7 @@ from actors import shapes_lvlm as L  # noqa: E402
 from actors import shapes_lvlm_v2 as V  # noqa: E402
 from actors.attention_rows import AttentionCapture  # noqa: E402
 from actors.shapes_lvlm_v2_batches import (  # noqa: E402,F401 - their home; tests reach them here too
+    StepBatch,
     count_list_facts,
     recount,
     scene_range,
@@ -143,8 +144,8 @@ def native_bf16() -> bool:
 def forward_precision(autocast: str):
     """``--autocast bf16``: the LLM's forward (and so its backward) under CPU bfloat16 autocast; the weights, the
     optimizer, the losses and the evaluations stay float32. Why: a stage-2 step is the model's matmuls (design note,
-    session 22), and bf16 matmuls on a CPU with native bf16 (avx512_bf16 / AMX) make a step ~1.15x faster; without
-    that support they are slower, so ``bf16`` is refused there and ``auto`` falls back to float32. ``none``: plain
+    session 22), and bf16 matmuls on a CPU with native bf16 (avx512_bf16 / AMX) make a step 1.32-1.37x faster
+    (``benchmarks/bench_lvlm_precision.py``); without that support they are slower, so ``bf16`` is refused there and ``auto`` falls back to float32. ``none``: plain
     float32, as every run before the flag."""
     native = native_bf16()
     if autocast == "none" or (autocast == "auto" and not native):
@@ -171,10 +172,10 @@ class WordIds:
                    ids(world.COLOR_NAMES), ids(world.ROW_ANSWERS))
 
 
-def step_losses(model, args, batch: tuple, words: WordIds) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+def step_losses(model, args, batch: StepBatch, words: WordIds) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """One training step's forward: ``(total loss, its parts, answer logits, labels)`` for ``step_batch``'s batch
     under ``args``' levers; the LLM's forward runs in ``--autocast``'s precision, the losses in float32."""
-    px, pb, keep, scenes, _ = batch
+    px, pb, keep, scenes, _ = batch  # a StepBatch
     with torch.no_grad():
         hidden, _ = L.vision_features(model, px)
     # SDPA forward; the supervised rows are recomputed from the captured layer inputs (actors/attention_rows)
@@ -240,11 +241,11 @@ def run_stage(model, tok, args, state: dict, stage: int) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.log_every == 0:
-            img = batch[1].first_kind == 1
+            img = batch.pb.first_kind == 1
             acc = (logits[img].argmax(-1) == labels[img]).float().mean().item() if img.any() else 0.0
             log(f"stage{stage} step {step}/{steps} " + " ".join(f"{k} {v.item():.{4 if k == 'loss' else 3}f}"
                                                                 for k, v in parts.items())
-                + f" objects {batch[4]} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
+                + f" objects {batch.n_range} lr {opt.param_groups[0]['lr']:.2e} batch image-acc {acc:.2f} "
                 f"{(time.time() - t0) / (step - start + 1):.2f} s/step")
         done = step + 1 == steps
         if (step + 1) % args.eval_every == 0 or done:
