@@ -16,7 +16,7 @@ interrupted starts again from its own checkpoint (``--resume`` where the stage's
 resume from their Ray Train checkpoints by name). ``chain_log.json`` there records each stage's command and the
 minutes of every attempt, so the total is the machine time the chain really took.
 
-    .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain             # the whole chain (173 min on 2 cores)
+    .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain             # the whole chain (~150-175 min on 2 cores)
     .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain --dry-run   # only print the commands
 """
 
@@ -53,6 +53,11 @@ LVLM_STAGE2_STEPS = 4000
 # teaches image shape before the search by content starts: on the same CLIP and stage 1 over 4000 steps, val
 # 86.4% against 70.8% without it, spatial 88% against 36% (session 21). Scaled with the other step counts.
 LVLM_SHAPE_PHASE_STEPS = 600
+# Its precision: the LLM's forward and backward under CPU bf16 autocast where the CPU has native bf16, float32
+# elsewhere (``--autocast auto``). 1.32-1.37x per step measured interleaved; two bf16 runs ended at 77.6 and 84.0%
+# on val against 79.6-86.4% for three float32 runs (docs/reports/proving-ground-v2/chain_bf16_stage2/). ~88
+# minutes of stage 2 instead of ~110, so the chain keeps its 3 hours on a slow day.
+LVLM_STAGE2_PRECISION = ("--autocast", "auto")
 CAPTIONER_ARCH = '{"input_features": "projected"}'
 SELECTOR_ARCH = '{"template": "{q} {c}", "share_prefix": true}'
 TINY_LVLM_LAYERS = ("--word-layer", "0", "--context-layer", "1", "--hop-layer", "2")  # the tiny LLM has 3
@@ -90,7 +95,7 @@ def stages(args: argparse.Namespace) -> list[Stage]:
               ["--resume"], w / "clip_ckpt.pt"),
         Stage("lvlm-stage1", [*lvlm, "--stage2-steps", "0"], ["--resume"], w / "lvlm_ckpt.pt"),
         Stage("lvlm-stage2", [*lvlm, "--stage2-steps", steps(LVLM_STAGE2_STEPS), *LVLM_STAGE2,
-                              "--shape-phase", steps(LVLM_SHAPE_PHASE_STEPS), "--resume"]),
+                              "--shape-phase", steps(LVLM_SHAPE_PHASE_STEPS), *LVLM_STAGE2_PRECISION, "--resume"]),
         Stage("captioner", [*accm, "--stage", "pretrain", "--name", "chain-pretrain",
                             "--pretrain-steps", steps(3000), "--batch-size", "32", "--ckpt-every", steps(250),
                             "--pretrain-keep", "9-72", "--pretrain-targets", "abstain",

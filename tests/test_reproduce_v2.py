@@ -28,6 +28,8 @@ def test_every_command_of_the_chain_parses_with_its_jobs_flags(tmp_path):
     assert all(flag in stage2.argv for flag in R.LVLM_STAGE2) and "--resume" in stage2.argv
     phase = train_lvlm_v2.parse_args(stage2.argv[1:]).shape_phase
     assert phase == R.LVLM_SHAPE_PHASE_STEPS and 0 < phase < R.LVLM_STAGE2_STEPS
+    assert train_lvlm_v2.parse_args(stage2.argv[1:]).autocast == "auto"  # bf16 where the CPU has it natively
+    assert "--autocast" not in stage1.argv  # stage 1 stays float32, byte-identical to the earlier runs
     # the eval stage measures val items, never a test seed
     evaluate = train_accm.parse_args(chain[-1].argv[1:])
     assert evaluate.stage == "eval" and evaluate.eval_split == "val"
@@ -47,6 +49,8 @@ def test_the_first_stages_run_for_real_then_a_second_run_skips_them(tmp_path):
     assert state["stage1_step"] == 2 and state["stage2_step"] == 8  # 750 and 4000 steps scaled by 0.002
     assert state["resumed_with"][-1]["drop_visual"] == 0.8  # stage 2 continued stage 1 with the levers
     assert state["resumed_with"][-1]["shape_phase"] == 1  # after a phase of 600 steps scaled by 0.002
+    # stage 1 ran float32; stage 2 bf16 autocast where this CPU has native bf16, else float32 (--autocast auto)
+    assert state["forward_precision"] == ["fp32", "bf16" if train_lvlm_v2.native_bf16() else "fp32"]
     assert "python jobs/train_clip.py" in record["stages"]["clip"]["command"]
     assert str(tmp_path) in record["stages"]["clip"]["command"]  # outside the repository: shown as given
     assert record["minutes"] == round(sum(sum(e["attempts"]) for e in record["stages"].values()), 2)
