@@ -141,17 +141,25 @@ def native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def resolved_precision(autocast: str) -> str:
+    """What ``--autocast`` runs on this CPU: ``"bf16"`` or ``"fp32"``. ``auto`` is bf16 only with native bf16;
+    ``bf16`` without it is refused, since emulated bf16 matmuls are slower than float32."""
+    if autocast == "none":
+        return "fp32"
+    native = native_bf16()
+    if autocast == "bf16" and not native:
+        raise SystemExit("--autocast bf16: this CPU has no native bfloat16 (avx512_bf16 / AMX); use auto or none")
+    return "bf16" if native else "fp32"
+
+
 def forward_precision(autocast: str):
     """``--autocast bf16``: the LLM's forward (and so its backward) under CPU bfloat16 autocast; the weights, the
     optimizer, the losses and the evaluations stay float32. Why: a stage-2 step is the model's matmuls (design note,
     session 22), and bf16 matmuls on a CPU with native bf16 (avx512_bf16 / AMX) make a step 1.32-1.37x faster
-    (``benchmarks/bench_lvlm_precision.py``); without that support they are slower, so ``bf16`` is refused there and ``auto`` falls back to float32. ``none``: plain
-    float32, as every run before the flag."""
-    native = native_bf16()
-    if autocast == "none" or (autocast == "auto" and not native):
+    (``benchmarks/bench_lvlm_precision.py``). Which precision runs: ``resolved_precision``. ``none``: plain float32,
+    as every run before the flag."""
+    if resolved_precision(autocast) == "fp32":
         return contextlib.nullcontext()
-    if not native:
-        raise SystemExit("--autocast bf16: this CPU has no native bfloat16 (avx512_bf16 / AMX); use auto or none")
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
@@ -387,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume:  # the log says what this part of the run was started with
         state.setdefault("resumed_with", []).append(vars(args))
     # checked before any step runs (bf16 is refused on a CPU without it); the log records what ran
-    forward = "bf16" if isinstance(forward_precision(args.autocast), torch.autocast) else "fp32"
+    forward = resolved_precision(args.autocast)
     state.setdefault("forward_precision", []).append(forward)
     log(f"LLM forward and backward in {forward} (--autocast {args.autocast})")
     model.model.vision_tower.requires_grad_(False)
