@@ -1,8 +1,9 @@
 """Durable progress: the job's write path, run by Ray workers, with a bounded loss on a crash.
 
     ... -> score -> write_parts (CPU tasks): every --part-rows finished rows of a shard become one part
-       ``<output>/_parts/<shard>/part-<digest of its ids>.parquet``, one atomic object (one PUT on S3,
-       write-then-rename locally). A part is durable the moment it exists.
+       ``<output>/_parts/<shard>/part-<digest of its ids>.parquet``, one atomic object (one upload on S3,
+       write-then-rename locally). A part is durable the moment it exists as a readable Parquet file (an
+       interrupted S3 write can leave an empty object, which readers ignore: ``read_part``).
     driver (tiny records only: shard, rows) -> finalize_shard (a Ray task per complete shard): the parts
        joined with the shard's passthrough columns in input order -> ``<output>/<shard>`` (atomic), then
        the marker ``<output>/_done/<shard>.json`` with the shard's summary statistics, then the parts go.
@@ -134,8 +135,12 @@ def plan_shard(url: str, rel: str, source: sources.Source, limit: int | None, ou
         if resume_run:
             wanted = keep if keep is not None else set(planned)
             for part in storage.list_files(parts_prefix(output, rel), s3_endpoint=s3_endpoint):
-                if part.endswith(".parquet"):
-                    in_parts.update(i for i in _part_ids(part, s3_endpoint) if i in wanted)
+                if not part.endswith(".parquet"):
+                    continue
+                if (table := read_part(part, s3_endpoint, columns=["id"])) is None:
+                    storage.delete(part, s3_endpoint=s3_endpoint)  # not durable work: its rows are redone
+                    continue
+                in_parts.update(i for i in table.column("id").to_pylist() if i in wanted)
         else:
             storage.delete_prefix(parts_prefix(output, rel), s3_endpoint=s3_endpoint)
         skip[label] = in_parts
@@ -146,9 +151,28 @@ def plan_shard(url: str, rel: str, source: sources.Source, limit: int | None, ou
     return facts, {"keep": keep, "skip_all": skip_all, "skip": skip}
 
 
-def _part_ids(url: str, s3_endpoint: str | None) -> list[str]:
+def read_part(url: str, s3_endpoint: str | None, columns: list[str] | None = None) -> pa.Table | None:
+    """The part at ``url``, or None (with a warning) when it is not a readable Parquet file.
+
+    pyarrow's S3 writer commits whatever it holds when its stream is closed, and a ``with`` block closes it
+    on any exception: a write task interrupted between opening its upload and writing to it (a Ray task
+    cancelled when a run fails, say) leaves a 0-byte object under the part's name. Such a part holds no
+    finished rows, so readers treat it as absent. The bytes are fetched first, so transient store faults
+    are still retried (``storage.call``) and only the content decides.
+    """
     fs, path = storage.resolve(url, s3_endpoint=s3_endpoint)
-    return storage.call("read part", url, pq.read_table, path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+    data = storage.call("read part", url, _whole_file, fs, path)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except pa.ArrowException as exc:
+        log.warning("ignoring unreadable part %s (%d bytes: %s); its rows are redone", storage.redact(url),
+                    len(data), storage.redact(str(exc)))
+        return None
+
+
+def _whole_file(fs: Any, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,8 +221,8 @@ def finalize_shard(facts: dict[str, Any], output: str, const: dict[str, Any], s3
     for part in storage.list_files(parts_prefix(output, rel), s3_endpoint=s3_endpoint):
         if not part.endswith(".parquet"):
             continue
-        fs, path = storage.resolve(part, s3_endpoint=s3_endpoint)
-        for row in storage.call("read part", part, pq.read_table, path, filesystem=fs).to_pylist():
+        table = read_part(part, s3_endpoint)  # an unreadable part: its rows are missing, and --resume redoes them
+        for row in (table.to_pylist() if table is not None else []):
             results.setdefault(row["id"], row)  # a row is in one part; keep the first if ever twice
     columns = [c for c in facts["schema"].names if c not in NOT_PASSED_THROUGH]
     passthrough = sources.read_table(facts["url"], facts["source"], columns=columns).slice(0, planned)

@@ -1,13 +1,15 @@
 """Per-shard completion markers: what makes ``--resume`` exact after a crash.
 
-Protocol: a shard's output file ``<output>/<rel>`` is written in full (one PUT on S3, write-then-rename
-on a local disk) by its finalize task, from the parts the writer stage left under ``_parts/<rel>/``
+Protocol: a shard's output file ``<output>/<rel>`` is written in full (one upload made visible at once on S3,
+write-then-rename on a local disk) by its finalize task, from the parts the writer stage left under ``_parts/<rel>/``
 (``pipeline.progress``), and only then the marker ``<output>/_done/<rel>.json`` (rows, digest of the ids,
 run id, the shard's summary statistics); then the parts are deleted. A marker therefore proves a complete
 output file; a crash before it leaves the parts, which the resumed run keeps (their rows are not redone)
 and finalizes again under the same deterministic name. No duplicates, no loss, no listing tricks beyond
 one prefix per unmarked shard: S3 gives read-after-write consistency for single objects, which is all
-this needs.
+this needs. An S3 write interrupted between opening its upload and writing to it can leave an empty
+object: an empty marker reads as no marker, an empty output file has no marker, and an empty part is
+ignored by ``pipeline.progress.read_part``, so each is redone.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ local Ray (2 CPUs), tiny random models. Input and output both go through the pro
 - a 20 s outage in the middle of a main-job run and of a sweep run: exit 0, every row once, no error rows;
 - 10% of the requests answered 503 SlowDown for a whole run: the same, and the retries are in the summary;
 - an outage longer than the retry budget: exit code 3 naming the object, then ``--resume`` completes;
+- parts left empty or truncated by an interrupted write: ``--resume`` redoes their rows;
 - permanent faults (writes denied, a missing bucket): refused within seconds, nothing half-written.
 """
 
@@ -156,6 +157,46 @@ def test_an_outage_past_the_budget_exits_3_and_resume_finishes(ray_session, s3_s
     summary = run_job(parse_args(_args(tmp_bucket, fault_proxy, lvlm, "--resume")))
     assert summary["items"] == SHARDS * ROWS and summary["errors"] == 0
     assert summary["rows_processed"] < SHARDS * ROWS  # what was durable before the outage was kept
+    _check_output(s3_server, tmp_bucket, dataset)
+
+
+def test_resume_redoes_the_rows_of_an_empty_or_truncated_part(ray_session, s3_server, tmp_bucket, dataset,
+                                                               lvlm) -> None:
+    """A write interrupted between opening its upload and writing to it leaves a 0-byte object under the part's
+    name (pyarrow's S3 stream commits what it holds when it is closed). The state of a crash before shard s0
+    was finalized, rebuilt from a finished run: one good part (rows 0-3), one empty (4-7), one truncated
+    (8-11). ``--resume`` keeps the good part, drops the other two with a warning and redoes their rows."""
+    from pipeline import resume
+    from pipeline.config import parse_args
+    from pipeline.graph import run_job
+    from pipeline.progress import part_url
+    from pipeline.schema import OUTPUT_COLUMNS
+
+    run_job(parse_args(_args(tmp_bucket, s3_server, lvlm)))
+    fs = pa.fs.S3FileSystem(endpoint_override=s3_server.endpoint.split("://")[1], scheme="http")
+    output, rel = f"s3://{tmp_bucket}/out", "s0.parquet"
+    done = pq.read_table(f"{tmp_bucket}/out/{rel}", filesystem=fs)
+    done = done.select(["id", *(c for c in OUTPUT_COLUMNS if c in done.column_names)])
+
+    def part_bytes(rows: pa.Table) -> bytes:
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows, sink)
+        return sink.getvalue().to_pybytes()
+
+    def put(url: str, body: bytes) -> None:
+        s3_server.client.put_object(Bucket=tmp_bucket, Key=url.split(f"{tmp_bucket}/", 1)[1], Body=body)
+
+    ids = done.column("id").to_pylist()
+    put(part_url(output, rel, ids[0:4]), part_bytes(done.slice(0, 4)))
+    put(part_url(output, rel, ids[4:8]), b"")
+    truncated = part_bytes(done.slice(8, 4))
+    put(part_url(output, rel, ids[8:12]), truncated[: len(truncated) // 2])
+    for url in (resume.marker_url(output, rel), resume.output_url(output, rel)):
+        s3_server.client.delete_object(Bucket=tmp_bucket, Key=url.split(f"{tmp_bucket}/", 1)[1])
+
+    summary = run_job(parse_args(_args(tmp_bucket, s3_server, lvlm, "--resume")))
+    assert summary["rows_processed"] == ROWS - 4  # the good part's rows were kept, the others redone
+    assert summary["items"] == SHARDS * ROWS and summary["errors"] == 0
     _check_output(s3_server, tmp_bucket, dataset)
 
 
