@@ -16,7 +16,7 @@ interrupted starts again from its own checkpoint (``--resume`` where the stage's
 resume from their Ray Train checkpoints by name). ``chain_log.json`` there records each stage's command and the
 minutes of every attempt, so the total is the machine time the chain really took.
 
-    .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain             # the whole chain (~150-175 min on 2 cores)
+    .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain             # the whole chain (~140-175 min on 2 cores)
     .venv/bin/python jobs/reproduce_v2.py --workdir runs/chain --dry-run   # only print the commands
 """
 
