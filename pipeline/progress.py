@@ -158,21 +158,15 @@ def read_part(url: str, s3_endpoint: str | None, columns: list[str] | None = Non
     on any exception: a write task interrupted between opening its upload and writing to it (a Ray task
     cancelled when a run fails, say) leaves a 0-byte object under the part's name. Such a part holds no
     finished rows, so readers treat it as absent. The bytes are fetched first, so transient store faults
-    are still retried (``storage.call``) and only the content decides.
+    are still retried (``storage.read_bytes``) and only the content decides.
     """
-    fs, path = storage.resolve(url, s3_endpoint=s3_endpoint)
-    data = storage.call("read part", url, _whole_file, fs, path)
+    data = storage.read_bytes(url, action="read part", s3_endpoint=s3_endpoint)
     try:
         return pq.read_table(pa.BufferReader(data), columns=columns)
     except pa.ArrowException as exc:
         log.warning("ignoring unreadable part %s (%d bytes: %s); its rows are redone", storage.redact(url),
                     len(data), storage.redact(str(exc)))
         return None
-
-
-def _whole_file(fs: Any, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -257,8 +257,9 @@ def _missing_bucket(fs: pafs.FileSystem, path: str) -> str | None:
         return None
 
 
-def read_bytes(url: str, **options: Any) -> bytes:
-    """The whole object at ``url``. A missing bucket is named as such: pyarrow only says "not found"."""
+def read_bytes(url: str, *, action: str = "read", **options: Any) -> bytes:
+    """The whole object at ``url``. A missing bucket is named as such: pyarrow only says "not found".
+    ``action`` names the operation in logs, retry counts and errors (``call``)."""
     fs, path = resolve(url, **options)
 
     def read() -> bytes:
@@ -270,7 +271,7 @@ def read_bytes(url: str, **options: Any) -> bytes:
                 raise _NoSuchBucket(f"bucket {bucket!r} does not exist") from None
             raise
 
-    return call("read", url, read)
+    return call(action, url, read)
 
 
 def write_bytes(url: str, data: bytes, **options: Any) -> None:
