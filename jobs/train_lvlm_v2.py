@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
@@ -136,8 +137,10 @@ def phase_args(args, stage: int, step: int):
     return argparse.Namespace(**{**vars(args), **SHAPE_PHASE_OFF})
 
 
+@functools.cache
 def native_bf16() -> bool:
-    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's probe: avx512_bf16 or AMX)."""
+    """Whether this CPU runs bfloat16 matmuls natively (oneDNN's probe: avx512_bf16 or AMX). Asked once per process:
+    ``forward_precision`` asks it on every step, and the answer cannot change."""
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
